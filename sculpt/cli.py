@@ -1,0 +1,61 @@
+"""The ``sculpt`` command: sculpt status OUT | sculpt samples DIR."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sculpt.storage import S3Options
+
+
+def status(out: str, s3: S3Options) -> str:
+    """Shards done/total, images and errors of an output path."""
+    from sculpt.output import OutputStore
+
+    store = OutputStore(out, s3)
+    job = store.job()
+    if job is None:
+        return f"{out}: no sculpt output here"
+    markers = store.markers()
+    total = job.get("total_shards")
+    images, errors = sum(m["rows"] for m in markers), sum(m["errors"] for m in markers)
+    objects, kept = sum(m["objects"] for m in markers), sum(m["kept"] for m in markers)
+    lines = [
+        f"output   {out} (config {job['fingerprint']})",
+        f"shards   {len(markers)}/{total if total is not None else '?'} committed",
+        f"images   {images} ({errors} errors)",
+        f"objects  {objects} ({kept} kept)",
+    ]
+    by_stage: dict[str, int] = {}
+    for marker in markers:
+        for stage, n in marker["errors_by_stage"].items():
+            by_stage[stage] = by_stage.get(stage, 0) + n
+    if by_stage:
+        lines.append("errors   " + ", ".join(f"{stage}: {n}" for stage, n in sorted(by_stage.items())))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sculpt")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("status", help="shards done/total, images, errors of an output path")
+    p.add_argument("output")
+    p.add_argument("--s3-endpoint")
+    p = commands.add_parser("samples", help="write small SA-1B-format shards from scikit-image photographs")
+    p.add_argument("directory")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--images", type=int, default=6, help="images per shard")
+    p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        print(status(args.output, S3Options(endpoint=args.s3_endpoint)))
+    elif args.command == "samples":
+        from sculpt.samples import make_sample_shards
+
+        for path in make_sample_shards(args.directory, args.shards, args.images, args.scale):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Job configuration: a YAML file, then ``--set key=value`` overrides, checked against these dataclasses.
+
+Every field is described where it is declared. Unknown keys are errors that name the key and the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from sculpt import images
+from sculpt.stage import Resources, Stage
+from sculpt.storage import S3Options
+
+
+@dataclass
+class InputConfig:
+    shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
+    readers: int = 2  # shards read at the same time (each a streaming task holding one CPU)
+    batch_images: int = 16  # images per block a reader hands on
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
+    keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
+
+
+@dataclass
+class OutputConfig:
+    path: str = "sculpt-out"  # local directory or s3://bucket/prefix; one Parquet file per input shard
+    overwrite: bool = False  # replace output written with a different config instead of refusing to run
+
+
+@dataclass
+class StageConfig:
+    name: str  # a built-in stage (see sculpt.config.BUILTIN_STAGES) or any name when `class` is given
+    cls: str | None = None  # "module:Class" of a sculpt.stage.Stage subclass; YAML key `class`
+    batch_size: int = 8  # images per process() call
+    actors: int = 1  # fixed actor pool size
+    cpus: float = 1.0  # per actor
+    gpus: float = 0.0  # per actor; fractions share a GPU
+    memory_gb: float = 0.0  # per actor reservation
+    params: dict = field(default_factory=dict)  # the stage's own settings (model id, prompts, thresholds)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: the cluster of `ray job submit` / RAY_ADDRESS, else a new local Ray
+    num_cpus: int | None = None  # logical CPUs of a new local Ray (None: the machine's)
+    num_gpus: int | None = None  # logical GPUs of a new local Ray (None: the machine's)
+
+
+@dataclass
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    s3: S3Options = field(default_factory=S3Options)  # endpoint/region for s3:// paths; keys from AWS env vars
+    ray: RayConfig = field(default_factory=RayConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # run in this order
+    progress_seconds: float = 10.0  # how often the driver prints progress
+
+
+# Stage names the workflow knows without a `class`; the model stages register here as they land.
+BUILTIN_STAGES: dict[str, str] = {}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, data: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    data = dict(data)
+    if cls is StageConfig and "class" in data:
+        data["cls"] = data.pop("class")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        f, path = fields[name], f"{where}.{name}" if where else name
+        if name == "stages":
+            if not isinstance(value, list):
+                raise ConfigError("stages: expected a list of stage mappings")
+            kwargs[name] = [_build(StageConfig, v, f"stages[{i}]") for i, v in enumerate(value)]
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            kwargs[name] = _build(f.default_factory, value or {}, path)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    """Apply one override; list items are addressed by index or, for stages, by name (stages.caption.gpus=0.5)."""
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate([*parents, leaf]):
+        last = i == len(parents)
+        if isinstance(node, list):
+            matches = [j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == key]
+            if key.isdigit() and int(key) < len(node):
+                index = int(key)
+            elif matches:
+                index = matches[0]
+            else:
+                raise ConfigError(f"--set {dotted}: no list item {key!r}")
+            if last:
+                node[index] = value
+            node = node[index]
+        elif last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+
+
+def load(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Config from an optional YAML file plus ``key.path=value`` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    tree.setdefault("stages", [])
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    return _build(JobConfig, tree, "")
+
+
+def build_stage(cfg: StageConfig) -> Stage:
+    target = cfg.cls or BUILTIN_STAGES.get(cfg.name)
+    if not target:
+        raise ConfigError(f"stage {cfg.name!r}: not a built-in stage ({sorted(BUILTIN_STAGES) or 'none yet'}); give its `class: module:Class`")
+    module, _, qualname = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"stage {cfg.name!r}: cannot import {target!r} ({exc})") from None
+    resources = Resources(cpus=cfg.cpus, gpus=cfg.gpus, memory_gb=cfg.memory_gb, actors=cfg.actors)
+    stage = cls(resources, batch_size=cfg.batch_size, **cfg.params)
+    stage.name = cfg.name
+    return stage
+
+
+def to_dict(config: JobConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,186 @@
+"""Output units: one Parquet file per input shard, committed atomically, a marker written last.
+
+Layout under the output path (local or s3://)::
+
+    _sculpt_job.json          the job's config fingerprint, stages and model ids (first run)
+    sa_000000.parquet          the shard's rows; appears whole or not at all
+    _markers/sa_000000.json   written after the Parquet file: counts, fingerprint, model ids, timings
+    _tmp/                      in-flight writes; garbage after a kill, cleared by the next run
+
+A unit is committed when its marker exists. A rerun lists ``_markers/`` and never opens a committed shard's
+input. A unit cut off by a kill has no marker; its Parquet path is deterministic, so the rerun replaces it
+rather than adding a second copy of any row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sculpt import schema, storage
+from sculpt.storage import S3Options
+
+JOB_FILE = "_sculpt_job.json"
+MARKERS = "_markers"
+
+
+class IncompatibleOutput(RuntimeError):
+    pass
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old, new, path="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if old == new else [f"{path or 'settings'}: {old!r} in the output, {new!r} now"]
+
+
+class OutputStore:
+    def __init__(self, uri: str, s3: S3Options = S3Options()):
+        self.uri, self.s3 = uri.rstrip("/"), s3
+
+    def data_uri(self, unit: str) -> str:
+        return storage.join(self.uri, f"{unit}.parquet")
+
+    def marker_uri(self, unit: str) -> str:
+        return storage.join(self.uri, MARKERS, f"{unit}.json")
+
+    def committed(self) -> set[str]:
+        """Units whose marker exists: one listing, no input or data file read."""
+        return {name[: -len(".json")] for name in storage.list_names(storage.join(self.uri, MARKERS), self.s3, ".json")}
+
+    def job(self) -> dict | None:
+        data = storage.read_bytes(storage.join(self.uri, JOB_FILE), self.s3)
+        return json.loads(data) if data else None
+
+    def prepare(self, job: dict, overwrite: bool = False) -> set[str]:
+        """Check the output against this job (or wipe it with ``overwrite``); returns the committed units."""
+        existing = self.job()
+        if existing and existing["fingerprint"] != job["fingerprint"]:
+            if not overwrite:
+                changes = _differences(existing["settings"], job["settings"])
+                raise IncompatibleOutput(
+                    f"{self.uri} holds output of a different config (fingerprint {existing['fingerprint']}, now "
+                    f"{job['fingerprint']}):\n  " + "\n  ".join(changes[:8]) + "\nRerun with the same config to resume, "
+                    "choose another output path, or pass --overwrite to delete that output and start over."
+                )
+        if overwrite:
+            self.clear()
+        storage.delete_tree(storage.join(self.uri, storage.TMP_DIR), self.s3)
+        storage.write_atomic(storage.join(self.uri, JOB_FILE), json.dumps(job, indent=1).encode(), self.s3)
+        return self.committed()
+
+    def clear(self) -> None:
+        """Delete what sculpt wrote here, and only that."""
+        fs, path = storage.filesystem(self.uri, self.s3)
+        for name in storage.list_names(self.uri, self.s3):
+            if name.endswith(".parquet") or name == JOB_FILE:
+                fs.delete_file(f"{path}/{name}")
+        for folder in (MARKERS, storage.TMP_DIR):
+            storage.delete_tree(storage.join(self.uri, folder), self.s3)
+
+    def markers(self) -> list[dict]:
+        units = sorted(self.committed())
+        with ThreadPoolExecutor(16) as pool:
+            return [json.loads(data) for data in pool.map(lambda u: storage.read_bytes(self.marker_uri(u), self.s3), units) if data]
+
+
+class UnitWriter:
+    """Collects one shard's rows as they arrive in any order, and commits the unit once all are in.
+
+    Rows are deduplicated on their index in the shard, so a batch that Ray re-delivers after a retry is
+    harmless. Rows stream to a temporary Parquet file in row groups of ``flush_rows``; memory stays bounded.
+    """
+
+    def __init__(self, store: OutputStore, unit: str, job: dict, flush_rows: int = 512):
+        self.store, self.unit, self.job, self.flush_rows = store, unit, job, flush_rows
+        self.seen: set[int] = set()
+        self.expected: int | None = None
+        self.bytes_read = 0
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.file = None
+        self.writer = None
+        self.stats = Counter()
+        self.errors = Counter()
+        self.started = time.time()
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and len(self.seen) == self.expected
+
+    def add(self, table: pa.Table) -> None:
+        fresh = [i not in self.seen for i in table["index"].to_pylist()]
+        if not all(fresh):
+            table = table.filter(pa.array(fresh))
+        self.seen.update(table["index"].to_pylist())
+        sizes = pc.drop_null(table["shard_size"])
+        if len(sizes):
+            self.expected, self.bytes_read = sizes[0].as_py(), pc.max(table["shard_bytes_read"]).as_py()
+        self.buffer.append(_finish(table))
+        self.buffered += table.num_rows
+        if self.buffered >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        table = pa.concat_tables(self.buffer)
+        self.buffer, self.buffered = [], 0
+        if self.writer is None:
+            self.file = storage.open_atomic(self.store.data_uri(self.unit), self.store.s3)
+            self.writer = pq.ParquetWriter(self.file.__enter__(), schema.OUTPUT_SCHEMA, compression="zstd")
+        self.writer.write_table(table)
+        self._count(table)
+
+    def _count(self, table: pa.Table) -> None:
+        statuses = Counter(table["status"].to_pylist())
+        self.stats["rows"] += table.num_rows
+        self.stats["images"] += sum(1 for key in table["image_key"].to_pylist() if key)
+        self.stats["errors"] += statuses[schema.ERROR]
+        self.stats["empty"] += statuses[schema.EMPTY]
+        objects = pc.list_flatten(table["objects"])
+        self.stats["objects"] += len(objects)
+        if len(objects):
+            self.stats["kept"] += pc.sum(pc.fill_null(pc.struct_field(objects, "kept"), False)).as_py() or 0
+        for error in pc.drop_null(table["error"]).to_pylist():
+            self.errors[error.split(":", 1)[0]] += 1
+
+    def commit(self) -> dict:
+        if not self.complete:
+            raise RuntimeError(f"unit {self.unit}: {len(self.seen)} of {self.expected} rows; not committing")
+        self._flush()
+        self.writer.close()
+        self.file.__exit__(None, None, None)
+        marker = {
+            "unit": self.unit,
+            "fingerprint": self.job["fingerprint"],
+            "model_ids": self.job["model_ids"],
+            **self.stats,
+            "errors_by_stage": dict(self.errors),
+            "input_bytes_read": self.bytes_read,
+            "started": self.started,
+            "committed": time.time(),
+        }
+        storage.write_atomic(self.store.marker_uri(self.unit), json.dumps(marker).encode(), self.store.s3)
+        return marker
+
+
+def _finish(table: pa.Table) -> pa.Table:
+    """Pipeline rows -> output rows: transient columns dropped, processed images without objects marked empty."""
+    no_objects = pc.equal(pc.fill_null(pc.list_value_length(table["objects"]), 0), 0)
+    status = pc.if_else(pc.and_(pc.equal(table["status"], schema.OK), no_objects), schema.EMPTY, table["status"])
+    table = table.set_column(table.schema.get_field_index("status"), "status", status)
+    return table.select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)

@@ -1,0 +1,174 @@
+"""The streaming engine: shards -> reader tasks -> one fixed actor pool per stage -> per-shard commits.
+
+Ray Data streams blocks of rows through every stage at once, with backpressure, so memory is bounded by the
+blocks in flight, not by the number of shards. The driver consumes the last stage's output and hands each row
+to the UnitWriter of its shard; when a shard's rows are all in, the unit is committed (Parquet, then marker).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sculpt import schema, shards, storage
+from sculpt.config import JobConfig
+from sculpt.output import OutputStore, UnitWriter, fingerprint
+from sculpt.stage import Stage, StageActor, ray_options
+
+SCHEMA_VERSION = 1
+
+
+def job_record(config: JobConfig, stages: list[Stage]) -> dict:
+    """What the output depends on; its hash guards a rerun against mixing configs."""
+    settings = {
+        "schema_version": SCHEMA_VERSION,
+        "stages": [stage.describe() for stage in stages],
+        "input": {"max_image_pixels": config.input.max_image_pixels, "keep_source_annotations": config.input.keep_source_annotations},
+    }
+    return {
+        "fingerprint": fingerprint(settings),
+        "settings": settings,
+        "model_ids": {stage.name: stage.model_id for stage in stages if stage.model_id},
+    }
+
+
+def list_shards(config: JobConfig) -> list[str]:
+    uris = sorted({uri for pattern in config.input.shards for uri in storage.list_files(pattern, config.s3)})
+    if not uris:
+        raise FileNotFoundError(f"no .tar shards found in {config.input.shards}")
+    names: dict[str, str] = {}
+    for uri in uris:
+        other = names.setdefault(shards.shard_name(uri), uri)
+        if other != uri:
+            raise ValueError(f"two shards would write the same output unit {shards.shard_name(uri)!r}: {other} and {uri}")
+    return uris
+
+
+def _read(batch: pa.Table, options: shards.ReadOptions):
+    for uri in batch["uri"].to_pylist():
+        for rows in shards.read_shard(uri, options):
+            yield schema.to_table(rows)
+
+
+def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig):
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver prints its own shard-level progress
+    options = shards.ReadOptions(
+        batch_images=config.input.batch_images,
+        max_image_pixels=config.input.max_image_pixels,
+        keep_source_annotations=config.input.keep_source_annotations,
+        s3=config.s3,
+    )
+    ds = ray.data.from_items([{"uri": uri} for uri in shard_uris], override_num_blocks=len(shard_uris))
+    ds = ds.map_batches(
+        _read,
+        fn_kwargs={"options": options},
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=config.input.readers),
+        num_cpus=1,
+    )
+    for stage in stages:
+        ds = ds.map_batches(
+            StageActor,
+            fn_constructor_args=(stage,),
+            batch_size=stage.batch_size,
+            batch_format="pyarrow",
+            **ray_options(stage.resources),
+        )
+    return ds
+
+
+class Progress:
+    def __init__(self, total: int, done: int, every: float, out=sys.stdout):
+        self.total, self.done, self.every, self.out = total, done, every, out
+        self.todo = total - done
+        self.images = 0
+        self.images_per_shard: list[int] = []
+        self.start = self.last = time.monotonic()
+
+    def rows(self, n: int) -> None:
+        self.images += n
+        if time.monotonic() - self.last >= self.every:
+            self.print()
+
+    def unit(self, marker: dict) -> None:
+        self.done += 1
+        self.images_per_shard.append(marker["rows"])
+        self.print(f"committed {marker['unit']} ({marker['rows']} images, {marker['errors']} errors)")
+
+    def print(self, event: str = "") -> None:
+        self.last = time.monotonic()
+        elapsed = self.last - self.start
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        eta = "?"
+        if self.images_per_shard and rate > 0:
+            mean = sum(self.images_per_shard) / len(self.images_per_shard)
+            left = max(0.0, (self.total - self.done) * mean - (self.images - sum(self.images_per_shard)))
+            eta = time.strftime("%H:%M:%S", time.gmtime(left / rate))
+        line = f"[sculpt] shards {self.done}/{self.total} | images {self.images} | {rate:.2f} img/s | ETA {eta}"
+        print(f"{line} | {event}" if event else line, file=self.out, flush=True)
+
+
+def run(config: JobConfig, stages: list[Stage]) -> dict:
+    """Annotate every shard not yet committed under the output path; returns a summary of this run."""
+    store = OutputStore(config.output.path, config.s3)
+    all_shards = list_shards(config)
+    job = {**job_record(config, stages), "inputs": config.input.shards, "total_shards": len(all_shards)}
+    committed = store.prepare(job, overwrite=config.output.overwrite)
+    pending = [uri for uri in all_shards if shards.shard_name(uri) not in committed]
+    print(f"[sculpt] {len(all_shards)} shards: {len(all_shards) - len(pending)} already committed, {len(pending)} to do; "
+          f"output {store.uri} (config {job['fingerprint']})", flush=True)
+    progress = Progress(len(all_shards), len(all_shards) - len(pending), config.progress_seconds)
+    markers = []
+    if pending:
+        writers: dict[str, UnitWriter] = {}
+        for table in build_dataset(pending, stages, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.rows(table.num_rows)
+            for unit in pc.unique(table["shard"]).to_pylist():
+                writer = writers.setdefault(unit, UnitWriter(store, unit, job))
+                writer.add(table.filter(pc.equal(table["shard"], unit)))
+                if writer.complete:
+                    markers.append(writer.commit())
+                    del writers[unit]
+                    progress.unit(markers[-1])
+        if writers:
+            missing = {unit: f"{len(w.seen)}/{w.expected}" for unit, w in writers.items()}
+            raise RuntimeError(f"the pipeline ended with incomplete shards (rows seen/expected): {missing}")
+    summary = {
+        "shards": len(all_shards),
+        "committed_now": len(markers),
+        "images": sum(m["rows"] for m in markers),
+        "errors": sum(m["errors"] for m in markers),
+        "input_bytes_read": sum(m["input_bytes_read"] for m in markers),
+        "seconds": round(time.monotonic() - progress.start, 2),
+        "output": store.uri,
+    }
+    progress.print("done")
+    return summary
+
+
+def connect_ray(config: JobConfig) -> None:
+    """Join the job's cluster (``ray job submit`` / RAY_ADDRESS / ray.address) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # Workers of a local Ray import stage classes by module path: give them the driver's import path.
+    path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
+    ray.init(
+        num_cpus=config.ray.num_cpus,
+        num_gpus=config.ray.num_gpus,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        include_dashboard=False,
+    )

@@ -1,0 +1,92 @@
+"""The output schema: one Parquet row per input image.
+
+Every image a shard holds becomes exactly one row, whatever happened to it: ``status`` is ``ok`` (objects
+annotated), ``empty`` (processed, nothing found) or ``error`` (``error`` says what went wrong and where).
+Model stages fill ``caption`` and ``objects``; a column a stage has not filled yet is null.
+
+Between stages the rows also carry the columns in ``TRANSIENT_FIELDS`` (the encoded image and the shard's
+bookkeeping). They never reach the output files.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from sculpt import rle
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+OBJECT_TYPE = pa.struct(
+    [
+        ("phrase", pa.string()),  # the caption phrase that was grounded
+        ("phrase_start", pa.int32()),  # its character span in `caption`: caption[start:end] == phrase
+        ("phrase_end", pa.int32()),
+        ("box", pa.list_(pa.float32(), 4)),  # x0, y0, x1, y1 in pixels of the (EXIF-upright) image
+        ("mask", MASK_TYPE),  # COCO compressed RLE from pycocotools; sculpt.schema.decode_masks decodes it
+        ("area", pa.int64()),  # mask pixels
+        ("mask_score", pa.float32()),  # the masker's predicted IoU
+        ("expression", pa.string()),  # referring expression for this object
+        ("expression_words", pa.int32()),
+        ("iou", pa.float32()),  # IoU of the verifier's mask (from `expression` alone) with `mask`
+        ("kept", pa.bool_()),  # iou >= the verify threshold
+        ("error", pa.string()),  # an object-level failure; null when fine
+    ]
+)
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),  # output unit name, the shard file's stem (e.g. sa_000123)
+        ("index", pa.int32()),  # position of the image in its shard
+        ("image_key", pa.string()),  # tar member stem, e.g. sa_223750; empty for a shard-level error
+        ("image_id", pa.int64()),  # SA-1B image_id from the json; null when unknown
+        ("file_name", pa.string()),
+        ("width", pa.int32()),  # after EXIF orientation
+        ("height", pa.int32()),
+        ("status", pa.string()),  # ok | empty | error
+        ("error", pa.string()),
+        ("caption", pa.string()),
+        ("objects", pa.list_(OBJECT_TYPE)),
+        ("source_annotations", pa.string()),  # SA-1B's own annotations as JSON, only with input.keep_source_annotations
+    ]
+)
+
+TRANSIENT_FIELDS = [
+    pa.field("image_bytes", pa.binary()),  # the encoded image as it came from the tar
+    pa.field("shard_size", pa.int32()),  # rows the shard yields: set on the rows of its last batch only
+    pa.field("shard_bytes_read", pa.int64()),  # input bytes read for the shard: likewise
+]
+PIPELINE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + TRANSIENT_FIELDS)
+
+OK, EMPTY, ERROR = "ok", "empty", "error"
+
+
+def new_row(shard: str, index: int, image_key: str, **fields) -> dict:
+    """A row with every pipeline column present (unset ones null)."""
+    row = dict.fromkeys(PIPELINE_SCHEMA.names)
+    row.update(shard=shard, index=index, image_key=image_key, status=OK, objects=[])
+    unknown = set(fields) - set(row)
+    if unknown:
+        raise KeyError(f"not schema columns: {sorted(unknown)}")
+    row.update(fields)
+    return row
+
+
+def mark_error(row: dict, where: str, exc: BaseException | str) -> dict:
+    """Record a failure on the row; the row travels on and is written with status=error."""
+    message = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    row["status"], row["error"] = ERROR, f"{where}: {message}"
+    return row
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PIPELINE_SCHEMA)
+
+
+def decode_masks(row: dict):
+    """The row's object masks as an N×H×W bool array (N may be 0)."""
+    import numpy as np
+
+    masks = [rle.decode(obj["mask"]) for obj in row.get("objects") or [] if obj.get("mask")]
+    if not masks:
+        return np.zeros((0, row.get("height") or 0, row.get("width") or 0), dtype=bool)
+    return np.stack(masks)

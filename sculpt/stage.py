@@ -1,0 +1,90 @@
+"""The one stage abstraction: declared resources, ``setup()`` once per actor, ``process()`` per batch.
+
+A stage takes the batch's rows (dicts with the pipeline schema) whose status is not ``error``, fills in its
+columns in place. A stage marks a failing object on the object and a failing image with
+``schema.mark_error``; if ``process`` raises anyway, the batch is retried image by image and only the images
+that still fail are marked, so one bad image never takes its batch down with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sculpt import schema
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0  # logical CPUs each actor holds
+    gpus: float = 0.0  # GPUs each actor holds; a fraction lets several small models share one GPU
+    memory_gb: float = 0.0  # heap memory each actor reserves (0: no reservation)
+    actors: int = 1  # size of the stage's fixed actor pool
+
+    def __post_init__(self):
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus={self.gpus}: above 1 a stage takes whole GPUs")
+        if self.actors < 1:
+            raise ValueError(f"actors={self.actors}: a stage needs at least one actor")
+
+
+def ray_options(resources: Resources) -> dict:
+    """The Ray Data ``map_batches`` options that give each actor of the stage exactly its resources."""
+    import ray.data
+
+    options = {
+        "num_cpus": resources.cpus,
+        "compute": ray.data.ActorPoolStrategy(size=resources.actors),
+    }
+    if resources.gpus:
+        options["num_gpus"] = resources.gpus
+    if resources.memory_gb:
+        options["memory"] = int(resources.memory_gb * (1 << 30))
+    return options
+
+
+class Stage:
+    """Base class of every pipeline stage. Subclasses set ``name`` and override ``setup`` and ``process``."""
+
+    name: str = "stage"
+
+    def __init__(self, resources: Resources = Resources(), batch_size: int = 8, **params):
+        self.resources = resources
+        self.batch_size = batch_size  # images per process() call
+        self.params = params  # settings that change the output: part of the job's config fingerprint
+
+    @property
+    def model_id(self) -> str | None:
+        """The model this stage runs (recorded in output markers); None for a stage without one."""
+        return self.params.get("model")
+
+    def setup(self) -> None:
+        """Load models; runs once in each actor, before the first batch."""
+
+    def process(self, rows: list[dict]) -> None:
+        """Fill in this stage's columns of the rows, in place."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}", "params": self.params}
+
+
+class StageActor:
+    """Runs one Stage inside a Ray Data actor: Arrow batch in, Arrow batch out, same rows, same order."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        stage.setup()
+
+    def __call__(self, batch):
+        rows = batch.to_pylist()
+        todo = [row for row in rows if row["status"] != schema.ERROR]
+        if todo:
+            try:
+                self.stage.process(todo)
+            except Exception:
+                for row in todo:  # find the images that fail on their own; the rest keep their results
+                    try:
+                        self.stage.process([row])
+                    except Exception as exc:
+                        schema.mark_error(row, self.stage.name, exc)
+        return schema.to_table(rows)

@@ -1,0 +1,125 @@
+"""Local paths and s3:// URIs behind one interface (pyarrow.fs).
+
+S3 credentials come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+instance roles...); ``S3Options.endpoint`` points at any S3-compatible store (MinIO, Ceph, R2...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None: AWS (or AWS_ENDPOINT_URL)
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def filesystem(uri: str, s3: S3Options = S3Options()) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or s3://bucket/key."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    endpoint = s3.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"region": s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        options.update(endpoint_override=host or endpoint, scheme=scheme or "https")
+    return pafs.S3FileSystem(**options), uri[len("s3://") :].rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def list_files(pattern: str, s3: S3Options = S3Options(), suffix: str = ".tar") -> list[str]:
+    """Files named by a path, a directory (its ``*suffix`` files, recursively) or a glob; same for s3://."""
+    if not is_s3(pattern):
+        if glob.has_magic(pattern):
+            return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if os.path.isdir(pattern):
+            return sorted(glob.glob(os.path.join(glob.escape(pattern), "**", f"*{suffix}"), recursive=True))
+        if os.path.isfile(pattern):
+            return [pattern]
+        raise FileNotFoundError(f"no such input: {pattern}")
+    fs, path = filesystem(pattern, s3)
+    if glob.has_magic(path):
+        root = path[: min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return sorted(f"s3://{i.path}" for i in infos if i.is_file and fnmatch.fnmatchcase(i.path, path))
+    info = fs.get_file_info(path)
+    if info.is_file:
+        return [pattern]
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted(f"s3://{i.path}" for i in infos if i.is_file and i.path.endswith(suffix))
+    if not files and info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such input: {pattern}")
+    return files
+
+
+def read_bytes(uri: str, s3: S3Options = S3Options()) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    fs, path = filesystem(uri, s3)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_atomic(uri: str, data: bytes, s3: S3Options = S3Options()) -> None:
+    """Write a whole file so that a reader sees the old state or the new one, never a part."""
+    with open_atomic(uri, s3) as f:
+        f.write(data)
+
+
+class open_atomic:
+    """A writable stream whose file appears under ``uri`` only when the stream closes without error.
+
+    The bytes go to ``<dir>/_tmp/<name>.<random>`` first, then move into place: a rename on local disk, a
+    server-side copy on S3 (an object appears whole or not at all). ``_``-prefixed paths are ignored by Parquet
+    dataset readers, and a leftover temporary file is only garbage, never output.
+    """
+
+    def __init__(self, uri: str, s3: S3Options = S3Options()):
+        self.fs, self.path = filesystem(uri, s3)
+        directory, name = self.path.rsplit("/", 1)
+        self.tmp = f"{directory}/{TMP_DIR}/{name}.{uuid.uuid4().hex[:12]}"
+        self.fs.create_dir(f"{directory}/{TMP_DIR}", recursive=True)
+        self.stream = self.fs.open_output_stream(self.tmp)
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stream.close()
+        if exc_type is None:
+            self.fs.move(self.tmp, self.path)
+        else:
+            self.fs.delete_file(self.tmp)
+        return False
+
+
+TMP_DIR = "_tmp"
+
+
+def delete_tree(uri: str, s3: S3Options = S3Options()) -> None:
+    fs, path = filesystem(uri, s3)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def list_names(uri: str, s3: S3Options = S3Options(), suffix: str = "") -> list[str]:
+    """Base names of the files directly inside a directory / prefix (empty when it does not exist)."""
+    fs, path = filesystem(uri, s3)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.is_file and i.base_name.endswith(suffix))

@@ -1,0 +1,68 @@
+"""Test doubles for model stages. They live here only; the benchmark borrows them from here."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from sculpt import images, rle
+from sculpt.stage import Stage
+
+
+class HoldGpu(Stage):
+    """Holds its actor's resources for a fixed service time per image and appends its name to the caption.
+
+    In setup it logs pid, Ray's GPU ids and CUDA_VISIBLE_DEVICES to ``log_dir`` (one JSON file per actor).
+    Images whose key is in ``fail_keys`` raise, to exercise per-image error marking.
+    """
+
+    name = "hold"
+
+    def setup(self):
+        import ray
+
+        self.seconds = float(self.params.get("seconds_per_image", 0.0))
+        log_dir = self.params.get("log_dir")
+        if log_dir:
+            record = {
+                "stage": self.name,
+                "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            }
+            with open(os.path.join(log_dir, f"{self.name}-{os.getpid()}.json"), "w") as f:
+                json.dump(record, f)
+
+    def process(self, rows):
+        time.sleep(self.seconds * len(rows))
+        for row in rows:
+            if row["image_key"] in self.params.get("fail_keys", ()):
+                raise RuntimeError(f"injected failure on {row['image_key']}")
+            row["caption"] = (row["caption"] or "") + f"{self.name};"
+
+
+class ThresholdMasker(Stage):
+    """Decodes the image and adds one object whose mask is the image's dark half (a real RLE via pycocotools)."""
+
+    name = "threshold"
+
+    def process(self, rows):
+        for row in rows:
+            image = images.load_rgb(row["image_bytes"])
+            gray = image.mean(axis=2)
+            mask = gray < np.median(gray)
+            encoded = rle.encode(mask)
+            ys, xs = np.nonzero(mask)
+            row["objects"] = (row["objects"] or []) + [
+                {
+                    "phrase": "dark half",
+                    "box": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)],
+                    "mask": encoded,
+                    "area": rle.area(encoded),
+                    "mask_score": 1.0,
+                    "kept": True,
+                }
+            ]
