@@ -1,0 +1,42 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Ray workers import the test doubles (tests.doubles) by module path; S3 tests talk to moto on loopback only.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory):
+    """Three SA-1B-format shards of four photographs each (read-only: copy before changing)."""
+    from sculpt.samples import make_sample_shards
+
+    directory = tmp_path_factory.mktemp("samples")
+    return make_sample_shards(str(directory), shards=3, images_per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray per test module: 8 logical CPUs and 4 logical GPUs on this CPU-only machine."""
+    import ray
+
+    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -1,0 +1,62 @@
+import pytest
+
+from sculpt import config
+from sculpt.stage import Resources, Stage, StageActor, ray_options
+from sculpt import schema
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "input: {shards: [s3://b/sa1b/], readers: 3}\n"
+        "stages:\n"
+        "  - {name: hold, class: 'tests.doubles:HoldGpu', gpus: 0.5, params: {seconds_per_image: 0.1}}\n"
+    )
+    cfg = config.load(str(path), ["stages.hold.actors=4", "stages.0.params.seconds_per_image=0.2", "output.path=s3://b/out"])
+    assert cfg.input.readers == 3 and cfg.input.shards == ["s3://b/sa1b/"]
+    assert cfg.stages[0].cls == "tests.doubles:HoldGpu" and cfg.stages[0].actors == 4
+    assert cfg.stages[0].params == {"seconds_per_image": 0.2}
+    stage = config.build_stage(cfg.stages[0])
+    assert stage.resources == Resources(cpus=1.0, gpus=0.5, actors=4) and stage.name == "hold"
+
+
+def test_unknown_keys_and_stages_are_named_in_the_error():
+    with pytest.raises(config.ConfigError, match=r"input: unknown key\(s\) \['reader'\]"):
+        config.load(None, ["input.reader=3"])
+    with pytest.raises(config.ConfigError, match="not a built-in stage"):
+        config.build_stage(config.StageConfig(name="nope"))
+    with pytest.raises(config.ConfigError, match="cannot import"):
+        config.build_stage(config.StageConfig(name="x", cls="tests.doubles:Missing"))
+
+
+def test_example_config_loads():
+    cfg = config.load("workflows/annotate.yaml")
+    assert cfg.input.shards and cfg.output.path
+
+
+def test_ray_options_from_resources():
+    options = ray_options(Resources(cpus=2, gpus=0.25, memory_gb=1, actors=3))
+    assert options["num_cpus"] == 2 and options["num_gpus"] == 0.25 and options["memory"] == 1 << 30
+    assert options["compute"].min_size == options["compute"].max_size == 3
+    assert "num_gpus" not in ray_options(Resources())
+    with pytest.raises(ValueError):
+        Resources(gpus=1.5)
+
+
+class Flaky(Stage):
+    name = "flaky"
+
+    def process(self, rows):
+        for row in rows:
+            if row["image_key"] == "bad":
+                raise RuntimeError("cannot")
+            row["caption"] = "seen"
+
+
+def test_stage_failure_marks_only_the_failing_image():
+    rows = [schema.new_row("u", i, key) for i, key in enumerate(["a", "bad", "c"])]
+    schema.mark_error(rows[2], "read", "corrupt")
+    out = StageActor(Flaky())(schema.to_table(rows)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "error", "error"]
+    assert out[0]["caption"] == "seen" and out[1]["error"] == "flaky: RuntimeError: cannot"
+    assert out[2]["error"] == "read: corrupt" and out[2]["caption"] is None  # earlier errors are not reprocessed

@@ -1,0 +1,83 @@
+import json
+import os
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from sculpt import schema
+from sculpt.output import IncompatibleOutput, OutputStore, UnitWriter
+
+JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"model": "m1"}}]}, "model_ids": {"a": "m1"}}
+
+
+def rows(unit, indices, size=None):
+    out = []
+    for i in indices:
+        row = schema.new_row(unit, i, f"sa_{i}", image_bytes=b"x", width=4, height=3)
+        row["shard_size"], row["shard_bytes_read"] = (size, 100) if size else (None, None)
+        out.append(row)
+    return schema.to_table(out)
+
+
+def test_unit_commits_once_all_rows_are_in_dedups_and_writes_marker_last(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    writer = UnitWriter(store, "sa_000001", JOB, flush_rows=2)
+    writer.add(rows("sa_000001", [2, 0]))
+    writer.add(rows("sa_000001", [0]))  # re-delivered after a retry
+    assert not writer.complete
+    writer.add(rows("sa_000001", [1], size=3))
+    assert writer.complete and store.committed() == set()
+    assert not os.path.exists(store.data_uri("sa_000001"))  # rows so far live in _tmp only
+    marker = writer.commit()
+    assert store.committed() == {"sa_000001"}
+    table = pq.read_table(store.data_uri("sa_000001"))
+    assert sorted(table["index"].to_pylist()) == [0, 1, 2]
+    assert table.schema.equals(schema.OUTPUT_SCHEMA) and "image_bytes" not in table.column_names
+    assert set(table["status"].to_pylist()) == {schema.EMPTY}  # processed, no objects
+    assert marker["rows"] == 3 and marker["errors"] == 0 and marker["input_bytes_read"] == 100
+    assert json.loads(open(store.marker_uri("sa_000001")).read()) == marker
+    assert os.listdir(tmp_path / "_tmp") == []
+    # a Parquet dataset reader over the output sees each row once and no bookkeeping files
+    assert pads.dataset(str(tmp_path)).count_rows() == 3
+
+
+def test_incomplete_unit_refuses_to_commit(tmp_path):
+    store = OutputStore(str(tmp_path))
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(rows("u", [0], size=2))
+    with pytest.raises(RuntimeError, match="1 of 2 rows"):
+        writer.commit()
+
+
+def test_error_counts_by_stage(tmp_path):
+    store = OutputStore(str(tmp_path))
+    table_rows = [schema.new_row("u", i, f"k{i}") for i in range(3)]
+    schema.mark_error(table_rows[0], "read", "bad jpeg")
+    schema.mark_error(table_rows[1], "caption", ValueError("boom"))
+    for r in table_rows:
+        r["shard_size"], r["shard_bytes_read"] = 3, 10
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(schema.to_table(table_rows))
+    marker = writer.commit()
+    assert marker["errors"] == 2 and marker["errors_by_stage"] == {"read": 1, "caption": 1}
+    assert pq.read_table(store.data_uri("u"))["error"].to_pylist()[1] == "caption: ValueError: boom"
+
+
+def test_rerun_with_another_config_is_refused_then_overwritten(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(rows("u", [0], size=1))
+    writer.commit()
+    (tmp_path / "notes.txt").write_text("user file")
+    other = {**JOB, "fingerprint": "f2", "settings": {"stages": [{"name": "a", "params": {"model": "m2"}}]}}
+    with pytest.raises(IncompatibleOutput, match=r"stages\[0\].params.model: 'm1' in the output, 'm2' now") as info:
+        store.prepare(other)
+    assert "--overwrite" in str(info.value)
+    assert store.prepare(JOB) == {"u"}  # the same config resumes
+    assert store.prepare(other, overwrite=True) == set()
+    assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob("_markers/*"))
+    assert (tmp_path / "notes.txt").read_text() == "user file"
+    assert store.job()["fingerprint"] == "f2"

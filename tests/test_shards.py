@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sculpt import images, samples, schema
+from sculpt.shards import ReadOptions, read_shard, shard_name
+from tests import helpers
+
+
+def rows_of(path, **options):
+    batches = list(read_shard(str(path), ReadOptions(**options)))
+    return batches, [row for batch in batches for row in batch]
+
+
+def test_sample_shard_streams_in_batches_and_the_last_batch_carries_totals(sample_shards):
+    batches, rows = rows_of(sample_shards[0], batch_images=3)
+    assert [len(b) for b in batches] == [3, 1]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["status"] == schema.OK and r["image_bytes"] for r in rows)
+    assert all(r["shard_size"] is None for r in batches[0]) and batches[-1][0]["shard_size"] == 4
+    assert 0 < batches[-1][0]["shard_bytes_read"] <= __import__("os").path.getsize(sample_shards[0])
+    assert rows[0]["shard"] == "sa_000000" and rows[0]["image_key"] == "sa_1" and rows[0]["image_id"] == 1
+    assert (rows[0]["width"], rows[0]["height"]) == (512, 512)
+    assert rows[0]["source_annotations"] is None  # SA-1B's masks are not carried unless asked
+
+
+def test_keep_source_annotations_carries_sa1b_masks(sample_shards):
+    _, rows = rows_of(sample_shards[0], keep_source_annotations=True)
+    annotations = json.loads(rows[0]["source_annotations"])
+    assert len(annotations) == 2 and set(annotations[0]["segmentation"]) == {"size", "counts"}
+
+
+def test_shard_name_strips_tar_suffixes():
+    assert shard_name("s3://b/x/sa_000123.tar") == "sa_000123"
+    assert shard_name("/d/sa_000001.tar.gz") == "sa_000001"
+
+
+def test_bad_members_become_error_rows_and_reading_goes_on(tmp_path):
+    ok = helpers.encoded(helpers.photo())
+    members = (
+        helpers.pair(1, ok, prefix="")  # no ./ prefix
+        + helpers.pair(2, b"this is not a jpeg")
+        + helpers.pair(3, ok[: len(ok) // 2])  # truncated JPEG
+        + [("./sa_4.jpg", ok)]  # image without json
+        + [("./sa_5.json", samples.sa1b_json(5, np.zeros((2, 2, 3), np.uint8)))]  # json without image
+        + [("./sa_6.jpg", ok), ("./sa_6.json", b"{not json")]
+        + helpers.pair(7, helpers.bomb_jpeg())
+        + helpers.pair(8, ok)
+        + [("./README.txt", b"ignored")]
+    )
+    path = tmp_path / "sa_000009.tar"
+    samples.write_tar(str(path), members)
+    _, rows = rows_of(path, batch_images=2)
+    by_key = {r["image_key"]: r for r in rows}
+    assert sorted(by_key) == [f"sa_{i}" for i in range(1, 9)]  # every image once, nothing dropped
+    assert [r["index"] for r in rows] == list(range(8)) and rows[-1]["shard_size"] == 8
+    assert by_key["sa_1"]["status"] == by_key["sa_8"]["status"] == schema.OK
+    expected = {
+        "sa_2": "not a readable image",
+        "sa_3": "corrupt image data",
+        "sa_4": "has no .json",
+        "sa_5": "has no image",
+        "sa_6": "not SA-1B image metadata",
+        "sa_7": "image too large",
+    }
+    for key, message in expected.items():
+        row = by_key[key]
+        assert row["status"] == schema.ERROR and message in row["error"], (key, row["error"])
+        assert row["error"].startswith("read: ") and row["image_bytes"] is None
+
+
+def test_image_over_the_configured_pixel_limit_is_refused(tmp_path):
+    path = tmp_path / "sa_000004.tar"
+    samples.write_tar(str(path), helpers.pair(1, helpers.encoded(helpers.photo())))  # 451 x 300
+    _, rows = rows_of(path, max_image_pixels=100_000)
+    assert "image too large: 451x300 = 135,300 pixels is over input.max_image_pixels=100,000" in rows[0]["error"]
+
+
+def test_truncated_tar_keeps_the_images_before_the_cut(tmp_path):
+    whole = tmp_path / "whole.tar"
+    ok = helpers.encoded(helpers.photo())
+    samples.write_tar(str(whole), helpers.pair(1, ok) + helpers.pair(2, ok) + helpers.pair(3, ok))
+    data = whole.read_bytes()
+    cut = tmp_path / "sa_000001.tar"
+    cut.write_bytes(data[: data.index(b"sa_3.jpg") + 2000])  # inside sa_3.jpg's data
+    _, rows = rows_of(cut)
+    assert [r["status"] for r in rows] == [schema.OK, schema.OK, schema.ERROR]
+    assert rows[2]["image_key"] == "sa_3" and "cut off" in rows[2]["error"]
+    assert rows[-1]["shard_size"] == 3
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100])
+def test_unreadable_or_empty_shard_is_one_error_row(tmp_path, content):
+    path = tmp_path / "sa_000002.tar"
+    path.write_bytes(content)
+    _, rows = rows_of(path)
+    assert len(rows) == 1 and rows[0]["status"] == schema.ERROR and rows[0]["image_key"] == ""
+    assert rows[0]["shard_size"] == 1
+
+
+def test_missing_shard_is_one_error_row(tmp_path):
+    _, rows = rows_of(tmp_path / "nope.tar")
+    assert len(rows) == 1 and "unreadable" in rows[0]["error"]
+
+
+def test_image_modes_decode_to_upright_rgb(tmp_path):
+    rgb = helpers.photo("chelsea")  # 300 x 451
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+    variants = {
+        1: helpers.encoded(gray),
+        2: helpers.encoded(Image.fromarray(rgb).convert("CMYK")),
+        3: helpers.encoded(rgba, fmt="PNG"),
+        4: helpers.exif_rotated_jpeg(rgb, orientation=6),
+    }
+    path = tmp_path / "sa_000003.tar"
+    samples.write_tar(str(path), [m for i, data in variants.items() for m in helpers.pair(i, data)])
+    _, rows = rows_of(path)
+    assert all(r["status"] == schema.OK for r in rows), [r["error"] for r in rows]
+    assert [(r["width"], r["height"]) for r in rows] == [(451, 300)] * 3 + [(300, 451)]
+    for row in rows:
+        array = images.load_rgb(row["image_bytes"])
+        assert array.shape == (row["height"], row["width"], 3) and array.dtype == np.uint8
+    # the rotated image's upright pixels are the original turned 90° clockwise (EXIF orientation 6)
+    upright = images.load_rgb(rows[3]["image_bytes"]).astype(int)
+    assert np.abs(upright - np.rot90(rgb, k=-1)).mean() < 8
+    # RGBA is composited on white, not stripped of alpha
+    composited = images.load_rgb(rows[2]["image_bytes"]).astype(int)
+    assert np.abs(composited - (rgb.astype(int) * 128 + 255 * 127) // 255).max() <= 2
