@@ -113,7 +113,7 @@ class UnitWriter:
         self.buffered = 0
         self.file = None
         self.writer = None
-        self.stats = Counter()
+        self.stats = Counter(dict.fromkeys(["rows", "images", "errors", "empty", "objects", "kept"], 0))
         self.errors = Counter()
         self.started = time.time()
 

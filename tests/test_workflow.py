@@ -1,0 +1,184 @@
+"""The streaming workflow on a local Ray with 4 logical GPUs: placement, accounting, faults, resume."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.dataset as pads
+import pytest
+
+from sculpt import config, pipeline, samples
+from sculpt.cli import status
+from sculpt.output import OutputStore
+from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hold(name, log_dir, gpus, actors=1, seconds=0.0, batch_size=2, **params):
+    return {
+        "name": name,
+        "class": "tests.doubles:HoldGpu",
+        "gpus": gpus,
+        "cpus": 0.5,
+        "actors": actors,
+        "batch_size": batch_size,
+        "params": {"seconds_per_image": seconds, "log_dir": str(log_dir), **params},
+    }
+
+
+def job(inputs, out, stages, *extra):
+    overrides = [f"input.shards={json.dumps([str(p) for p in inputs])}", f"output.path={out}", f"stages={json.dumps(stages)}",
+                 "input.batch_images=2", "progress_seconds=1", *extra]
+    cfg = config.load(None, overrides)
+    return cfg, [config.build_stage(s) for s in cfg.stages]
+
+
+def output_rows(out):
+    return pads.dataset(str(out), format="parquet").to_table().to_pylist()
+
+
+def actor_logs(log_dir):
+    return [json.load(open(p)) for p in glob.glob(os.path.join(log_dir, "*.json"))]
+
+
+def test_three_stage_chain_places_actors_on_gpus_and_accounts_for_every_image(local_ray, sample_shards, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stages = [hold("a", logs, 0.5, actors=2), hold("b", logs, 0.25, actors=2), hold("c", logs, 1)]
+    stages.append({"name": "m", "class": "tests.doubles:ThresholdMasker", "gpus": 0.25, "cpus": 0.5})
+    cfg, built = job(sample_shards, tmp_path / "out", stages)
+    summary = pipeline.run(cfg, built)
+
+    rows = output_rows(tmp_path / "out")
+    assert summary["images"] == len(rows) == 12 and summary["errors"] == 0
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
+    assert {r["caption"] for r in rows} == {"a;b;c;"}  # every stage saw every image, in order
+    assert all(r["status"] == "ok" and len(r["objects"]) == 1 for r in rows)
+
+    records = actor_logs(logs)
+    assert sorted(r["stage"] for r in records) == ["a", "a", "b", "b", "c"]
+    load: dict[str, float] = {}
+    fraction = {"a": 0.5, "b": 0.25, "c": 1.0}
+    for record in records:
+        assert len(record["gpu_ids"]) == 1 and record["cuda_visible_devices"] == record["gpu_ids"][0]
+        load[record["gpu_ids"][0]] = load.get(record["gpu_ids"][0], 0) + fraction[record["stage"]]
+    assert all(total <= 1.0 for total in load.values()), load  # no GPU is over-committed
+    whole = next(r["gpu_ids"][0] for r in records if r["stage"] == "c")
+    assert load[whole] == 1.0  # the whole-GPU actor shares its GPU with nobody
+
+
+def test_bad_input_is_recorded_per_image_and_the_run_goes_on(local_ray, sample_shards, tmp_path):
+    ok = helpers.encoded(helpers.photo())
+    broken = tmp_path / "in" / "sa_000100.tar"
+    broken.parent.mkdir()
+    samples.write_tar(str(broken), helpers.pair(1, ok) + helpers.pair(2, b"garbage") + [("sa_3.jpg", ok)])
+    truncated = tmp_path / "in" / "sa_000101.tar"
+    data = open(sample_shards[2], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cfg, built = job([sample_shards[1], broken, truncated], tmp_path / "out", [hold("a", logs, 0.5, fail_keys=["sa_1"])])
+    summary = pipeline.run(cfg, built)
+
+    rows = output_rows(tmp_path / "out")
+    markers = {m["unit"]: m for m in OutputStore(str(tmp_path / "out")).markers()}
+    assert summary["images"] == len(rows) == sum(m["rows"] for m in markers.values())
+    assert summary["errors"] == sum(r["status"] == "error" for r in rows)
+    broken_rows = {r["image_key"]: r for r in rows if r["shard"] == "sa_000100"}
+    assert broken_rows["sa_1"]["error"] == "a: RuntimeError: injected failure on sa_1"
+    assert broken_rows["sa_2"]["error"].startswith("read: not a readable image")
+    assert "has no .json" in broken_rows["sa_3"]["error"]
+    assert markers["sa_000100"]["errors_by_stage"] == {"a": 1, "read": 2}
+    cut = sorted((r for r in rows if r["shard"] == "sa_000101"), key=lambda r: r["index"])
+    assert cut[-1]["status"] == "error" and cut[0]["status"] == "empty"  # processed, no objects (no model stage)
+    assert markers["sa_000001"]["errors"] == 0 and markers["sa_000001"]["rows"] == 4
+
+
+def test_killed_stage_actor_is_replaced_and_output_is_exact(local_ray, sample_shards, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stages = [hold("a", logs, 0.5), hold("b", logs, 0.5, seconds=0.4, batch_size=1)]
+    cfg, built = job(sample_shards, tmp_path / "out", stages)
+    killed = []
+
+    def kill_b_once_it_works():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            b = [r for r in actor_logs(logs) if r["stage"] == "b"]
+            if b:
+                time.sleep(1.5)  # let it take a few batches first
+                os.kill(b[0]["pid"], signal.SIGKILL)
+                killed.append(b[0]["pid"])
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_b_once_it_works)
+    killer.start()
+    summary = pipeline.run(cfg, built)
+    killer.join()
+
+    assert killed, "the stage actor was never killed"
+    assert len([r for r in actor_logs(logs) if r["stage"] == "b"]) >= 2  # a replacement actor took over
+    rows = output_rows(tmp_path / "out")
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
+    assert summary["images"] == 12 and all(r["caption"] == "a;b;" and r["status"] == "empty" for r in rows)
+
+
+def _annotate(args, **kwargs):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "workflows", "annotate.py"), *args], cwd=ROOT, **kwargs)
+
+
+def test_killed_driver_then_rerun_completes_without_reading_committed_shards(local_ray, tmp_path):
+    shard_dir = tmp_path / "in"
+    paths = samples.make_sample_shards(str(shard_dir), shards=6, images_per_shard=3)
+    out = tmp_path / "out"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stage = hold("slow", logs, 1, seconds=0.3, batch_size=1)
+    args = ["--input", str(shard_dir), "--output", str(out), "--set", f"stages={json.dumps([stage])}",
+            "--set", "input.readers=1", "--set", "ray.num_cpus=4", "--set", "ray.num_gpus=1"]
+    driver = _annotate(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = OutputStore(str(out))
+    deadline = time.time() + 180
+    while time.time() < deadline and not store.committed() and driver.poll() is None:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    committed = store.committed()
+    assert 1 <= len(committed) < 6, "the kill should land mid-run"
+    before = {m["unit"]: m for m in store.markers()}
+    # Committed shards must never be opened again: make their input garbage; reading it would show.
+    for path in paths:
+        if os.path.basename(path)[:-4] in committed:
+            open(path, "wb").write(b"\0garbage" * 1000)
+
+    cfg, built = job([shard_dir], out, [stage])
+    summary = pipeline.run(cfg, built)
+
+    rows = output_rows(out)
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(6) for i in range(3)]
+    assert all(r["status"] == "empty" and r["caption"] == "slow;" for r in rows)
+    assert {m["unit"]: m for m in store.markers() if m["unit"] in committed} == before
+    pending_bytes = sum(os.path.getsize(p) for p in paths if os.path.basename(p)[:-4] not in committed)
+    assert summary["committed_now"] == 6 - len(committed)
+    assert 0 < summary["input_bytes_read"] <= pending_bytes
+    assert "shards   6/6 committed" in status(str(out), config.S3Options())
+
+
+def test_rerun_with_another_config_is_refused_unless_overwrite(local_ray, sample_shards, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = tmp_path / "out"
+    cfg, built = job(sample_shards[:1], out, [hold("a", logs, 0.5)])
+    pipeline.run(cfg, built)
+    changed = ["--input", str(sample_shards[0]), "--output", str(out), "--set", f"stages={json.dumps([hold('a', logs, 0.5, x=1)])}"]
+    refused = _annotate(changed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2
+    assert "different config" in err and "stages[0].params.x: None in the output, 1 now" in err and "--overwrite" in err
