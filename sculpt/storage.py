@@ -94,7 +94,8 @@ class open_atomic:
         self.fs, self.path = filesystem(uri, s3)
         directory, name = self.path.rsplit("/", 1)
         self.tmp = f"{directory}/{TMP_DIR}/{name}.{uuid.uuid4().hex[:12]}"
-        self.fs.create_dir(f"{directory}/{TMP_DIR}", recursive=True)
+        if isinstance(self.fs, pafs.LocalFileSystem):  # S3 has no directories to make
+            self.fs.create_dir(f"{directory}/{TMP_DIR}", recursive=True)
         self.stream = self.fs.open_output_stream(self.tmp)
 
     def __enter__(self):

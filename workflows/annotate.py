@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout, too
+
 from sculpt import config as job_config
 from sculpt import output, pipeline, samples
 
