@@ -91,9 +91,12 @@ class Progress:
         self.todo = total - done
         self.images = 0
         self.images_per_shard: list[int] = []
+        self.first_output: float | None = None  # seconds until the first row came out of the last stage
         self.start = self.last = time.monotonic()
 
     def rows(self, n: int) -> None:
+        if self.first_output is None:
+            self.first_output = time.monotonic() - self.start
         self.images += n
         if time.monotonic() - self.last >= self.every:
             self.print()
@@ -148,6 +151,7 @@ def run(config: JobConfig, stages: list[Stage]) -> dict:
         "errors": sum(m["errors"] for m in markers),
         "input_bytes_read": sum(m["input_bytes_read"] for m in markers),
         "seconds": round(time.monotonic() - progress.start, 2),
+        "first_output_seconds": round(progress.first_output or 0.0, 2),
         "output": store.uri,
     }
     progress.print("done")

@@ -1,0 +1,151 @@
+"""Pipeline efficiency and memory of the real workflow code with stand-in GPU stages.
+
+Stages are tests.doubles.HoldGpu: each actor holds its (logical) GPU share for a fixed service time per image,
+like a model would. The slowest-stage bound is min over stages of actors / seconds_per_image; the achieved rate
+is measured over the middle of the run — between the commits of the shards at the 20th and 80th percentile of
+commit time — so actor start-up (slow on 2 cores) and the drain at the end are excluded; both are reported too.
+Peak memory at 1x and 10x input, sampled every 0.3 s, object store capped at 2 GiB: the driver's PSS and USS and
+the summed PSS of all Ray processes. PSS, not RSS: every process maps Ray's shared-memory object store, and RSS
+counts each shared page touched in every process that touched it, so it grows with the bytes streamed through
+even when no process holds more (measured: driver RSS 335 -> 388 MB from 10 to 100 shards, USS 244 -> 238 MB).
+
+    .venv/bin/python benchmarks/pipeline_efficiency.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import psutil  # noqa: E402
+import ray  # noqa: E402
+
+from sculpt import config, pipeline, samples  # noqa: E402
+from sculpt.output import OutputStore  # noqa: E402
+
+
+def chain(scale: int, seconds: float) -> list[dict]:
+    """A caption-like stage that is the bottleneck, then three lighter ones; `scale` multiplies the actors.
+
+    GPUs used per scale: caption 2x1, ground 1x0.5, mask 1x0.5, verify 1x1 = 4 GPUs.
+    """
+    def stage(name, actors, gpus, per_image):
+        return {"name": name, "class": "tests.doubles:HoldGpu", "actors": actors * scale, "gpus": gpus, "cpus": 0.25,
+                "batch_size": 4, "params": {"seconds_per_image": per_image}}
+
+    return [stage("caption", 2, 1, seconds), stage("ground", 1, 0.5, seconds / 3), stage("mask", 1, 0.5, seconds / 4),
+            stage("verify", 1, 1, seconds / 2)]
+
+
+def bound(stages: list[dict]) -> float:
+    return min(s["actors"] / s["params"]["seconds_per_image"] for s in stages)
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.driver_peak = self.driver_uss_peak = self.ray_peak = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        me = psutil.Process()
+        while not self.stop.is_set():
+            mine = me.memory_full_info()
+            self.driver_peak = max(self.driver_peak, mine.pss)
+            self.driver_uss_peak = max(self.driver_uss_peak, mine.uss)
+            total = 0
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    if proc.pid != me.pid and ("ray::" in cmd or "/ray/" in cmd or proc.info["name"] in ("raylet", "gcs_server")):
+                        total += proc.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.ray_peak = max(self.ray_peak, total)
+            time.sleep(0.3)
+
+
+def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
+    out = os.path.join(work, f"out-{gpus}-{time.time_ns()}")
+    cfg = config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(stages)}",
+                             "input.readers=2", "input.batch_images=8", "progress_seconds=1000"])
+    ray.init(num_cpus=32, num_gpus=gpus, include_dashboard=False, logging_level="ERROR", object_store_memory=2 << 30,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    sampler = MemorySampler()
+    sampler.start()
+    try:
+        summary = pipeline.run(cfg, [config.build_stage(s) for s in cfg.stages])
+        markers = sorted(OutputStore(out).markers(), key=lambda m: m["committed"])
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        ray.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
+    first, last = len(markers) // 5, (4 * len(markers)) // 5
+    window = markers[last]["committed"] - markers[first]["committed"]
+    steady = sum(m["rows"] for m in markers[first + 1 : last + 1]) / window
+    return {**summary, "steady_images_per_s": steady, "driver_peak_mb": sampler.driver_peak / 2**20,
+            "driver_uss_peak_mb": sampler.driver_uss_peak / 2**20,
+            "ray_peak_mb": sampler.ray_peak / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not for the record)")
+    parser.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="sculpt-bench-")
+    per_shard = 20
+    seconds = 0.4
+
+    if args.only != "memory":
+        throughput(work, per_shard, seconds, args.quick)
+    if args.only != "throughput":
+        memory(work, per_shard, args.quick)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def throughput(work, per_shard, seconds, quick):
+    print("## Throughput against the slowest-stage bound")
+    print("| logical GPUs | images | bound img/s | achieved img/s (steady) | efficiency | end-to-end s | first output s |")
+    print("|---|---|---|---|---|---|---|")
+    for scale in (2, 4):
+        stages = chain(scale, seconds)
+        gpus = 4 * scale
+        images = int(bound(stages) * (10 if quick else 40))
+        shard_dir = os.path.join(work, f"in-{gpus}")
+        samples.make_sample_shards(shard_dir, shards=images // per_shard, images_per_shard=per_shard)
+        r = run_case(shard_dir, gpus, stages, work)
+        print(f"| {gpus} | {r['images']} | {bound(stages):.1f} | {r['steady_images_per_s']:.2f} | "
+              f"{r['steady_images_per_s'] / bound(stages):.3f} | {r['seconds']:.1f} | {r['first_output_seconds']:.1f} |", flush=True)
+
+
+def memory(work, per_shard, quick):
+    print("\n## Peak memory at 1x and 10x input (8 logical GPUs, 20 images per shard)")
+    print("| input | shards | images | driver peak PSS MB | driver peak USS MB | Ray processes peak PSS MB | img/s (steady) |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for factor in (1, 10):
+        shards = (5 if quick else 10) * factor
+        shard_dir = os.path.join(work, f"mem-{factor}")
+        samples.make_sample_shards(shard_dir, shards=shards, images_per_shard=per_shard)
+        r = results[factor] = run_case(shard_dir, 8, chain(2, 0.05), work)
+        print(f"| {factor}x | {shards} | {r['images']} | {r['driver_peak_mb']:.0f} | {r['driver_uss_peak_mb']:.0f} | {r['ray_peak_mb']:.0f} | "
+              f"{r['steady_images_per_s']:.1f} |", flush=True)
+    for key in ("driver_peak_mb", "driver_uss_peak_mb", "ray_peak_mb"):
+        print(f"{key}: 10x / 1x = {results[10][key] / results[1][key]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
