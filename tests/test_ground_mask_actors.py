@@ -96,9 +96,9 @@ def scripted_generate(processor, seen):
     def generate(input_ids, attention_mask, pixel_values, **kwargs):
         outputs = []
         for ids, mask in zip(input_ids, attention_mask):
-            seen.append(int(mask.sum()))
             prompt = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
             chunk = prompt.split("Locate the phrases in the caption:", 1)[1]
+            seen.append((chunk, int(mask.sum())))
             words = " " + " ".join(chunk.replace(",", " ").replace(".", " ").split()) + " "
             hits = sorted((chunk.find(p), p) for p in SCRIPT if f" {p} " in words)
             text = "".join(p + "".join(f"<loc_{k}>" for box in SCRIPT[p] for k in box) for _, p in hits)
@@ -123,7 +123,8 @@ def test_grounder_splits_long_captions_and_maps_phrases_back(grounder, monkeypat
 
     assert len(seen) >= 2 * 2  # each caption went in as two chunks or more
     positions = stage.model.config.text_config.max_position_embeddings
-    assert max(seen) <= positions  # nothing was cut by the encoder: image tokens + prompt fit its positions
+    for chunk, length in seen:  # the budget counts exactly what the encoder reads, which fits its positions
+        assert length == stage.processor.num_image_tokens + stage.count_tokens(chunk) <= positions
     for row in out[:2]:
         width, height = row["width"], row["height"]
         assert row["status"] == "ok", row["error"]
