@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from sculpt import images, rle
+from sculpt import images, rle, schema
 from sculpt.stage import Resources, Stage
 
 DEFAULT_MODEL = "facebook/sam2.1-hiera-large"
@@ -97,7 +97,11 @@ class Masker(Stage):
                     and not obj.get("error")]
             if not todo:
                 continue
-            image = images.load_rgb(row["image_bytes"])
+            try:
+                image = images.load_rgb(row["image_bytes"])
+            except images.ImageError as exc:
+                schema.mark_error(row, self.name, exc)
+                continue
             height, width = image.shape[:2]
             ready = []
             for obj in todo:
@@ -120,7 +124,8 @@ class Masker(Stage):
         with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.device == "cuda"):
             self.predictor.set_image(image)
             logits, scores, _ = self.predictor.predict(box=boxes, multimask_output=False, return_logits=True)
-        return self._rles(logits.reshape(len(boxes), 1, *logits.shape[-2:]), image.shape[:2]), scores.reshape(len(boxes), -1)[:, 0]
+        n = len(boxes)  # predict() drops the box axis when there is a single box
+        return self._rles(logits.reshape(n, 1, *logits.shape[-2:]), image.shape[:2]), scores.reshape(n, -1)[:, 0]
 
     def _rles(self, logits: np.ndarray, size) -> list[dict]:
         import torch

@@ -229,3 +229,14 @@ def test_tiny_sam2_loads_with_build_sam2_and_leaves_sam2_configs_usable(checkpoi
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert os.path.getsize(os.path.join(checkpoints["sam2"], tiny_sam2.NAME + ".pt")) < 4 << 20
     build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu")  # sam2's own config names still resolve
+
+
+def test_sam2_loader_names_what_it_cannot_use(tmp_path):
+    with pytest.raises(ValueError, match="neither a directory nor a model id known to sam2"):
+        build_sam2_model("facebook/sam3-huge", "cpu")
+    (tmp_path / "a.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="not an official sam2 checkpoint name"):
+        build_sam2_model(str(tmp_path), "cpu")
+    (tmp_path / "b.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"expected one \*.pt"):
+        build_sam2_model(str(tmp_path), "cpu")
