@@ -70,6 +70,21 @@ def test_processor_turns_loc_bins_into_truncated_bin_centres(checkpoints, size, 
     assert all(0 <= c - d < 1 for c, d in zip(centre, dog))
 
 
+def test_tiny_florence2_is_in_the_native_format(checkpoints):
+    import os
+
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    directory = checkpoints["florence2"]
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(os.listdir(directory))
+    model = Florence2ForConditionalGeneration.from_pretrained(directory)
+    tokenizer = AutoProcessor.from_pretrained(directory).tokenizer
+    assert tokenizer.tokenize("a<loc_0><loc_999><poly>") == ["a", "<loc_0>", "<loc_999>", "<poly>"]
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert model.config.image_token_id == tokenizer.image_token_id
+    assert model.config.text_config.vocab_size == len(tokenizer)
+
+
 # -- Grounder -------------------------------------------------------------------------------------------------
 
 LONG_CAPTION = (

@@ -56,7 +56,7 @@ def _tokenizer():
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_CORPUS * 4, vocab_size=400, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # BART's ids 0..4
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # <s> <pad> </s> <unk>: BART's ids 0-3
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tokenizer = BartTokenizer(vocab=state["vocab"], merges=merges, extra_special_tokens={"image_token": "<image>"})
