@@ -1,0 +1,151 @@
+"""The mask stage: SAM2 turns each grounded box into a mask (``sam2`` package, ``SAM2ImagePredictor``).
+
+One image embedding per image; all boxes of an image go to the mask decoder as one batched prompt. The decoder's
+low-resolution logits are brought to the image's own resolution a few masks at a time and turned into COCO RLE
+at once, so an image with many boxes never holds all its full-resolution float masks in memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import numpy as np
+
+from sculpt import images, rle, schema
+from sculpt.stage import Resources, Stage
+
+DEFAULT_MODEL = "facebook/sam2.1-hiera-large"
+
+
+def build_sam2_model(model: str, device: str):
+    """A SAM2 model from a hub id known to sam2 (e.g. facebook/sam2.1-hiera-large) or a local directory.
+
+    The directory holds one checkpoint ``*.pt`` (``{"model": state_dict}``) and either one Hydra config ``*.yaml``
+    or none, when the checkpoint keeps its official file name (e.g. sam2.1_hiera_large.pt) and sam2's own config
+    for it is used.
+    """
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2, build_sam2_hf
+
+    if not os.path.isdir(model):
+        if model not in HF_MODEL_ID_TO_FILENAMES:
+            raise ValueError(f"{model!r}: neither a directory nor a model id known to sam2 ({sorted(HF_MODEL_ID_TO_FILENAMES)})")
+        return build_sam2_hf(model, device=device)
+    checkpoints = glob.glob(os.path.join(model, "*.pt"))
+    configs = glob.glob(os.path.join(model, "*.yaml"))
+    if len(checkpoints) != 1 or len(configs) > 1:
+        raise ValueError(f"{model}: expected one *.pt and at most one *.yaml, found {checkpoints + configs}")
+    if not configs:
+        packaged = {ckpt: config for config, ckpt in HF_MODEL_ID_TO_FILENAMES.values()}
+        name = os.path.basename(checkpoints[0])
+        if name not in packaged:
+            raise ValueError(f"{model}: no *.yaml and {name} is not an official sam2 checkpoint name")
+        return build_sam2(packaged[name], checkpoints[0], device=device)
+    return _build_with_config_dir(configs[0], checkpoints[0], device)
+
+
+def _build_with_config_dir(config: str, checkpoint: str, device: str):
+    # build_sam2 resolves configs by name in Hydra's search path, which sam2 points at its own package; a config
+    # elsewhere needs that directory as the search path while it is composed, then sam2's own setting back.
+    from hydra import initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from sam2.build_sam import build_sam2
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=os.path.dirname(os.path.abspath(config)), version_base="1.2"):
+            return build_sam2(os.path.basename(config), checkpoint, device=device)
+    finally:
+        GlobalHydra.instance().clear()
+        initialize_config_module("sam2", version_base="1.2")
+
+
+class Masker(Stage):
+    """Fills ``mask``, ``area`` and ``mask_score`` of every object of a row that has a box and no mask yet.
+
+    Params (all optional):
+
+    - ``model``: a sam2 hub id or a local directory (see ``build_sam2_model``); default facebook/sam2.1-hiera-large
+    - ``mask_threshold`` (0.0): logit threshold of SAM2's predictor
+    - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
+    """
+
+    name = "mask"
+
+    def __init__(self, resources: Resources = Resources(gpus=0.25), batch_size: int = 8, **params):
+        super().__init__(resources, batch_size, **{"model": DEFAULT_MODEL, **params})
+
+    def setup(self) -> None:
+        import torch
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        cuda = torch.cuda.is_available()
+        self.device = "cuda" if cuda else "cpu"
+        self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        model = build_sam2_model(self.params["model"], self.device)
+        self.predictor = SAM2ImagePredictor(model, mask_threshold=float(self.params.get("mask_threshold", 0.0)))
+        # predict() would bring every mask of the image to full resolution at once (N x H x W floats). It is made
+        # to return the decoder's logits instead; _rles() runs the same post-processing a few masks at a time.
+        transforms = self.predictor._transforms
+        self._full_resolution = transforms.postprocess_masks
+        transforms.postprocess_masks = lambda masks, orig_hw: masks
+
+    def process(self, rows: list[dict]) -> None:
+        for row in rows:
+            todo = [obj for obj in row["objects"] or [] if obj.get("box") is not None and obj.get("mask") is None
+                    and not obj.get("error")]
+            if not todo:
+                continue
+            try:
+                image = images.load_rgb(row["image_bytes"])
+            except images.ImageError as exc:
+                schema.mark_error(row, self.name, exc)
+                continue
+            height, width = image.shape[:2]
+            ready = []
+            for obj in todo:
+                problem = box_problem(obj["box"], width, height)
+                if problem:
+                    obj["error"] = f"{self.name}: {problem}"
+                else:
+                    ready.append(obj)
+            if not ready:
+                continue
+            boxes = np.array([obj["box"] for obj in ready], dtype=np.float32)
+            masks, scores = self.predict(image, boxes)
+            for obj, mask, score in zip(ready, masks, scores):
+                obj.update(mask=mask, area=rle.area(mask), mask_score=float(score))
+
+    def predict(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """RLE masks at the image's resolution and SAM2's predicted IoUs for N boxes (x0, y0, x1, y1 pixels)."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.device == "cuda"):
+            self.predictor.set_image(image)
+            logits, scores, _ = self.predictor.predict(box=boxes, multimask_output=False, return_logits=True)
+        n = len(boxes)  # predict() drops the box axis when there is a single box
+        return self._rles(logits.reshape(n, 1, *logits.shape[-2:]), image.shape[:2]), scores.reshape(n, -1)[:, 0]
+
+    def _rles(self, logits: np.ndarray, size) -> list[dict]:
+        import torch
+
+        step = int(self.params.get("masks_at_once", 8))
+        masks = []
+        for i in range(0, len(logits), step):
+            chunk = torch.from_numpy(logits[i:i + step]).to(self.device)
+            full = self._full_resolution(chunk, size) > self.predictor.mask_threshold
+            masks += rle.encode_many(full[:, 0].cpu().numpy())
+        return masks
+
+
+def box_problem(box, width: int, height: int) -> str | None:
+    """Why a box cannot prompt SAM2 (None when it can): not finite, empty, or outside the image."""
+    x0, y0, x1, y1 = box
+    if not all(math.isfinite(v) for v in box):
+        return f"box {list(box)} is not finite"
+    if x1 <= x0 or y1 <= y0:
+        return f"box {list(box)} is empty"
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return f"box {list(box)} lies outside the {width}x{height} image"
+    return None
