@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_MODEL = "YxZhang/evf-sam2"
+from sculpt.verify import DEFAULT_MODEL  # one default for the stage and the loader
+
 SEMANTIC_PREFIX = "[semantic] "  # multitask checkpoints: semantic-level segmentation (stuff, parts, all instances)
 SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
 TOKENIZER_FILE = "sentencepiece.bpe.model"
 SAM_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std on the 0-255 scale
 SAM_STD = (58.395, 57.12, 57.375)
-IMAGE_FILES = ("*.json", "*.safetensors", "*.bin", "*.model")  # what a download from the hub needs
+HUB_FILES = ("*.json", "*.safetensors", "*.bin", "*.model")  # what a download from the hub needs
 
 
 class CheckpointMismatch(ValueError):
@@ -312,14 +313,14 @@ def load_weights(model: EvfSam2, directory: str) -> None:
 def beit3_input(image: np.ndarray, size: int = 224) -> torch.Tensor:
     """1×3×size×size: [0, 1] floats resized bicubic without antialias (torchvision's tensor Resize with
     antialias=None, as the reference calls it), then normalised with mean = std = 0.5."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255
     x = F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=False)
     return (x - 0.5) / 0.5
 
 
 def sam2_input(image: np.ndarray, size: int = 1024) -> torch.Tensor:
     """1×3×size×size: the uint8 image squash-resized bilinear (still uint8, as the reference), ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
     x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False).float()
     return (x - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
 
@@ -349,7 +350,7 @@ def resolve(source: str) -> str:
         return source
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(source, allow_patterns=list(IMAGE_FILES))
+    return snapshot_download(source, allow_patterns=list(HUB_FILES))
 
 
 class Predictor:
