@@ -36,8 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sculpt.verify import DEFAULT_MODEL  # one default for the stage and the loader
-
 SEMANTIC_PREFIX = "[semantic] "  # multitask checkpoints: semantic-level segmentation (stuff, parts, all instances)
 SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
 TOKENIZER_FILE = "sentencepiece.bpe.model"
@@ -386,7 +384,7 @@ class Predictor:
         return x.to(device=self.device, dtype=self.dtype)
 
 
-def load(source: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None, prefix: str | None = None) -> Predictor:
+def load(source: str, device: str | None = None, dtype: str | None = None, prefix: str | None = None) -> Predictor:
     """EVF-SAM2 from a hub id or a local checkpoint directory, weights checked strictly.
 
     device: "cuda" when available, else "cpu"; dtype: float16 on CUDA (the reference's demo), float32 on CPU;
