@@ -265,6 +265,19 @@ def test_predictions_batch_reuse_and_prefix(predictor):
         predictor.prefix = ""
 
 
+def test_same_image_features_compares_the_encoder_weights(predictor):
+    import copy
+
+    sam = copy.deepcopy(predictor.model.visual_model)
+    assert evf_sam2.same_image_features(predictor.model, sam.state_dict())
+    with torch.no_grad():
+        sam.sam_mask_decoder.iou_token.weight.add_(1)  # not behind the image features
+    assert evf_sam2.same_image_features(predictor.model, sam.state_dict())
+    with torch.no_grad():
+        sam.image_encoder.neck.convs[0].conv.bias.add_(1e-3)
+    assert not evf_sam2.same_image_features(predictor.model, sam.state_dict())
+
+
 class FixedDecoder(torch.nn.Module):
     def __init__(self, logits, scores):
         super().__init__()

@@ -190,3 +190,11 @@ def test_stage_with_tiny_evf_sam2(tiny_checkpoint):
     masks = evf_sam2.load(tiny_checkpoint).predict(decoded, expressions)
     expected = [rle.iou(rle.encode(m), rle.encode(left_quarter(shape))) for m in masks]
     assert [o["iou"] for o in got] == pytest.approx(expected, abs=1e-6)
+
+
+def test_building_the_stage_imports_no_model_framework():
+    import subprocess
+    import sys
+
+    code = "import sys, actors.verify as v; v.Verifier(); print(sorted(m for m in ('torch', 'transformers', 'sam2') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -289,6 +289,22 @@ class EvfSam2(nn.Module):
         return logits[torch.arange(len(logits)), scores.argmax(dim=1)]
 
 
+FEATURE_KEYS = ("image_encoder.", "sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.", "no_mem_embed")
+
+
+def same_image_features(model: EvfSam2, sam2_state: dict) -> bool:
+    """Whether a SAM2 state dict (a sam2 checkpoint's ``["model"]``, or ``SAM2Base.state_dict()``) holds the weights
+    behind EVF-SAM2's image features (encoder, the decoder's high-resolution projections, no_mem_embed); only
+    then may its image embedding stand in for EVF-SAM2's."""
+    def features(state):
+        return {k: v for k, v in state.items() if k.startswith(FEATURE_KEYS)}
+
+    mine, theirs = features(model.visual_model.state_dict()), features(sam2_state)
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu().to(mine[k].dtype)) for k in mine
+    )
+
+
 def load_weights(model: EvfSam2, directory: str) -> None:
     """Load a checkpoint directory into the model; any missing or unexpected key is an error naming the keys."""
     from huggingface_hub import load_torch_model
