@@ -210,6 +210,23 @@ def test_tokenizer_is_xlmr_on_the_sentencepiece_model(tiny):
     assert batch["input_ids"][0][-1] == 1 and batch["attention_mask"][0][-1] == 0  # <pad> = 1, on the right
 
 
+def test_a_sentencepiece_model_the_conversion_gets_wrong_is_refused(tiny, tmp_path):
+    import io
+
+    import sentencepiece
+
+    from sculpt.models import tiny_evf_sam2
+
+    buffer = io.BytesIO()  # BPE: transformers' XLMRobertaTokenizer would read it as unigram and tokenize differently
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(tiny_evf_sam2.CORPUS), model_writer=buffer,
+                                             model_type="bpe", vocab_size=120, num_threads=1, minloglevel=2)
+    directory = shutil.copytree(tiny, tmp_path / "bpe")
+    with open(os.path.join(directory, evf_sam2.TOKENIZER_FILE), "wb") as f:
+        f.write(buffer.getvalue())
+    with pytest.raises(ValueError, match="disagrees with sentencepiece"):
+        evf_sam2.load_tokenizer(str(directory))
+
+
 def test_beit3_input_matches_the_reference_torchvision_pipeline():
     transforms = pytest.importorskip("torchvision.transforms")
     for shape in [(50, 70), (500, 700)]:  # up- and down-scaling (no antialias, as the reference)

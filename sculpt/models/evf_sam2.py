@@ -75,15 +75,15 @@ class EvfConfig:
 
     @classmethod
     def load(cls, path: str) -> "EvfConfig":
+        """From a checkpoint's config.json; keys this module does not use (torch_dtype, ...) are ignored."""
         with open(path) as f:
-            data = json.load(f)
-        known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in data.items() if k in known})
+            data = {k: v for k, v in json.load(f).items() if k in {f.name for f in fields(cls)}}
+        config = cls(**{**data, "sam2_overrides": tuple(data.get("sam2_overrides", ()))})
         if config.sam_scale not in SAM2_CONFIGS:
             raise ValueError(f"{path}: sam_scale={config.sam_scale!r}, expected one of {sorted(SAM2_CONFIGS)}")
         if config.mm_extractor_scale not in BEIT3_SCALES and not config.beit3:
             raise ValueError(f"{path}: mm_extractor_scale={config.mm_extractor_scale!r}, expected one of {sorted(BEIT3_SCALES)}")
-        return cls(**{**config.__dict__, "sam2_overrides": tuple(config.sam2_overrides)})
+        return config
 
     def beit3_config(self) -> Beit3Config:
         base = BEIT3_SCALES.get(self.mm_extractor_scale, Beit3Config())
@@ -262,7 +262,7 @@ class EvfSam2(nn.Module):
     def image_features(self, sam_images):
         """SAM2 image embedding, as ``SAM2ImagePredictor.set_image`` computes it (its ``_features`` format)."""
         sam = self.visual_model
-        backbone, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_images))
+        _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_images))
         if sam.directly_add_no_mem_embed:
             feats[-1] = feats[-1] + sam.no_mem_embed
         maps = [f.permute(1, 2, 0).reshape(len(sam_images), -1, *size) for f, size in zip(feats, sizes)]
@@ -344,13 +344,29 @@ def upsample(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     return (F.interpolate(logits[:, None].float(), (height, width), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
 
 
+TOKENIZER_PROBES = ("[semantic] the second man from the left, in a dark-blue jacket holding 2 cups", "zebra top left")
+
+
 def load_tokenizer(directory: str):
-    """XLM-R's tokenizer (fairseq ids: <s>=0, <pad>=1, </s>=2, <unk>=3) on the checkpoint's sentencepiece model."""
+    """XLM-R's tokenizer (fairseq ids: <s>=0, <pad>=1, </s>=2, <unk>=3) on the checkpoint's sentencepiece model.
+
+    The reference runs the sentencepiece-backed (slow) XLMRobertaTokenizer; transformers 5 has only the
+    converted one, exact for unigram models (XLM-R's kind). Probe strings check the two agree, so that a
+    sentencepiece model the conversion gets wrong (e.g. BPE) fails here instead of silently shifting tokens.
+    """
+    import sentencepiece
     from transformers import XLMRobertaTokenizer
 
-    if not os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
+    model_file = os.path.join(directory, TOKENIZER_FILE)
+    if not os.path.isfile(model_file):
         raise FileNotFoundError(f"{directory}: no {TOKENIZER_FILE} (the XLM-R sentencepiece model)")
-    return XLMRobertaTokenizer.from_pretrained(directory, padding_side="right")
+    tokenizer = XLMRobertaTokenizer.from_pretrained(directory, padding_side="right")
+    pieces = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    for text in TOKENIZER_PROBES:
+        slow = [0, *(i + 1 if i else 3 for i in pieces.encode(text)), 2]  # fairseq offset; sentencepiece's <unk> -> 3
+        if tokenizer(text)["input_ids"] != slow:
+            raise ValueError(f"{model_file}: transformers' XLMRobertaTokenizer disagrees with sentencepiece on {text!r}")
+    return tokenizer
 
 
 def default_prefix(source: str) -> str:
