@@ -66,6 +66,17 @@ def test_tiny_checkpoint_is_in_the_official_layout_and_loads_strictly(tiny, pred
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
 
 
+def test_the_writer_is_reproducible_per_seed(tiny, tmp_path):
+    from sculpt.models import tiny_evf_sam2
+
+    first = checkpoint_tensors(tiny)
+    again = checkpoint_tensors(tiny_evf_sam2.write(str(tmp_path / "again"), seed=0))
+    other = checkpoint_tensors(tiny_evf_sam2.write(str(tmp_path / "other"), seed=1))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["text_hidden_fcs.0.0.weight"], other["text_hidden_fcs.0.0.weight"])
+    assert open(os.path.join(tiny, evf_sam2.TOKENIZER_FILE), "rb").read() == open(tmp_path / "again" / evf_sam2.TOKENIZER_FILE, "rb").read()
+
+
 def test_missing_and_unexpected_keys_are_named(tiny, tmp_path):
     from safetensors.torch import save_file
 
