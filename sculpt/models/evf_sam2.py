@@ -19,6 +19,13 @@ output; the mask of the best predicted IoU is upsampled straight to the original
 All expressions of one image run as one padded batch (padded text positions are masked keys, so padding
 does not change the result).
 
+Reusing the mask stage's SAM2 image embedding: ``Predictor.predict(..., features=)`` takes one in
+``SAM2ImagePredictor._features`` format, but the verify stage recomputes it. The masker's default
+(facebook/sam2.1-hiera-large) is SAM 2.1, not EVF-SAM2's SAM 2.0 (``same_image_features`` checks two weight sets);
+even with equal weights SAM2ImagePredictor resizes with antialiasing and EVF-SAM2 does not; and carrying the
+embedding from mask through refer to verify costs ~8 MB (fp16) per image in the object store
+(benchmarks/verify_embedding.py measures the embedding's share of the verify step).
+
 A checkpoint directory holds ``config.json`` (``sam_scale``, ``mm_extractor_scale``, ``hidden_size``,
 ``out_dim``), the weights (``model.safetensors``, ``pytorch_model.bin`` or a sharded index of either) and
 ``sentencepiece.bpe.model``. Two extra config keys describe the tiny test checkpoints: ``beit3`` (BEiT-3 sizes)
@@ -41,7 +48,7 @@ SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2
 TOKENIZER_FILE = "sentencepiece.bpe.model"
 SAM_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std on the 0-255 scale
 SAM_STD = (58.395, 57.12, 57.375)
-HUB_FILES = ("*.json", "*.safetensors", "*.bin", "*.model")  # what a download from the hub needs
+HUB_FILES = ("*.json", "*.safetensors", "pytorch_model*.bin", TOKENIZER_FILE)  # what a download from the hub needs
 
 
 class CheckpointMismatch(ValueError):
