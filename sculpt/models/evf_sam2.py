@@ -1,0 +1,438 @@
+"""EVF-SAM2 (hustvl/EVF-SAM): segments an image from a referring expression alone; the verify stage's model.
+
+EVF-SAM has no package and BEiT-3 is not in transformers, so sculpt carries this module. It follows the
+reference ``model/evf_sam2.py`` + ``inference.py`` and loads the official checkpoints (``YxZhang/evf-sam2``,
+``YxZhang/evf-sam2-multitask``) strictly:
+
+* ``visual_model.*`` is a whole ``sam2`` ``SAM2Base`` built from the SAM 2.0 config of ``sam_scale`` (EVF-SAM2
+  freezes SAM2 during training, so these are SAM 2.0 weights, not SAM 2.1). The reference renamed
+  ``CXBlock.gamma`` to ``.weight`` (transformers rewrites "gamma" keys on load), so the checkpoint says
+  ``memory_encoder.fuser.layers.N.weight``; hooks on those blocks translate both ways.
+* ``mm_extractor.beit3.*`` is BEiT-3 (torchscale's multiway encoder, subln, pre-norm, GELU): way A for the
+  image tokens, way B for the text tokens, one attention over both.
+* ``text_hidden_fcs.0.{0,2}.*``: Linear, ReLU, Linear from the vision CLS output to one sparse prompt token.
+
+Inference as the reference does it: BEiT-3 sees the image resized to 224 (bicubic, no antialias, mean/std 0.5)
+and the XLM-R sentencepiece tokens; SAM2 sees the image squash-resized to 1024 (bilinear on uint8) with
+ImageNet mean/std; the prompt token plus the no-mask dense embedding go to SAM2's mask decoder with multimask
+output; the mask of the best predicted IoU is upsampled straight to the original size and thresholded at 0.
+All expressions of one image run as one padded batch (padded text positions are masked keys, so padding
+does not change the result).
+
+Reusing the mask stage's SAM2 image embedding: ``Predictor.predict(..., features=)`` takes one in
+``SAM2ImagePredictor._features`` format, but the verify stage recomputes it. The masker's default
+(facebook/sam2.1-hiera-large) is SAM 2.1, not EVF-SAM2's SAM 2.0 (``same_image_features`` checks two weight sets);
+even with equal weights SAM2ImagePredictor resizes with antialiasing and EVF-SAM2 does not; and carrying the
+embedding from mask through refer to verify costs ~8 MB (fp16) per image in the object store
+(benchmarks/verify_embedding.py measures the embedding's share of the verify step).
+
+A checkpoint directory holds ``config.json`` (``sam_scale``, ``mm_extractor_scale``, ``hidden_size``,
+``out_dim``), the weights (``model.safetensors``, ``pytorch_model.bin`` or a sharded index of either) and
+``sentencepiece.bpe.model``. Two extra config keys describe the tiny test checkpoints: ``beit3`` (BEiT-3 sizes)
+and ``sam2_overrides`` (Hydra overrides of the SAM2 config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEMANTIC_PREFIX = "[semantic] "  # multitask checkpoints: semantic-level segmentation (stuff, parts, all instances)
+SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
+TOKENIZER_FILE = "sentencepiece.bpe.model"
+SAM_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std on the 0-255 scale
+SAM_STD = (58.395, 57.12, 57.375)
+HUB_FILES = ("*.json", "*.safetensors", "pytorch_model*.bin", TOKENIZER_FILE)  # what a download from the hub needs
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's tensors do not match the module tree; the message names the keys."""
+
+
+@dataclass(frozen=True)
+class Beit3Config:
+    embed_dim: int = 1024
+    layers: int = 24
+    heads: int = 16
+    ffn_dim: int = 4096
+    vocab_size: int = 64010
+    img_size: int = 224
+    patch_size: int = 16
+    max_text_positions: int = 1024
+    layernorm_eps: float = 1e-5
+
+
+BEIT3_SCALES = {"base": Beit3Config(768, 12, 12, 3072), "large": Beit3Config()}
+
+
+@dataclass(frozen=True)
+class EvfConfig:
+    sam_scale: str = "large"  # SAM2 config: see SAM2_CONFIGS
+    mm_extractor_scale: str = "large"  # BEiT-3 size: see BEIT3_SCALES
+    hidden_size: int = 1024  # BEiT-3 width, the projection's input
+    out_dim: int = 256  # SAM2 prompt width, the projection's output
+    beit3: dict = field(default_factory=dict)  # sculpt extension: Beit3Config fields replacing the scale's
+    sam2_overrides: tuple = ()  # sculpt extension: Hydra overrides of the SAM2 config
+
+    @classmethod
+    def load(cls, path: str) -> "EvfConfig":
+        """From a checkpoint's config.json; keys this module does not use (torch_dtype, ...) are ignored."""
+        with open(path) as f:
+            data = {k: v for k, v in json.load(f).items() if k in {f.name for f in fields(cls)}}
+        config = cls(**{**data, "sam2_overrides": tuple(data.get("sam2_overrides", ()))})
+        if config.sam_scale not in SAM2_CONFIGS:
+            raise ValueError(f"{path}: sam_scale={config.sam_scale!r}, expected one of {sorted(SAM2_CONFIGS)}")
+        if config.mm_extractor_scale not in BEIT3_SCALES and not config.beit3:
+            raise ValueError(f"{path}: mm_extractor_scale={config.mm_extractor_scale!r}, expected one of {sorted(BEIT3_SCALES)}")
+        return config
+
+    def beit3_config(self) -> Beit3Config:
+        base = BEIT3_SCALES.get(self.mm_extractor_scale, Beit3Config())
+        return Beit3Config(**{**base.__dict__, **self.beit3})
+
+    def to_json(self) -> dict:
+        """config.json as the reference's EvfConfig writes it (plus the two extensions when set)."""
+        data = {"architectures": ["EvfSam2Model"], "model_type": "evf", **self.__dict__}
+        data["sam2_overrides"] = list(self.sam2_overrides)
+        return {k: v for k, v in data.items() if v not in ({}, [])}
+
+
+# ---------------------------------------------------------------- BEiT-3 (torchscale's BEiT3, multiway encoder)
+
+
+class Multiway(nn.Module):
+    """Two copies of a module: A for the first ``split`` tokens (the image), B for the rest (the text)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.A, self.B = make(), make()
+
+    def forward(self, x, split):
+        return torch.cat([self.A(x[:, :split]), self.B(x[:, split:])], dim=1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: Beit3Config):
+        super().__init__()
+        self.heads = c.heads
+        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            setattr(self, name, Multiway(lambda: nn.Linear(c.embed_dim, c.embed_dim)))
+        self.inner_attn_ln = Multiway(lambda: nn.LayerNorm(c.embed_dim, eps=c.layernorm_eps))
+
+    def forward(self, x, split, keep):
+        b, s, d = x.shape
+        q, k, v = (p(x, split).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return self.out_proj(self.inner_attn_ln(y.transpose(1, 2).reshape(b, s, d), split), split)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c: Beit3Config):
+        super().__init__()
+        self.fc1 = nn.Linear(c.embed_dim, c.ffn_dim)
+        self.fc2 = nn.Linear(c.ffn_dim, c.embed_dim)
+        self.ffn_layernorm = nn.LayerNorm(c.ffn_dim, eps=c.layernorm_eps)
+
+    def forward(self, x):
+        return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x).float()).type_as(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: Beit3Config):
+        super().__init__()
+        norm = lambda: nn.LayerNorm(c.embed_dim, eps=c.layernorm_eps)  # noqa: E731
+        self.self_attn = SelfAttention(c)
+        self.self_attn_layer_norm = Multiway(norm)
+        self.ffn = Multiway(lambda: FeedForward(c))
+        self.final_layer_norm = Multiway(norm)
+
+    def forward(self, x, split, keep):
+        x = x + self.self_attn(self.self_attn_layer_norm(x, split), split, keep)
+        return x + self.ffn(self.final_layer_norm(x, split), split)
+
+
+class Positions(nn.Module):
+    """Learned positions per way; like fairseq, both tables start at row 2."""
+
+    def __init__(self, image_tokens: int, c: Beit3Config):
+        super().__init__()
+        self.A = nn.Embedding(image_tokens + 2, c.embed_dim)
+        self.B = nn.Embedding(c.max_text_positions, c.embed_dim)
+
+    def forward(self, image_tokens: int, text_tokens: int):
+        return torch.cat([self.A.weight[2 : 2 + image_tokens], self.B.weight[2 : 2 + text_tokens]])
+
+
+class Encoder(nn.Module):
+    def __init__(self, image_tokens: int, c: Beit3Config):
+        super().__init__()
+        self.embed_positions = Positions(image_tokens, c)
+        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.layers))
+        self.layer_norm = Multiway(lambda: nn.LayerNorm(c.embed_dim, eps=c.layernorm_eps))
+
+    def forward(self, x, split, keep):
+        x = (x + self.embed_positions(split, x.shape[1] - split)) * keep[..., None]  # padded tokens zeroed
+        for layer in self.layers:
+            x = layer(x, split, keep)
+        return self.layer_norm(x, split)
+
+
+class VisionEmbedding(nn.Module):
+    def __init__(self, c: Beit3Config):
+        super().__init__()
+        self.proj = nn.Conv2d(3, c.embed_dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))  # masked image modelling; unused here
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.tokens = (c.img_size // c.patch_size) ** 2 + 1
+
+    def forward(self, images):
+        patches = self.proj(images).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(len(images), -1, -1), patches], dim=1)
+
+
+class Beit3(nn.Module):
+    def __init__(self, c: Beit3Config):
+        super().__init__()
+        self.config = c
+        self.text_embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.vision_embed = VisionEmbedding(c)
+        self.encoder = Encoder(self.vision_embed.tokens, c)
+
+    def forward(self, images, input_ids, attention_mask):
+        """Hidden states of [image CLS, image patches, text tokens]; attention_mask is 0 on padded text."""
+        image = self.vision_embed(images)
+        split = image.shape[1]
+        keep = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=image.device), attention_mask.bool()], 1)
+        return self.encoder(torch.cat([image, self.text_embed(input_ids)], dim=1), split, keep)
+
+
+# ---------------------------------------------------------------- EVF-SAM2
+
+
+def _official_gamma(module, state_dict, prefix, *_):  # state_dict post-hook: gamma -> weight (checkpoint layout)
+    if prefix + "gamma" in state_dict:
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + "gamma")
+
+
+def _load_gamma(module, state_dict, prefix, *_):  # load pre-hook: weight -> gamma (sam2's attribute)
+    if prefix + "weight" in state_dict:
+        state_dict[prefix + "gamma"] = state_dict.pop(prefix + "weight")
+
+
+def build_sam2(config: EvfConfig, device="cpu"):
+    """The SAM2Base of the reference (whole: its checkpoint holds the video memory modules too)."""
+    from sam2.build_sam import build_sam2 as sam2_build
+    from sam2.modeling.memory_encoder import CXBlock
+
+    model = sam2_build(SAM2_CONFIGS[config.sam_scale], None, device=device, hydra_overrides_extra=list(config.sam2_overrides))
+    for module in model.modules():
+        if isinstance(module, CXBlock):
+            module.register_state_dict_post_hook(_official_gamma)
+            module.register_load_state_dict_pre_hook(_load_gamma)
+    return model
+
+
+class EvfSam2(nn.Module):
+    """The reference's EvfSam2Model module tree: ``visual_model``, ``mm_extractor.beit3``, ``text_hidden_fcs``.
+
+    ``device="meta"`` builds the shapes only (SAM2's Hiera needs real tensors to build, so it moves there after);
+    ``empty=True`` leaves BEiT-3 uninitialised for weights that are loaded next.
+    """
+
+    def __init__(self, config: EvfConfig, device="cpu", empty=False):
+        super().__init__()
+        self.config = config
+        beit = config.beit3_config()
+        if beit.embed_dim != config.hidden_size:
+            raise ValueError(f"hidden_size={config.hidden_size} but BEiT-3 is {beit.embed_dim} wide")
+        self.visual_model = build_sam2(config, "cpu" if device == "meta" else device).to(device)
+        if self.visual_model.sam_prompt_embed_dim != config.out_dim:
+            raise ValueError(f"out_dim={config.out_dim} but SAM2 prompts are {self.visual_model.sam_prompt_embed_dim} wide")
+        with torch.device("meta" if empty or device == "meta" else device):
+            self.mm_extractor = nn.ModuleDict({"beit3": Beit3(beit)})
+            hidden = config.hidden_size
+            self.text_hidden_fcs = nn.ModuleList([nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.out_dim))])
+        if empty and device != "meta":
+            self.mm_extractor.to_empty(device=device)
+            self.text_hidden_fcs.to_empty(device=device)
+
+    @property
+    def beit3(self) -> Beit3:
+        return self.mm_extractor["beit3"]
+
+    def image_features(self, sam_images):
+        """SAM2 image embedding, as ``SAM2ImagePredictor.set_image`` computes it (its ``_features`` format)."""
+        sam = self.visual_model
+        _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_images))
+        if sam.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + sam.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(len(sam_images), -1, *size) for f, size in zip(feats, sizes)]
+        return {"image_embed": maps[-1], "high_res_feats": maps[:-1]}
+
+    def prompts(self, beit_images, input_ids, attention_mask):
+        """One SAM2 sparse prompt token per expression: the projected vision CLS output, N×1×out_dim."""
+        hidden = self.beit3(beit_images.expand(len(input_ids), -1, -1, -1), input_ids, attention_mask)
+        return self.text_hidden_fcs[0](hidden[:, :1])
+
+    def decode(self, features, prompts):
+        """Low-resolution mask logits (N×h×w) of the best of SAM2's three multimask outputs per prompt."""
+        sam = self.visual_model
+        _, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)  # the no-mask embedding
+        logits, scores, _, _ = sam.sam_mask_decoder(
+            image_embeddings=features["image_embed"],
+            image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=prompts.to(dense.dtype),
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            repeat_image=True,
+            high_res_features=features["high_res_feats"],
+        )
+        return logits[torch.arange(len(logits)), scores.argmax(dim=1)]
+
+
+FEATURE_KEYS = ("image_encoder.", "sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.", "no_mem_embed")
+
+
+def same_image_features(model: EvfSam2, sam2_state: dict) -> bool:
+    """Whether a SAM2 state dict (a sam2 checkpoint's ``["model"]``, or ``SAM2Base.state_dict()``) holds the weights
+    behind EVF-SAM2's image features (encoder, the decoder's high-resolution projections, no_mem_embed); only
+    then may its image embedding stand in for EVF-SAM2's."""
+    def features(state):
+        return {k: v for k, v in state.items() if k.startswith(FEATURE_KEYS)}
+
+    mine, theirs = features(model.visual_model.state_dict()), features(sam2_state)
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu().to(mine[k].dtype)) for k in mine
+    )
+
+
+def load_weights(model: EvfSam2, directory: str) -> None:
+    """Load a checkpoint directory into the model; any missing or unexpected key is an error naming the keys."""
+    from huggingface_hub import load_torch_model
+
+    result = load_torch_model(model, directory, strict=False, safe=False, weights_only=True, map_location="cpu")
+    if result.missing_keys or result.unexpected_keys:
+        def show(keys):
+            keys = sorted(keys)
+            return f"{len(keys)} {keys[:12]}{' ...' if len(keys) > 12 else ''}"
+
+        raise CheckpointMismatch(
+            f"{directory} does not match the EVF-SAM2 module tree: missing keys {show(result.missing_keys)}; "
+            f"unexpected keys {show(result.unexpected_keys)}"
+        )
+
+
+# ---------------------------------------------------------------- pre/post-processing and the predictor
+
+
+def beit3_input(image: np.ndarray, size: int = 224) -> torch.Tensor:
+    """1×3×size×size: [0, 1] floats resized bicubic without antialias (torchvision's tensor Resize with
+    antialias=None, as the reference calls it), then normalised with mean = std = 0.5."""
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=False)
+    return (x - 0.5) / 0.5
+
+
+def sam2_input(image: np.ndarray, size: int = 1024) -> torch.Tensor:
+    """1×3×size×size: the uint8 image squash-resized bilinear (still uint8, as the reference), ImageNet-normalised."""
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
+    x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False).float()
+    return (x - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
+
+
+def upsample(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """N×h×w logits -> N×H×W bool masks (bilinear to the original size, > 0)."""
+    return (F.interpolate(logits[:, None].float(), (height, width), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+
+
+TOKENIZER_PROBES = ("[semantic] the second man from the left, in a dark-blue jacket holding 2 cups", "zebra top left")
+
+
+def load_tokenizer(directory: str):
+    """XLM-R's tokenizer (fairseq ids: <s>=0, <pad>=1, </s>=2, <unk>=3) on the checkpoint's sentencepiece model.
+
+    The reference runs the sentencepiece-backed (slow) XLMRobertaTokenizer; transformers 5 has only the
+    converted one, exact for unigram models (XLM-R's kind). Probe strings check the two agree, so that a
+    sentencepiece model the conversion gets wrong (e.g. BPE) fails here instead of silently shifting tokens.
+    """
+    import sentencepiece
+    from transformers import XLMRobertaTokenizer
+
+    model_file = os.path.join(directory, TOKENIZER_FILE)
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"{directory}: no {TOKENIZER_FILE} (the XLM-R sentencepiece model)")
+    tokenizer = XLMRobertaTokenizer.from_pretrained(directory, padding_side="right")
+    pieces = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    for text in TOKENIZER_PROBES:
+        slow = [0, *(i + 1 if i else 3 for i in pieces.encode(text)), 2]  # fairseq offset; sentencepiece's <unk> -> 3
+        if tokenizer(text)["input_ids"] != slow:
+            raise ValueError(f"{model_file}: transformers' XLMRobertaTokenizer disagrees with sentencepiece on {text!r}")
+    return tokenizer
+
+
+def default_prefix(source: str) -> str:
+    """The reference's prompt prefix: "[semantic] " for the multitask checkpoints, else none."""
+    return SEMANTIC_PREFIX if "multitask" in os.path.basename(os.path.normpath(source)).lower() else ""
+
+
+def resolve(source: str) -> str:
+    """A local checkpoint directory as is; a hub id downloaded (config, weights, tokenizer) into the HF cache."""
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, allow_patterns=list(HUB_FILES))
+
+
+class Predictor:
+    """EVF-SAM2 on one device: ``predict(image, expressions)`` -> N×H×W bool masks."""
+
+    def __init__(self, model: EvfSam2, tokenizer, prefix: str = "", device="cpu", dtype=torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer, self.prefix, self.device, self.dtype = tokenizer, prefix, torch.device(device), dtype
+        self.image_size = model.visual_model.image_size
+        self.beit_size = model.config.beit3_config().img_size
+        self.max_tokens = model.config.beit3_config().max_text_positions - 2  # positions start at row 2
+
+    @torch.inference_mode()
+    def image_features(self, image: np.ndarray) -> dict:
+        """The SAM2 image embedding of an H×W×3 uint8 RGB image (reusable across ``predict`` calls)."""
+        return self.model.image_features(self._to(sam2_input(image, self.image_size)))
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray, expressions: list[str], features: dict | None = None, chunk: int = 8) -> np.ndarray:
+        height, width = image.shape[:2]
+        if not expressions:
+            return np.zeros((0, height, width), dtype=bool)
+        if features is None:
+            features = self.image_features(image)
+        tokens = self.tokenizer([self.prefix + e for e in expressions], padding=True, truncation=True,
+                                max_length=self.max_tokens, return_tensors="pt")
+        prompts = self.model.prompts(self._to(beit3_input(image, self.beit_size)),
+                                     tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        logits = self.model.decode(features, prompts)
+        return np.concatenate([upsample(logits[i : i + chunk], height, width) for i in range(0, len(logits), chunk)])
+
+    def _to(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.device, dtype=self.dtype)
+
+
+def load(source: str, device: str | None = None, dtype: str | None = None, prefix: str | None = None) -> Predictor:
+    """EVF-SAM2 from a hub id or a local checkpoint directory, weights checked strictly.
+
+    device: "cuda" when available, else "cpu"; dtype: float16 on CUDA (the reference's demo), float32 on CPU;
+    prefix: prepended to every expression (None: ``default_prefix(source)``).
+    """
+    directory = resolve(source)
+    config = EvfConfig.load(os.path.join(directory, "config.json"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    model = EvfSam2(config, device=device, empty=True)
+    load_weights(model, directory)
+    return Predictor(model, load_tokenizer(directory), default_prefix(source) if prefix is None else prefix, device, torch_dtype)

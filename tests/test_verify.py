@@ -1,0 +1,200 @@
+"""The noise filter: IoU and keep/drop on hand-made masks, and the verify stage driven without Ray."""
+
+import numpy as np
+import pytest
+
+from actors.verify import Verifier
+from sculpt import rle, samples, schema, verify
+from sculpt.stage import StageActor
+
+
+def mask(shape, *cells):
+    """A bool mask with the given (row, col) cells set."""
+    out = np.zeros(shape, dtype=bool)
+    for r, c in cells:
+        out[r, c] = True
+    return out
+
+
+def judged(evf, sam, threshold=0.5):
+    obj = {"mask": rle.encode(sam), "expression": "x"}
+    verify.judge(obj, rle.encode(evf), threshold)
+    return obj
+
+
+def test_iou_golden_values_and_threshold_is_inclusive():
+    sam = mask((4, 4), (0, 0), (0, 1), (1, 0), (1, 1))
+    assert judged(sam, sam) == {**judged(sam, sam), "iou": 1.0, "kept": True}
+    half = mask((4, 4), (0, 0), (0, 1))  # 2 of 4 pixels, nothing outside: IoU exactly 0.5
+    assert judged(half, sam)["iou"] == 0.5 and judged(half, sam)["kept"] is True
+    assert judged(half, sam, threshold=0.51)["kept"] is False
+    third = mask((4, 4), (0, 1), (0, 2))  # vs (0,0),(0,1): 1 shared of 3
+    assert judged(third, mask((4, 4), (0, 0), (0, 1)))["iou"] == pytest.approx(1 / 3)
+    assert judged(third, mask((4, 4), (0, 0), (0, 1)))["kept"] is False
+    assert judged(third, mask((4, 4), (0, 0), (0, 1)), threshold=1 / 3)["kept"] is True
+    outside = mask((4, 4), (3, 3))
+    assert judged(outside, sam)["iou"] == 0.0 and judged(outside, sam)["kept"] is False
+
+
+def test_empty_masks_have_iou_zero_and_are_dropped():
+    empty, sam = np.zeros((3, 5), bool), mask((3, 5), (1, 1))
+    assert judged(empty, sam) == {**judged(empty, sam), "iou": 0.0, "kept": False}
+    assert judged(sam, empty)["iou"] == 0.0
+    assert judged(empty, empty) == {**judged(empty, empty), "iou": 0.0, "kept": False}
+    assert judged(empty, empty, threshold=0.0)["kept"] is True  # threshold 0 keeps everything
+
+
+def test_kept_agrees_with_the_float32_iou_that_is_written():
+    # IoU 2/3 is not a float32; kept must follow the stored value, not the float64 one.
+    sam = mask((1, 3), (0, 0), (0, 1), (0, 2))
+    obj = judged(mask((1, 3), (0, 0), (0, 1)), sam, threshold=float(np.float32(2 / 3)))
+    assert obj["iou"] == float(np.float32(2 / 3)) and obj["kept"] is True
+
+
+def test_size_mismatch_is_an_object_error():
+    obj = judged(np.ones((2, 2), bool), np.ones((2, 3), bool))
+    assert obj["iou"] is None and obj["kept"] is False and obj["error"].startswith("verify: masks of different sizes")
+
+
+def test_split_picks_pairs_and_blank_expressions():
+    m = rle.encode(np.ones((2, 2), bool))
+    objects = [
+        {"mask": m, "expression": "the dog"},
+        {"mask": m, "expression": None},  # refer failed: not a pair, left alone
+        {"mask": None, "expression": "the cat"},
+        {"mask": m, "expression": "  "},
+    ]
+    assert verify.split(objects) == ([0], [3])
+    assert verify.split(None) == ([], [])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", True, None])
+def test_threshold_is_checked(bad):
+    with pytest.raises(ValueError, match="threshold"):
+        verify.check_threshold(bad)
+    with pytest.raises(ValueError, match="threshold"):
+        Verifier(threshold=bad)
+
+
+def test_unknown_params_are_refused_and_defaults_are_in_the_fingerprint():
+    with pytest.raises(ValueError, match=r"unknown param\(s\) \['treshold'\]"):
+        Verifier(treshold=0.5)
+    stage = Verifier()
+    assert stage.params == {"model": "YxZhang/evf-sam2", "threshold": 0.5} and stage.model_id == "YxZhang/evf-sam2"
+
+
+# ---------------------------------------------------------------- the stage, with a stand-in for EVF-SAM2
+
+
+class Scripted:
+    """Stands in for the EVF-SAM2 predictor: the mask for an expression is looked up in a dict."""
+
+    def __init__(self, masks):
+        self.masks, self.calls = masks, []
+
+    def predict(self, image, expressions):
+        self.calls.append(list(expressions))
+        if "boom" in expressions:
+            raise RuntimeError("model failed")
+        return np.stack([self.masks[e](image.shape[:2]) for e in expressions])
+
+
+class ScriptedVerifier(Verifier):
+    def __init__(self, script, **params):
+        super().__init__(**params)
+        self.script = script
+
+    def setup(self):
+        self.model = Scripted(self.script)
+
+
+def full(shape):
+    return np.ones(shape, bool)
+
+
+def left_quarter(shape):
+    out = np.zeros(shape, bool)
+    out[:, : shape[1] // 4] = True
+    return out
+
+
+def row_with(image, *objects, key="a"):
+    height, width = image.shape[:2]
+    return schema.new_row("u", 0, key, image_bytes=samples.jpeg_bytes(image), width=width, height=height, objects=list(objects))
+
+
+def test_stage_records_iou_for_every_pair_kept_or_not():
+    image = samples.photo("chelsea")
+    shape = image.shape[:2]
+    sam_full = rle.encode(full(shape))
+    rows = [
+        row_with(
+            image,
+            {"phrase": "cat", "mask": sam_full, "expression": "whole", "kept": True},
+            {"phrase": "cat", "mask": sam_full, "expression": "quarter", "kept": True},
+            {"phrase": "cat", "mask": sam_full, "expression": None},
+            {"phrase": "cat", "mask": sam_full, "expression": ""},
+        ),
+        row_with(image, {"phrase": "x", "mask": sam_full, "expression": "boom"}, key="b"),
+        row_with(image, key="c"),  # no objects: the model is not called
+    ]
+    stage = ScriptedVerifier({"whole": full, "quarter": left_quarter})
+    actor = StageActor(stage)
+    out = actor(schema.to_table(rows)).to_pylist()
+    first = out[0]["objects"]
+    assert first[0]["iou"] == 1.0 and first[0]["kept"] is True
+    assert first[1]["iou"] == pytest.approx((shape[1] // 4) / shape[1], abs=1e-6) and first[1]["kept"] is False
+    assert first[2]["iou"] is None and first[2]["kept"] is None  # not a pair: untouched
+    assert first[3]["kept"] is False and first[3]["error"] == "verify: blank referring expression"
+    assert out[0]["status"] == "ok" and out[2]["status"] == "ok"
+    assert out[1]["status"] == "error" and out[1]["error"] == "verify: RuntimeError: model failed"
+    assert stage.model.calls == [["whole", "quarter"], ["boom"]]  # one batched call per image
+
+
+def test_stage_marks_an_undecodable_image():
+    good = rle.encode(full((4, 4)))
+    row = schema.new_row("u", 0, "a", image_bytes=b"not an image", width=4, height=4,
+                         objects=[{"mask": good, "expression": "whole"}])
+    out = StageActor(ScriptedVerifier({"whole": full}))(schema.to_table([row])).to_pylist()
+    assert out[0]["status"] == "error" and out[0]["error"].startswith("verify: ImageError")
+
+
+# ---------------------------------------------------------------- the stage with the tiny EVF-SAM2 checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    pytest.importorskip("sam2")
+    from sculpt.models import tiny_evf_sam2
+
+    return tiny_evf_sam2.write(str(tmp_path_factory.mktemp("evf") / "evf-sam2-tiny"))
+
+
+def test_stage_with_tiny_evf_sam2(tiny_checkpoint):
+    from sculpt.models import evf_sam2
+
+    image = samples.photo("astronaut")[:200, :300]
+    shape = image.shape[:2]
+    expressions = ["the man in a white suit", "the flag top left", "sky"]
+    objects = [{"phrase": e, "mask": rle.encode(left_quarter(shape)), "expression": e} for e in expressions]
+    for threshold in (0.0, 0.5, 1.0):
+        rows = [row_with(image, *[dict(o) for o in objects])]
+        out = StageActor(Verifier(model=tiny_checkpoint, threshold=threshold))(schema.to_table(rows)).to_pylist()
+        got = out[0]["objects"]
+        assert out[0]["status"] == "ok"
+        assert all(0 <= o["iou"] <= 1 and o["kept"] == (o["iou"] >= threshold) for o in got)
+    # The stage's IoU is the IoU of the module's own masks with the SAM2 masks.
+    from sculpt import images as img
+
+    decoded = img.load_rgb(samples.jpeg_bytes(image))
+    masks = evf_sam2.load(tiny_checkpoint).predict(decoded, expressions)
+    expected = [rle.iou(rle.encode(m), rle.encode(left_quarter(shape))) for m in masks]
+    assert [o["iou"] for o in got] == pytest.approx(expected, abs=1e-6)
+
+
+def test_building_the_stage_imports_no_model_framework():
+    import subprocess
+    import sys
+
+    code = "import sys, actors.verify as v; v.Verifier(); print(sorted(m for m in ('torch', 'transformers', 'sam2') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
