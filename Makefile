@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	$(PY) -m pip uninstall -q -y torchaudio torchcodec   # CUDA-linked libraries that fail beside CPU torch
 	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2==1.1.0
 	$(PIP) -e '.[dev]'
+	# torchscale's BEiT-3, the reference our EVF-SAM2 encoder is tested against; its old pins are not needed
+	$(PIP) --no-deps --no-build-isolation fairscale==0.4.0
+	$(PIP) --no-deps torchscale==0.2.0 timm==0.6.13
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  cp .ci/torchvision_cpu_shim.py $$site/_sculpt_torchvision_shim.py && \
 	  echo "import _sculpt_torchvision_shim" > $$site/_sculpt_torchvision_shim.pth

@@ -8,16 +8,14 @@ processor's own ``post_process_generation`` turns ``<loc_…>`` tokens into pixe
 from __future__ import annotations
 
 from sculpt import grounding, images, schema
-from sculpt.stage import Resources, Stage
+from sculpt.stage import Stage
 
-DEFAULT_MODEL = "florence-community/Florence-2-large"
 OBJECT_FIELDS = [field.name for field in schema.OBJECT_TYPE]
 
 
 class Grounder(Stage):
-    """Params (all optional):
+    """Params (all optional; ``model`` comes from the config's ``models.ground``):
 
-    - ``model``: hub id or local directory in transformers format (default florence-community/Florence-2-large)
     - ``num_beams`` (3), ``max_new_tokens`` (1024): generation
     - ``max_caption_tokens``: cap on the prompt tokens of one caption chunk, below the encoder's own budget
       (positions minus image tokens); None uses that budget
@@ -27,9 +25,9 @@ class Grounder(Stage):
     """
 
     name = "ground"
-
-    def __init__(self, resources: Resources = Resources(gpus=0.25), batch_size: int = 8, **params):
-        super().__init__(resources, batch_size, **{"model": DEFAULT_MODEL, **params})
+    model_key = "ground"
+    defaults = {"num_beams": 3, "max_new_tokens": 1024, "max_caption_tokens": None, "prompts_per_call": 16,
+                "min_box_size": 1.0, "duplicate_iou": 0.9}
 
     def setup(self) -> None:
         import torch
@@ -43,7 +41,7 @@ class Grounder(Stage):
         self.model.to(self.device).eval()
         # The encoder reads the image tokens and the prompt together; what is left is the prompt's budget.
         self.budget = self.model.config.text_config.max_position_embeddings - self.processor.num_image_tokens
-        if self.params.get("max_caption_tokens"):
+        if self.params["max_caption_tokens"]:
             self.budget = min(self.budget, int(self.params["max_caption_tokens"]))
 
     def count_tokens(self, text: str) -> int:
@@ -65,20 +63,20 @@ class Grounder(Stage):
             found[id(row)] = []
             jobs += [(row, image, chunk) for chunk in chunks]
 
-        step = int(self.params.get("prompts_per_call", 16))
+        step = int(self.params["prompts_per_call"])
         for i in range(0, len(jobs), step):
             batch = jobs[i:i + step]
             for (row, image, chunk), parsed in zip(batch, self._generate(batch)):
                 height, width = image.shape[:2]
                 found[id(row)] += grounding.chunk_objects(
                     row["caption"], chunk, parsed["labels"], parsed["bboxes"], width, height,
-                    min_box_size=float(self.params.get("min_box_size", 1.0)),
+                    min_box_size=float(self.params["min_box_size"]),
                 )
 
         for row in rows:
             if id(row) not in found:
                 continue
-            objects = grounding.drop_duplicates(found[id(row)], float(self.params.get("duplicate_iou", 0.9)))
+            objects = grounding.drop_duplicates(found[id(row)], float(self.params["duplicate_iou"]))
             row["objects"] = (row["objects"] or []) + [{**dict.fromkeys(OBJECT_FIELDS), **obj} for obj in objects]
             if not row["objects"]:
                 row["status"] = schema.EMPTY
@@ -97,8 +95,8 @@ class Grounder(Stage):
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 pixel_values=inputs["pixel_values"],
-                max_new_tokens=int(self.params.get("max_new_tokens", 1024)),
-                num_beams=int(self.params.get("num_beams", 3)),
+                max_new_tokens=int(self.params["max_new_tokens"]),
+                num_beams=int(self.params["num_beams"]),
                 do_sample=False,
             )
         texts = self.processor.batch_decode(generated, skip_special_tokens=False)

@@ -14,9 +14,7 @@ import os
 import numpy as np
 
 from sculpt import images, rle, schema
-from sculpt.stage import Resources, Stage
-
-DEFAULT_MODEL = "facebook/sam2.1-hiera-large"
+from sculpt.stage import Stage
 
 
 def build_sam2_model(model: str, device: str):
@@ -64,17 +62,16 @@ def _build_with_config_dir(config: str, checkpoint: str, device: str):
 class Masker(Stage):
     """Fills ``mask``, ``area`` and ``mask_score`` of every object of a row that has a box and no mask yet.
 
-    Params (all optional):
+    Params (all optional; ``model``, from the config's ``models.mask``, is a sam2 hub id or a local directory, see
+    ``build_sam2_model``):
 
-    - ``model``: a sam2 hub id or a local directory (see ``build_sam2_model``); default facebook/sam2.1-hiera-large
     - ``mask_threshold`` (0.0): logit threshold of SAM2's predictor
     - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
     """
 
     name = "mask"
-
-    def __init__(self, resources: Resources = Resources(gpus=0.25), batch_size: int = 8, **params):
-        super().__init__(resources, batch_size, **{"model": DEFAULT_MODEL, **params})
+    model_key = "mask"
+    defaults = {"mask_threshold": 0.0, "masks_at_once": 8}
 
     def setup(self) -> None:
         import torch
@@ -84,7 +81,7 @@ class Masker(Stage):
         self.device = "cuda" if cuda else "cpu"
         self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
         model = build_sam2_model(self.params["model"], self.device)
-        self.predictor = SAM2ImagePredictor(model, mask_threshold=float(self.params.get("mask_threshold", 0.0)))
+        self.predictor = SAM2ImagePredictor(model, mask_threshold=float(self.params["mask_threshold"]))
         # predict() would bring every mask of the image to full resolution at once (N x H x W floats). It is made
         # to return the decoder's logits instead; _rles() runs the same post-processing a few masks at a time.
         transforms = self.predictor._transforms
@@ -130,7 +127,7 @@ class Masker(Stage):
     def _rles(self, logits: np.ndarray, size) -> list[dict]:
         import torch
 
-        step = int(self.params.get("masks_at_once", 8))
+        step = int(self.params["masks_at_once"])
         masks = []
         for i in range(0, len(logits), step):
             chunk = torch.from_numpy(logits[i:i + step]).to(self.device)

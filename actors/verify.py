@@ -4,27 +4,25 @@ IoU(EVF-SAM2 mask, SAM2 mask) >= ``threshold``. The IoU is recorded for every pa
 from __future__ import annotations
 
 from sculpt import images, rle, schema, verify
-from sculpt.stage import Resources, Stage
-
-PARAMS = {
-    "model": "EVF-SAM2 hub id or local checkpoint directory",
-    "threshold": "keep a pair when IoU >= threshold (paper: 0.5)",
-    "prefix": 'prepended to every expression; null: "[semantic] " for -multitask checkpoints, else ""',
-    "device": 'torch device; null: "cuda" when available, else "cpu"',
-    "dtype": "torch dtype name; null: float16 on CUDA (as the reference demo), float32 on CPU",
-}
+from sculpt.stage import Stage
 
 
 class Verifier(Stage):
-    name = "verify"
+    """Params (``model``, from the config's ``models.verify``, is an EVF-SAM2 hub id or checkpoint directory):
 
-    def __init__(self, resources: Resources = Resources(), batch_size: int = 8, **params):
-        unknown = set(params) - set(PARAMS)
-        if unknown:
-            raise ValueError(f"verify: unknown param(s) {sorted(unknown)}; known: {sorted(PARAMS)}")
-        params = {"model": verify.DEFAULT_MODEL, "threshold": verify.DEFAULT_THRESHOLD, **params}
-        params["threshold"] = verify.check_threshold(params["threshold"])
-        super().__init__(resources, batch_size, **params)
+    - ``threshold`` (0.5): keep a pair when IoU >= threshold (the paper's 0.5)
+    - ``prefix``: prepended to every expression; None: "[semantic] " for -multitask checkpoints, else ""
+    - ``device``: torch device; None: "cuda" when available, else "cpu"
+    - ``dtype``: torch dtype name; None: float16 on CUDA (as the reference demo), float32 on CPU
+    """
+
+    name = "verify"
+    model_key = "verify"
+    defaults = {"threshold": verify.DEFAULT_THRESHOLD, "prefix": None, "device": None, "dtype": None}
+
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
+        self.params["threshold"] = verify.check_threshold(self.params["threshold"])
 
     def setup(self) -> None:
         from sculpt.models import evf_sam2

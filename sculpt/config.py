@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from sculpt import images
+from sculpt.models import DEFAULT_MODELS
 from sculpt.stage import Resources, Stage
 from sculpt.storage import S3Options
 
@@ -48,10 +49,10 @@ class StageConfig:
 class ModelsConfig:
     """A Hugging Face model id or a local directory per model; `sculpt models tiny DIR` writes offline ones."""
 
-    vlm: str = "OpenGVLab/InternVL3-8B-hf"  # caption and refer (InternVL through vLLM)
-    ground: str = "florence-community/Florence-2-large"
-    mask: str = "facebook/sam2.1-hiera-large"
-    verify: str = "YxZhang/evf-sam2"
+    vlm: str = DEFAULT_MODELS["vlm"]  # caption and refer (InternVL through vLLM)
+    ground: str = DEFAULT_MODELS["ground"]  # Florence-2
+    mask: str = DEFAULT_MODELS["mask"]  # SAM2 (an id known to the sam2 package, or a directory)
+    verify: str = DEFAULT_MODELS["verify"]  # EVF-SAM2 (YxZhang/evf-sam2-multitask adds "[semantic] ")
 
 
 @dataclass
@@ -94,12 +95,18 @@ class JobConfig:
 # Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.
 BUILTIN_STAGES: dict[str, str] = {
     "caption": "actors.caption:Captioner",
+    "ground": "actors.ground:Grounder",
+    "mask": "actors.mask:Masker",
     "refer": "actors.refer:Referrer",
+    "verify": "actors.verify:Verifier",
 }
 # Per-stage defaults of the built-in stages (anything a stage's config leaves out).
 STAGE_DEFAULTS: dict[str, dict] = {
-    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8},
+    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8},  # CPU clients of the VLM engine pool
+    "ground": {"gpus": 0.25, "batch_size": 8},  # Florence-2-large, ~0.8 B
+    "mask": {"gpus": 0.25, "batch_size": 8},  # SAM2-L, ~0.2 B
     "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4},
+    "verify": {"gpus": 0.5, "batch_size": 8},  # EVF-SAM2, ~0.9 B
 }
 
 

@@ -54,6 +54,14 @@ class Stage:
     def __init__(self, resources: Resources = Resources(), batch_size: int = 8, **params):
         self.resources = resources
         self.batch_size = batch_size  # images per process() call
+        if self.defaults:
+            unknown = set(params) - set(self.defaults) - {"model"}
+            if unknown:
+                raise ValueError(f"stage {self.name}: unknown param(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+        if self.model_key:
+            from sculpt.models import DEFAULT_MODELS
+
+            params.setdefault("model", DEFAULT_MODELS[self.model_key])
         self.params = {**self.defaults, **params}  # settings that change the output: in the job's fingerprint
 
     @property

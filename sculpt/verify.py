@@ -13,7 +13,6 @@ import numpy as np
 
 from sculpt import rle
 
-DEFAULT_MODEL = "YxZhang/evf-sam2"
 DEFAULT_THRESHOLD = 0.5
 
 

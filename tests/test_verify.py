@@ -80,7 +80,8 @@ def test_unknown_params_are_refused_and_defaults_are_in_the_fingerprint():
     with pytest.raises(ValueError, match=r"unknown param\(s\) \['treshold'\]"):
         Verifier(treshold=0.5)
     stage = Verifier()
-    assert stage.params == {"model": "YxZhang/evf-sam2", "threshold": 0.5} and stage.model_id == "YxZhang/evf-sam2"
+    assert stage.params == {"model": "YxZhang/evf-sam2", "threshold": 0.5, "prefix": None, "device": None, "dtype": None}
+    assert stage.model_id == "YxZhang/evf-sam2" and stage.describe()["params"]["threshold"] == 0.5
 
 
 # ---------------------------------------------------------------- the stage, with a stand-in for EVF-SAM2

@@ -15,6 +15,9 @@ import yaml
 # `models` key -> the module whose write(directory, seed) writes that model's tiny checkpoint
 WRITERS = {
     "vlm": "sculpt.models.tiny_internvl",
+    "ground": "sculpt.models.tiny_florence2",
+    "mask": "sculpt.models.tiny_sam2",
+    "verify": "sculpt.models.tiny_evf_sam2",
 }
 
 
