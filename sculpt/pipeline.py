@@ -124,8 +124,18 @@ class Progress:
         print(f"{line} | {event}" if event else line, file=self.out, flush=True)
 
 
-def run(config: JobConfig, stages: list[Stage]) -> dict:
-    """Annotate every shard not yet committed under the output path; returns a summary of this run."""
+@dataclasses.dataclass
+class Plan:
+    store: OutputStore
+    job: dict
+    all_shards: list[str]
+    pending: list[str]  # shards without a committed unit
+
+
+def plan(config: JobConfig, stages: list[Stage]) -> Plan:
+    """List the shards, check the output against this config (refusing another one) and find what is left.
+
+    Needs no Ray: a resume that has nothing left, or a refused config, is known before any cluster is touched."""
     store = OutputStore(config.output.path, config.s3)
     all_shards = list_shards(config)
     job = {**job_record(config, stages), "inputs": config.input.shards, "total_shards": len(all_shards)}
@@ -133,6 +143,13 @@ def run(config: JobConfig, stages: list[Stage]) -> dict:
     pending = [uri for uri in all_shards if shards.shard_name(uri) not in committed]
     print(f"[sculpt] {len(all_shards)} shards: {len(all_shards) - len(pending)} already committed, {len(pending)} to do; "
           f"output {store.uri} (config {job['fingerprint']})", flush=True)
+    return Plan(store, job, all_shards, pending)
+
+
+def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dict:
+    """Annotate every shard not yet committed under the output path; returns a summary of this run."""
+    todo = todo or plan(config, stages)
+    store, job, all_shards, pending = todo.store, todo.job, todo.all_shards, todo.pending
     progress = Progress(len(all_shards), len(all_shards) - len(pending), config.progress_seconds)
     markers = []
     if pending:

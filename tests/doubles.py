@@ -33,8 +33,10 @@ class HoldGpu(Stage):
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             }
-            with open(os.path.join(log_dir, f"{self.name}-{os.getpid()}.json"), "w") as f:
+            path = os.path.join(log_dir, f"{self.name}-{os.getpid()}.json")
+            with open(path + ".tmp", "w") as f:
                 json.dump(record, f)
+            os.replace(path + ".tmp", path)  # readers never see half a record
 
     def process(self, rows):
         time.sleep(self.seconds * len(rows))

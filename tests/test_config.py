@@ -29,9 +29,22 @@ def test_unknown_keys_and_stages_are_named_in_the_error():
         config.build_stage(config.StageConfig(name="x", cls="tests.doubles:Missing"))
 
 
-def test_example_config_loads():
+def test_example_config_loads_and_builds_the_chain():
+    from sculpt.pipeline import resource_demand
+
     cfg = config.load("workflows/annotate.yaml")
-    assert cfg.input.shards and cfg.output.path
+    stages = config.build_stages(cfg)
+    assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
+    assert stages[1].model_id == cfg.models.ground == "florence-community/Florence-2-large"
+    assert resource_demand(cfg, stages)["GPU"] == 8 + 8 * 0.25 * 2 + 8 * 0.5  # two 8-GPU nodes
+
+
+def test_default_chain_and_overrides_by_stage_name():
+    cfg = config.load(None, ["stages.mask.gpus=0.5", "models.mask=/ckpt/sam2"])
+    assert [s.name for s in cfg.stages] == list(config.BUILTIN_STAGES)
+    mask = config.build_stages(cfg)[2]
+    assert mask.resources.gpus == 0.5 and mask.model_id == "/ckpt/sam2" and mask.params["masks_at_once"] == 8
+    assert config.build_stages(cfg)[1].resources.gpus == 0.25  # the built-in default of ground
 
 
 def test_ray_options_from_resources():

@@ -45,3 +45,35 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
     assert cache["prefix_cache_hits"] >= 256 * sum(r["status"] != "error" for r in rows)
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000000.json").read_text())
     assert marker["model_ids"] == {"caption": tiny_models["vlm"], "refer": tiny_models["vlm"]}
+
+
+def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_models, sample_shards, tmp_path):
+    from actors.vlm import vlm_engines
+    from sculpt import rle
+
+    overrides = [f"input.shards=[{sample_shards[1]}]", f"output.path={tmp_path / 'out'}", "vlm.max_tiles=2",
+                 "vlm.max_model_len=4096", "vlm.enforce_eager=true", "stages.caption.params.max_tokens=32",
+                 "stages.ground.params.max_new_tokens=64", "stages.ground.params.num_beams=1",
+                 "stages.refer.params.max_tokens=12", *(f"models.{k}={v}" for k, v in tiny_models.items())]
+    cfg = config.load(None, overrides)
+    stages = config.build_stages(cfg)
+    assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
+    with vlm_engines(cfg, stages):
+        summary = pipeline.run(cfg, stages)
+
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert summary["images"] == len(rows) == 4
+    for row in rows:
+        assert row["status"] in ("ok", "empty", "error")
+        if row["status"] == "error":
+            assert row["error"].split(":")[0] in {"caption", "ground", "mask", "refer", "verify"}
+        for obj in row["objects"]:
+            assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
+            if obj["mask"]:
+                assert obj["mask"]["size"] == [row["height"], row["width"]]
+                assert obj["area"] == rle.decode(obj["mask"]).sum()
+            if obj["iou"] is not None:
+                assert obj["kept"] == (obj["iou"] >= 0.5)
+    marker = json.loads((tmp_path / "out" / "_markers" / "sa_000001.json").read_text())
+    assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
+    assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]

@@ -70,10 +70,12 @@ def main(argv=None) -> int:
             overrides = demo_settings() + overrides
         config = job_config.load(args.config, overrides)
         stages = job_config.build_stages(config)
-        started_local_ray = pipeline.connect_ray(config)
-        pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
-        with vlm_engines(config, stages):
-            summary = pipeline.run(config, stages)
+        todo = pipeline.plan(config, stages)
+        if todo.pending:
+            started_local_ray = pipeline.connect_ray(config)
+            pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
+        with vlm_engines(config, stages if todo.pending else []):
+            summary = pipeline.run(config, stages, todo)
     except (job_config.ConfigError, output.IncompatibleOutput, FileNotFoundError, ValueError) as exc:
         print(f"sculpt: error: {exc}", file=sys.stderr)
         return 2
