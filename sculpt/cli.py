@@ -1,4 +1,4 @@
-"""The ``sculpt`` command: sculpt status OUT | sculpt samples DIR | sculpt models tiny DIR."""
+"""The ``sculpt`` command: status OUT | report OUT | samples DIR | models tiny DIR."""
 
 from __future__ import annotations
 
@@ -35,11 +35,32 @@ def status(out: str, s3: S3Options) -> str:
     return "\n".join(lines)
 
 
+def report(out: str, s3: S3Options, plots: str | None) -> int:
+    from sculpt import report as job_report
+    from sculpt.output import OutputStore
+    from sculpt.storage import is_s3, join
+
+    store = OutputStore(out, s3)
+    job = store.job()
+    if job is None:
+        print(f"{out}: no sculpt output here")
+        return 1
+    total, markers = job_report.job_stats(store)
+    print(job_report.render(out, job, total, len(markers)))
+    for path in job_report.plot(total, plots or ("sculpt-report" if is_s3(out) else join(out, "_report"))):
+        print(f"plot: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sculpt")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("status", help="shards done/total, images, errors of an output path")
     p.add_argument("output")
+    p.add_argument("--s3-endpoint")
+    p = commands.add_parser("report", help="the job's statistics (text) and plots (PNG)")
+    p.add_argument("output")
+    p.add_argument("--plots", help="directory for the PNG plots (default: OUT/_report, or ./sculpt-report for s3://)")
     p.add_argument("--s3-endpoint")
     p = commands.add_parser("samples", help="write small SA-1B-format shards from scikit-image photographs")
     p.add_argument("directory")
@@ -53,6 +74,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "status":
         print(status(args.output, S3Options(endpoint=args.s3_endpoint)))
+    elif args.command == "report":
+        return report(args.output, S3Options(endpoint=args.s3_endpoint), args.plots)
     elif args.command == "samples":
         from sculpt.samples import make_sample_shards
 

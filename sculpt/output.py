@@ -4,7 +4,9 @@ Layout under the output path (local or s3://)::
 
     _sculpt_job.json          the job's config fingerprint, stages and model ids (first run)
     sa_000000.parquet          the shard's rows; appears whole or not at all
-    _markers/sa_000000.json   written after the Parquet file: counts, fingerprint, model ids, timings
+    _markers/sa_000000.json   written after the Parquet file: counts and statistics (sculpt/stats.py),
+                               fingerprint, model ids, prompts version, timings
+    _stats.json                the whole job's statistics, rewritten at the end of each run
     _tmp/                      in-flight writes; garbage after a kill, cleared by the next run
 
 A unit is committed when its marker exists. A rerun lists ``_markers/`` and never opens a committed shard's
@@ -17,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sculpt import schema, storage
+from sculpt import schema, stats, storage
 from sculpt.storage import S3Options
 
 JOB_FILE = "_sculpt_job.json"
@@ -113,8 +114,7 @@ class UnitWriter:
         self.buffered = 0
         self.file = None
         self.writer = None
-        self.stats = Counter(dict.fromkeys(["rows", "images", "errors", "empty", "objects", "kept"], 0))
-        self.errors = Counter()
+        self.stats = stats.empty()
         self.started = time.time()
 
     @property
@@ -126,6 +126,7 @@ class UnitWriter:
         if not all(fresh):
             table = table.filter(pa.array(fresh))
         self.seen.update(table["index"].to_pylist())
+        stats.merge(self.stats, stats.count(table))
         sizes = pc.drop_null(table["shard_size"])
         if len(sizes):
             self.expected, self.bytes_read = sizes[0].as_py(), pc.max(table["shard_bytes_read"]).as_py()
@@ -143,20 +144,6 @@ class UnitWriter:
             self.file = storage.open_atomic(self.store.data_uri(self.unit), self.store.s3)
             self.writer = pq.ParquetWriter(self.file.__enter__(), schema.OUTPUT_SCHEMA, compression="zstd")
         self.writer.write_table(table)
-        self._count(table)
-
-    def _count(self, table: pa.Table) -> None:
-        statuses = Counter(table["status"].to_pylist())
-        self.stats["rows"] += table.num_rows
-        self.stats["images"] += sum(1 for key in table["image_key"].to_pylist() if key)
-        self.stats["errors"] += statuses[schema.ERROR]
-        self.stats["empty"] += statuses[schema.EMPTY]
-        objects = pc.list_flatten(table["objects"])
-        self.stats["objects"] += len(objects)
-        if len(objects):
-            self.stats["kept"] += pc.sum(pc.fill_null(pc.struct_field(objects, "kept"), False)).as_py() or 0
-        for error in pc.drop_null(table["error"]).to_pylist():
-            self.errors[error.split(":", 1)[0]] += 1
 
     def commit(self) -> dict:
         if not self.complete:
@@ -170,7 +157,6 @@ class UnitWriter:
             "model_ids": self.job["model_ids"],
             "prompts_version": self.job.get("prompts_version"),
             **self.stats,
-            "errors_by_stage": dict(self.errors),
             "input_bytes_read": self.bytes_read,
             "started": self.started,
             "committed": time.time(),

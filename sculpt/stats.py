@@ -1,0 +1,112 @@
+"""Run statistics: counted per output unit while its rows are committed (into its marker), summed over units
+for the whole job (``sculpt report``).
+
+Every statistic is a sum — counts, histograms as lists or keyed counts, busy seconds — so units merge by
+adding, in any order, and a rerun that adds units never has to reread the rows of the others.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sculpt import schema
+
+IOU_BINS = 10  # [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0]
+
+
+def empty() -> dict:
+    return {
+        "rows": 0,  # one per input image (or per unreadable shard)
+        "images": 0,
+        "errors": 0,  # rows with status error
+        "empty": 0,  # rows processed without objects
+        "objects": 0,
+        "verified": 0,  # objects with an IoU
+        "kept": 0,  # objects that passed the filter
+        "object_errors": 0,
+        "errors_by_stage": {},
+        "error_kinds": {},  # "<stage>: <what>" -> count, row and object errors
+        "objects_per_image": {},  # "n" -> images with n objects (rows not in error)
+        "iou_histogram": [0] * IOU_BINS,
+        "expression_words": {},  # "n" -> expressions of n words
+        "stage_seconds": {},  # stage -> busy seconds of its actors
+        "stage_images": {},  # stage -> images it processed
+    }
+
+
+def error_kind(message: str) -> str:
+    """'read: ./sa_2.json cut off: unexpected end' -> 'read: … cut off': the stage and the first clause, with
+    file names and numbers blanked, so that the same failure on different images counts as one kind."""
+    stage, _, text = message.partition(": ")
+    clause = re.split(r" \(|: | '| \"", text, maxsplit=1)[0]
+    words = ["…" if re.search(r"[\d/]|\.\w", w) else w for w in clause.split()]
+    return f"{stage}: {' '.join(words)}".strip()
+
+
+def _add(counter: dict, key, n: int = 1) -> None:
+    counter[str(key)] = counter.get(str(key), 0) + n
+
+
+def count(table: pa.Table) -> dict:
+    """Statistics of a batch of pipeline rows (transient columns still present)."""
+    stats = empty()
+    statuses = table["status"].to_pylist()
+    stats["rows"] = table.num_rows
+    stats["images"] = sum(1 for key in table["image_key"].to_pylist() if key)
+    stats["errors"] = statuses.count(schema.ERROR)
+    for row_error, status, objects in zip(table["error"].to_pylist(), statuses, table["objects"].to_pylist()):
+        objects = objects or []
+        if row_error:
+            _add(stats["errors_by_stage"], row_error.split(":", 1)[0])
+            _add(stats["error_kinds"], error_kind(row_error))
+        if status != schema.ERROR:
+            _add(stats["objects_per_image"], len(objects))
+            stats["empty"] += not objects
+        for obj in objects:
+            stats["objects"] += 1
+            if obj.get("error"):
+                stats["object_errors"] += 1
+                _add(stats["error_kinds"], error_kind(obj["error"]))
+            if obj.get("iou") is not None:
+                stats["verified"] += 1
+                stats["kept"] += bool(obj.get("kept"))
+                stats["iou_histogram"][min(IOU_BINS - 1, int(obj["iou"] * IOU_BINS))] += 1
+            if obj.get("expression"):
+                _add(stats["expression_words"], obj.get("expression_words") or len(obj["expression"].split()))
+    for timings in table["stage_seconds"].to_pylist():
+        for timing in timings or []:
+            stats["stage_seconds"][timing["stage"]] = stats["stage_seconds"].get(timing["stage"], 0.0) + timing["seconds"]
+            _add(stats["stage_images"], timing["stage"])
+    return stats
+
+
+def merge(total: dict, part: dict) -> dict:
+    """Add ``part`` into ``total`` (numbers add, keyed counts add per key, histograms add per bin)."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            merge(total.setdefault(key, {}), value)
+        elif isinstance(value, list):
+            current = total.setdefault(key, [0] * len(value))
+            total[key] = [a + b for a, b in zip(current, value)]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def derived(stats: dict) -> dict:
+    """The ratios a person reads: objects per image, keep rate, words per expression, per-stage speed."""
+    images_with_rows = sum(stats["objects_per_image"].values())
+    words = stats["expression_words"]
+    expressions = sum(words.values())
+    return {
+        "objects_per_image": stats["objects"] / images_with_rows if images_with_rows else 0.0,
+        "keep_rate": stats["kept"] / stats["verified"] if stats["verified"] else None,
+        "words_per_expression": sum(int(n) * c for n, c in words.items()) / expressions if expressions else None,
+        "error_rate": stats["errors"] / stats["rows"] if stats["rows"] else 0.0,
+        "stage_images_per_second": {  # per actor: images over its busy seconds
+            stage: stats["stage_images"][stage] / seconds for stage, seconds in stats["stage_seconds"].items() if seconds
+        },
+    }

@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+
+from sculpt import cli, rle, schema, stats
+from sculpt.output import OutputStore, UnitWriter
+
+JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 1}
+
+
+def obj(iou=None, expression=None, error=None):
+    mask = rle.encode(np.ones((4, 6), bool))
+    return {"phrase": "x", "box": [0, 0, 6, 4], "mask": mask, "area": 24, "iou": iou, "kept": None if iou is None else iou >= 0.5,
+            "expression": expression, "expression_words": len(expression.split()) if expression else None, "error": error}
+
+
+def rows():
+    a = schema.new_row("u", 0, "sa_1", width=6, height=4,
+                       objects=[obj(0.5, "the red cup"), obj(0.49, "a cup on the left"), obj(1.0, "the red cup")])
+    b = schema.new_row("u", 1, "sa_2", width=6, height=4, objects=[obj(error="refer: unusable referring expression 'zz'")])
+    c = schema.mark_error(schema.new_row("u", 2, "sa_3"), "read", "./sa_3.jpg cut off: unexpected end of data")
+    d = schema.new_row("u", 3, "sa_4", width=6, height=4)
+    for row in (a, b, d):
+        row["stage_seconds"] = [{"stage": "caption", "seconds": 0.5}, {"stage": "verify", "seconds": 0.25}]
+    for row in (a, b, c, d):
+        row["shard_size"], row["shard_bytes_read"] = 4, 100
+    return [a, b, c, d]
+
+
+def test_count_golden():
+    s = stats.count(schema.to_table(rows()))
+    assert (s["rows"], s["images"], s["errors"], s["empty"], s["objects"]) == (4, 4, 1, 1, 4)
+    assert (s["verified"], s["kept"], s["object_errors"]) == (3, 2, 1)
+    assert s["iou_histogram"] == [0, 0, 0, 0, 1, 1, 0, 0, 0, 1]  # 0.49 | 0.5 (a bin edge) | 1.0 in the last bin
+    assert s["objects_per_image"] == {"3": 1, "1": 1, "0": 1}  # the error row is not an image with 0 objects
+    assert s["expression_words"] == {"3": 2, "5": 1}
+    assert s["errors_by_stage"] == {"read": 1}
+    assert s["error_kinds"] == {"read: … cut off": 1, "refer: unusable referring expression": 1}
+    assert s["stage_seconds"] == {"caption": 1.5, "verify": 0.75} and s["stage_images"] == {"caption": 3, "verify": 3}
+    d = stats.derived(s)
+    assert d["keep_rate"] == pytest.approx(2 / 3) and d["objects_per_image"] == pytest.approx(4 / 3)
+    assert d["words_per_expression"] == pytest.approx(11 / 3) and d["stage_images_per_second"] == {"caption": 2.0, "verify": 4.0}
+
+
+def test_merge_adds_everything():
+    one = stats.count(schema.to_table(rows()))
+    two = stats.merge(stats.merge(stats.empty(), one), one)
+    assert two["rows"] == 8 and two["iou_histogram"][9] == 2 and two["expression_words"]["3"] == 4
+    assert two["stage_seconds"]["caption"] == 3.0 and two["error_kinds"]["read: … cut off"] == 2
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("read: not a readable image (UnidentifiedImageError: x)", "read: not a readable image"),
+    ("caption: RuntimeError: CUDA out of memory", "caption: RuntimeError"),
+    ("read: shard s3://b/sa_1.tar ends early or is unreadable after 3 images", "read: shard … ends early or is unreadable after … images"),
+])
+def test_error_kind(message, kind):
+    assert stats.error_kind(message) == kind
+
+
+def test_marker_carries_stats_and_report_prints_and_plots(tmp_path, capsys):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare(JOB)
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(schema.to_table(rows()))
+    marker = writer.commit()
+    assert marker["kept"] == 2 and marker["iou_histogram"][9] == 1
+    assert json.loads(open(store.marker_uri("u")).read())["stage_images"] == {"caption": 3, "verify": 3}
+
+    assert cli.main(["report", str(tmp_path / "out"), "--plots", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "keep rate 66.7%" in text and "1.33 per image" in text and "3.7 words" in text
+    assert "stage caption         2.00 img/s per actor" in text and "read: … cut off" in text
+    for name in ("iou_histogram", "objects_per_image", "expression_words", "stage_throughput"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
