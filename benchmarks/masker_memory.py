@@ -12,7 +12,7 @@ above its level just before the call, after a warm-up call on the same image; tr
 allocations only (torch's are invisible to it). Time is the wall time of the call (embedding + decoder + masks +
 RLE), best of ``--repeat``.
 
-    /tmp/venv2/bin/python benchmarks/masker_memory.py [--boxes 50] [--threads 1] [--repeat 3]
+    .venv/bin/python benchmarks/masker_memory.py [--boxes 50] [--threads 1] [--repeat 3]
 """
 
 from __future__ import annotations

@@ -78,12 +78,23 @@ class MemorySampler(threading.Thread):
             time.sleep(0.3)
 
 
-def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
+def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1) -> dict:
     out = os.path.join(work, f"out-{gpus}-{time.time_ns()}")
     cfg = config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(stages)}",
                              "input.readers=2", "input.batch_images=8", "progress_seconds=1000"])
-    ray.init(num_cpus=32, num_gpus=gpus, include_dashboard=False, logging_level="ERROR", object_store_memory=2 << 30,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    runtime_env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+    cluster = None
+    if nodes == 1:
+        ray.init(num_cpus=32, num_gpus=gpus, include_dashboard=False, logging_level="ERROR",
+                 object_store_memory=2 << 30, runtime_env=runtime_env)
+    else:  # simulated nodes: one raylet and object store each, GPUs split evenly
+        from ray.cluster_utils import Cluster
+
+        node = {"num_cpus": 32 // nodes, "num_gpus": gpus // nodes, "object_store_memory": (2 << 30) // nodes}
+        cluster = Cluster(initialize_head=True, head_node_args=node)
+        for _ in range(nodes - 1):
+            cluster.add_node(**node)
+        ray.init(address=cluster.address, logging_level="ERROR", runtime_env=runtime_env)
     sampler = MemorySampler()
     sampler.start()
     try:
@@ -94,6 +105,8 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
         sampler.stop.set()
         sampler.join()
         ray.shutdown()
+        if cluster:
+            cluster.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     first, last = len(markers) // 5, (4 * len(markers)) // 5
     window = markers[last]["committed"] - markers[first]["committed"]
@@ -103,9 +116,9 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
             "ray_peak_mb": sampler.ray_peak / 2**20}
 
 
-def run_isolated(shard_dir: str, gpus: int, stages: list[dict], work: str) -> dict:
+def run_isolated(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1) -> dict:
     """run_case in a fresh interpreter, so that one case's leftovers never count in the next one's peak."""
-    case = json.dumps({"shard_dir": shard_dir, "gpus": gpus, "stages": stages, "work": work})
+    case = json.dumps({"shard_dir": shard_dir, "gpus": gpus, "stages": stages, "work": work, "nodes": nodes})
     done = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"benchmark case failed:\n{done.stderr[-3000:]}")
@@ -117,6 +130,7 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not for the record)")
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
+    parser.add_argument("--nodes", type=int, default=1, help="simulated nodes (ray.cluster_utils.Cluster) for throughput")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
@@ -126,14 +140,14 @@ def main() -> None:
     seconds = 0.4
 
     if args.only != "memory":
-        throughput(work, per_shard, seconds, args.quick)
+        throughput(work, per_shard, seconds, args.quick, args.nodes)
     if args.only != "throughput":
         memory(work, per_shard, args.quick)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def throughput(work, per_shard, seconds, quick):
-    print("## Throughput against the slowest-stage bound")
+def throughput(work, per_shard, seconds, quick, nodes):
+    print(f"## Throughput against the slowest-stage bound ({nodes} node{'s' if nodes > 1 else ''})")
     print("| logical GPUs | images | bound img/s | achieved img/s (steady) | efficiency | end-to-end s | first output s |")
     print("|---|---|---|---|---|---|---|")
     for scale in (2, 4):
@@ -142,7 +156,7 @@ def throughput(work, per_shard, seconds, quick):
         images = int(bound(stages) * (10 if quick else 40))
         shard_dir = os.path.join(work, f"in-{gpus}")
         samples.make_sample_shards(shard_dir, shards=images // per_shard, images_per_shard=per_shard)
-        r = run_isolated(shard_dir, gpus, stages, work)
+        r = run_isolated(shard_dir, gpus, stages, work, nodes)
         print(f"| {gpus} | {r['images']} | {bound(stages):.1f} | {r['steady_images_per_s']:.2f} | "
               f"{r['steady_images_per_s'] / bound(stages):.3f} | {r['seconds']:.1f} | {r['first_output_seconds']:.1f} |", flush=True)
 

@@ -6,7 +6,7 @@ machine, with the tiny checkpoint (or --evf DIR). Estimated: the large configura
 FLOPs counted on the meta device (no weights, no compute). With --evf DIR --sam2-checkpoint PT it also says
 whether a sam2 checkpoint (e.g. the masker's) has EVF-SAM2's image-feature weights.
 
-    python benchmarks/verify_embedding.py [--expressions 10] [--repeats 3] [--evf DIR] [--sam2-checkpoint PT]
+    .venv/bin/python benchmarks/verify_embedding.py [--expressions 10] [--repeats 3] [--evf DIR] [--sam2-checkpoint PT]
 """
 
 from __future__ import annotations
