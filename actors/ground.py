@@ -78,8 +78,6 @@ class Grounder(Stage):
                 continue
             objects = grounding.drop_duplicates(found[id(row)], float(self.params["duplicate_iou"]))
             row["objects"] = (row["objects"] or []) + [{**dict.fromkeys(OBJECT_FIELDS), **obj} for obj in objects]
-            if not row["objects"]:
-                row["status"] = schema.EMPTY
 
     def _generate(self, batch) -> list[dict]:
         import torch
