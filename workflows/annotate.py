@@ -20,9 +20,10 @@ from sculpt import config as job_config  # noqa: E402
 from sculpt import output, pipeline, samples  # noqa: E402
 
 DEMO_DIR = "sculpt-demo"
-# The demo on a CPU machine: logical CPUs and one logical GPU for the VLM engine, small images, short answers.
-DEMO_SETTINGS = ["ray.num_gpus=1", "ray.num_cpus=8", "vlm.max_tiles=2", "vlm.max_model_len=4096", "vlm.enforce_eager=true",
-                 "stages.caption.params.max_tokens=48", "stages.refer.params.max_tokens=24"]
+# The demo on a CPU machine: logical CPUs and GPUs for the five stages, small images, short answers.
+DEMO_SETTINGS = ["ray.num_gpus=2", "ray.num_cpus=8", "vlm.max_tiles=2", "vlm.max_model_len=4096", "vlm.enforce_eager=true",
+                 "stages.caption.params.max_tokens=48", "stages.ground.params.max_new_tokens=64",
+                 "stages.ground.params.num_beams=1", "stages.refer.params.max_tokens=24"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
