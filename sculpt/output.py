@@ -69,7 +69,8 @@ class OutputStore:
     def prepare(self, job: dict, overwrite: bool = False) -> set[str]:
         """Check the output against this job (or wipe it with ``overwrite``); returns the committed units."""
         existing = self.job()
-        if existing and existing["fingerprint"] != job["fingerprint"]:
+        # Only committed units can be mixed up; a job file alone (a run refused before its first commit) is not.
+        if existing and existing["fingerprint"] != job["fingerprint"] and self.committed():
             if not overwrite:
                 changes = _differences(existing["settings"], job["settings"])
                 raise IncompatibleOutput(

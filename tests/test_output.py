@@ -65,6 +65,13 @@ def test_error_counts_by_stage(tmp_path):
     assert pq.read_table(store.data_uri("u"))["error"].to_pylist()[1] == "caption: ValueError: boom"
 
 
+def test_another_config_may_take_over_an_output_with_nothing_committed(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    other = {**JOB, "fingerprint": "f2", "settings": {"stages": []}}
+    assert store.prepare(other) == set() and store.job()["fingerprint"] == "f2"
+
+
 def test_rerun_with_another_config_is_refused_then_overwritten(tmp_path):
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
