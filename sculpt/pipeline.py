@@ -181,7 +181,7 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
     job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones
     storage.write_atomic(storage.join(store.uri, STATS_FILE),
                          json.dumps({**job_total, "derived": stats.derived(job_total)}, indent=1).encode(), config.s3)
-    summary["job"] = {key: value for key, value in stats.derived(job_total).items() if value is not None}
+    summary["job"] = _rounded({key: value for key, value in stats.derived(job_total).items() if value is not None})
     progress.print("done")
     return summary
 
@@ -196,6 +196,12 @@ def resource_demand(config: JobConfig, stages: list[Stage]) -> dict[str, float]:
         demand["CPU"] += config.vlm.cpus * config.vlm.replicas
         demand["GPU"] += (config.vlm.tensor_parallel if config.vlm.tensor_parallel > 1 else config.vlm.gpus) * config.vlm.replicas
     return demand
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {key: _rounded(v) for key, v in value.items()}
+    return round(value, 3) if isinstance(value, float) else value
 
 
 def check_resources(config: JobConfig, stages: list[Stage], fixed_cluster: bool) -> None:
