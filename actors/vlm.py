@@ -61,7 +61,7 @@ def conversation(picture, text: str) -> list[dict]:
 
 
 @contextlib.contextmanager
-def vlm_engines(config, stages):
+def vlm_engines(config, stages, engine_class=VLMEngine):
     """Start the engine pool if a stage needs it; end it (and its placement groups) afterwards."""
     if not any(stage.model_key == "vlm" for stage in stages):
         yield []
@@ -81,7 +81,7 @@ def vlm_engines(config, stages):
                 groups.append(ray.util.placement_group(plan["bundles"], strategy="STRICT_PACK"))
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-            actor = ray.remote(VLMEngine).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
+            actor = ray.remote(engine_class).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
                                                   max_task_retries=-1, **options)
             engines.append(actor.remote(config.models.vlm, plan["engine"], settings.max_tiles, settings.min_tiles))
         print(f"[sculpt] starting {len(engines)} VLM engine(s) for {config.models.vlm}", flush=True)

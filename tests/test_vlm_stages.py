@@ -87,3 +87,44 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
     assert cli.main(["report", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "_report").iterdir()) == [
         "expression_words.png", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]
+
+
+class PlacementProbe:
+    """Stands in for VLMEngine: reports where Ray put it and what it would have handed to vllm.LLM."""
+
+    def __init__(self, model, engine_kwargs, max_tiles, min_tiles):
+        import ray
+
+        group = ray.util.get_current_placement_group()
+        self.seen = {"engine_kwargs": engine_kwargs, "gpu_ids": ray.get_gpu_ids(),
+                     "bundles": group.bundle_specs if group else None}
+
+    def ready(self):
+        return True
+
+    def where(self):
+        return self.seen
+
+
+@pytest.mark.parametrize("settings, expect", [
+    (["vlm.replicas=2", "vlm.gpus=0.5"], {"bundles": None, "gpus": 1, "memory": 0.45}),
+    (["vlm.tensor_parallel=2"], {"bundles": [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}], "gpus": 0, "memory": None}),
+])
+def test_engine_pool_placement(local_ray, settings, expect):
+    from actors.vlm import vlm_engines
+
+    cfg = config.load(None, ["models.vlm=/nowhere", *settings])
+    stages = config.build_stages(cfg)
+    with vlm_engines(cfg, stages, engine_class=PlacementProbe) as engines:
+        seen = local_ray.get([engine.where.remote() for engine in engines])
+        assert len(engines) == cfg.vlm.replicas
+    for where in seen:
+        assert where["bundles"] == expect["bundles"]
+        assert len(where["gpu_ids"]) == expect["gpus"]  # a TP engine holds no GPU itself: its workers do
+        assert where["engine_kwargs"].get("gpu_memory_utilization") == expect["memory"]
+        assert where["engine_kwargs"]["enable_prefix_caching"] is True
+    if expect["bundles"]:
+        assert seen[0]["engine_kwargs"]["tensor_parallel_size"] == 2
+        assert seen[0]["engine_kwargs"]["distributed_executor_backend"] == "ray"
+    assert local_ray.util.placement_group_table() == {} or all(
+        g["state"] == "REMOVED" for g in local_ray.util.placement_group_table().values())
