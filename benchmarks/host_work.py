@@ -1,0 +1,170 @@
+"""Host (CPU) work per image of the pipeline's own code on SA-1B-sized images, one thread, no model.
+
+An SA-1B-format shard of 2250 x 1500 photographs with 100 object-like masks per image in its json
+(benchmarks/sa1b_like.py) is read and processed step by step, each step timed on its own (best of ``--repeat``
+passes over all images, then per image):
+
+- read: ``sculpt.shards.read_shard`` — tar stream, member pairing, json parse, header check + 1/8 draft decode
+- decode: ``sculpt.images.load_rgb`` — full decode to an upright RGB array
+- model inputs, as each model's own preprocessing does it on the host: SAM2 (``sam2`` SAM2Transforms, 1024
+  squash), EVF-SAM2 (``sculpt.models.evf_sam2.sam2_input`` 1024 + ``beit3_input`` 224), Florence-2
+  (transformers' CLIPImageProcessor, 768), InternVL (transformers' GotOcr2ImageProcessor, 448 tiles, max 6)
+- RLE: ``sculpt.rle.encode_many`` of 50 full-resolution masks (C-contiguous N x H x W bool, as the masker and the
+  verifier hand them over), and pycocotools' encode alone on the same masks already column-major; area + IoU:
+  ``rle.area`` and ``rle.iou`` of 50
+- Arrow: ``schema.to_table`` + ``Table.to_pylist`` of rows carrying the image and 50 objects (what every stage
+  actor does with its batch)
+- Parquet: ``sculpt.output.UnitWriter`` add + commit of rows with 50 objects (local disk)
+
+The total is given twice: every step once, and with the counts the code as written runs per image (each model
+stage decodes the image again, the masker and the verifier each encode 50 masks, ...).
+
+    PYTHONPATH=. python benchmarks/host_work.py [--images 6] [--objects 50] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import sa1b_like  # noqa: E402  (benchmarks/, the script's own folder)
+from sculpt import images, rle, schema, shards  # noqa: E402
+from sculpt.models import evf_sam2  # noqa: E402
+from sculpt.output import OutputStore, UnitWriter  # noqa: E402
+
+WORDS = ("the small red mug on the left side of the wooden table next to a blue plate with two "
+         "cookies under a lamp behind").split()
+
+
+def best_per_image(fn, items, repeat: int) -> float:
+    """ms per item: the fastest of ``repeat`` passes over all items."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / len(items)
+
+
+def objects_of(masks: list[dict], rng) -> list[dict]:
+    out = []
+    for i, mask in enumerate(masks):
+        expression = " ".join(rng.choice(WORDS, 16))
+        out.append({"phrase": f"object {i}", "phrase_start": 0, "phrase_end": 8, "box": [0.0, 0.0, 10.0, 10.0],
+                    "mask": mask, "area": rle.area(mask), "mask_score": 0.9, "expression": expression,
+                    "expression_words": 16, "iou": 0.8, "kept": True, "error": None})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--objects", type=int, default=50, help="masks per image for RLE, IoU, Arrow and Parquet")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    from sam2.utils.transforms import SAM2Transforms
+    from transformers import CLIPImageProcessor
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessor
+
+    work = tempfile.mkdtemp(prefix="sculpt-host-")
+    tar = os.path.join(work, "sa_000000.tar")
+    sa1b_like.write_shard(tar, args.images, masks_per_image=100)
+    rows = [row for batch in shards.read_shard(tar) for row in batch]
+    decoded = [images.load_rgb(row["image_bytes"]) for row in rows]
+    masks = []  # N x H x W bool per image: the first `objects` of the image's SA-1B masks
+    for row in rows:
+        with tarfile.open(tar) as t:
+            meta = json.load(t.extractfile(f"./{row['image_key']}.json"))
+        # C-contiguous N x H x W, the layout the masker and the verifier hand over (torch .cpu().numpy())
+        masks.append(np.ascontiguousarray(np.stack([rle.decode(a["segmentation"]) for a in meta["annotations"][: args.objects]])))
+    encoded = [rle.encode_many(m) for m in masks]
+    rng = np.random.default_rng(0)
+    full_rows = [{**row, "caption": " ".join(rng.choice(WORDS, 120)), "objects": objects_of(e, rng)} for row, e in zip(rows, encoded)]
+    print(f"{len(rows)} images {decoded[0].shape[1]}x{decoded[0].shape[0]} (or turned), {os.path.getsize(tar) / len(rows) / 1e6:.2f} MB "
+          f"per image in the tar (jpg + json of 100 masks); {args.objects} masks per image; 1 thread")
+
+    sam2 = SAM2Transforms(resolution=1024, mask_threshold=0.0)
+    florence = CLIPImageProcessor(size={"height": 768, "width": 768}, do_center_crop=False, resample=3,
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    internvl = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=6,
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    store = OutputStore(os.path.join(work, "out"))
+    job = {"fingerprint": "bench", "model_ids": {}}
+
+    def write_parquet(_):
+        table = schema.to_table([{**r, "shard_size": len(full_rows), "shard_bytes_read": 1} for r in full_rows])
+        writer = UnitWriter(store, "sa_000000", job)
+        writer.add(table)
+        writer.commit()
+
+    def arrow_round_trip(row):
+        schema.to_table([row]).to_pylist()
+
+    def area_and_iou(rles):
+        for a in rles:
+            rle.area(a)
+            rle.iou(a, a)
+
+    from pycocotools import mask as coco_mask
+
+    # The same masks already column-major (H x W x N Fortran): what encode_many hands pycocotools after its copy.
+    column_major = [np.asfortranarray(m.transpose(1, 2, 0), dtype=np.uint8) for m in masks]
+
+    def coco_encode_only(m):
+        coco_mask.encode(m)
+
+    def read(_):
+        for _batch in shards.read_shard(tar):
+            pass
+
+    n = len(rows)
+    steps = [  # (step, ms per image, times per image in the pipeline as written, where)
+        ("read (tar + pairing + json + validation)", best_per_image(read, [None], args.repeat) / n, 1, "reader task"),
+        ("decode (load_rgb)", best_per_image(lambda r: images.load_rgb(r["image_bytes"]), rows, args.repeat), 5,
+         "caption + refer (VLMEngine.chat), ground, mask, verify"),
+        ("SAM2 input 1024 (SAM2Transforms)", best_per_image(sam2, decoded, args.repeat), 1, "mask"),
+        ("EVF-SAM2 inputs 1024 + 224",
+         best_per_image(lambda im: (evf_sam2.sam2_input(im), evf_sam2.beit3_input(im)), decoded, args.repeat), 1, "verify"),
+        ("Florence-2 input 768", best_per_image(lambda im: florence(im, return_tensors="pt"), decoded, args.repeat), 1,
+         "ground (once per caption chunk)"),
+        ("InternVL tiles 6 x 448 + thumbnail", best_per_image(lambda im: internvl(im, return_tensors="pt"), decoded, args.repeat), 1,
+         "vLLM's processor (cached for refer)"),
+        (f"RLE encode {args.objects} masks (encode_many)", best_per_image(rle.encode_many, masks, args.repeat), 2, "mask, verify"),
+        ("  of which pycocotools' own encode", best_per_image(coco_encode_only, column_major, args.repeat), 0,
+         "the rest is the column-major copy"),
+        (f"area + IoU of {args.objects} RLEs", best_per_image(area_and_iou, encoded, args.repeat), 1, "mask (area), verify (IoU)"),
+        (f"Arrow rows <-> table ({args.objects} objects + image)", best_per_image(arrow_round_trip, full_rows, args.repeat), 5,
+         "every stage actor"),
+        ("Parquet write (UnitWriter)", best_per_image(write_parquet, [None], args.repeat) / n, 1, "driver"),
+    ]
+    print("\n| step | ms / image | times per image as wired | where |")
+    print("|---|---|---|---|")
+    for name, ms, times, where in steps:
+        print(f"| {name} | {ms:.1f} | {times or '(in the row above)'} | {where} |")
+    once = sum(ms for _, ms, times, _ in steps if times)
+    wired = sum(ms * times for _, ms, times, _ in steps)
+    print(f"| **total, each step once** | **{once:.0f}** | | |")
+    print(f"| **total as wired** | **{wired:.0f}** | | |")
+    print(f"\nas wired: {1000 / wired:.2f} images/s per core; decodes are {5 * steps[1][1] / wired:.0%} of it")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
