@@ -32,8 +32,11 @@ def render(out: str, job: dict, total: dict, units: int) -> str:
     if d["words_per_expression"] is not None:
         lines.append(f"expressions       {sum(total['expression_words'].values())}, {d['words_per_expression']:.1f} words on average")
     for stage, rate in d["stage_images_per_second"].items():
-        seconds = total["stage_seconds"][stage]
-        lines.append(f"stage {stage:11s} {rate:8.2f} img/s per actor ({seconds / total['stage_images'][stage] * 1000:.1f} ms busy per image)")
+        busy_ms = total["stage_seconds"][stage] / total["stage_images"][stage] * 1000
+        if busy_ms < 0.1:
+            lines.append(f"stage {stage:11s} no work on these images")
+        else:
+            lines.append(f"stage {stage:11s} {rate:8.2f} img/s per actor ({busy_ms:.1f} ms busy per image)")
     if total["error_kinds"]:
         lines.append("errors by kind")
         for kind, n in sorted(total["error_kinds"].items(), key=lambda kv: -kv[1])[:15]:
@@ -60,8 +63,8 @@ def plot(total: dict, directory: str) -> list[str]:
                               total["iou_histogram"], 1 / stats.IOU_BINS),
         "objects_per_image.png": ("Objects per image", "objects", *keyed(total["objects_per_image"]), 0.8),
         "expression_words.png": ("Words per referring expression", "words", *keyed(total["expression_words"]), 0.8),
-        "stage_throughput.png": ("Images/s per actor, by stage", "stage", list(d["stage_images_per_second"]),
-                                 list(d["stage_images_per_second"].values()), 0.6),
+        "stage_throughput.png": ("Busy time per image, by stage (per actor)", "stage", list(total["stage_seconds"]),
+                                 [1000 * s / total["stage_images"][k] for k, s in total["stage_seconds"].items()], 0.6),
     }
     paths = []
     for name, (title, xlabel, xs, ys, width) in figures.items():
@@ -69,7 +72,7 @@ def plot(total: dict, directory: str) -> list[str]:
         ax.bar(xs, ys, width=width, align="edge" if name == "iou_histogram.png" else "center")
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("count" if name != "stage_throughput.png" else "img/s")
+        ax.set_ylabel("count" if name != "stage_throughput.png" else "ms")
         fig.tight_layout()
         paths.append(os.path.join(directory, name))
         fig.savefig(paths[-1], dpi=100)
