@@ -40,3 +40,14 @@ def test_decodes_sa1b_style_counts():
     reference = coco_mask.encode(np.asfortranarray(mask))
     as_in_json = {"size": reference["size"], "counts": reference["counts"].decode()}
     assert np.array_equal(rle.decode(as_in_json), mask.astype(bool))
+
+
+def test_decode_masks_of_a_row():
+    from sculpt import schema
+
+    a, b = np.zeros((3, 5), bool), np.ones((3, 5), bool)
+    a[1, 2] = True
+    row = schema.new_row("u", 0, "k", width=5, height=3, objects=[{"mask": rle.encode(a)}, {"mask": rle.encode(b)}])
+    masks = schema.decode_masks(row)
+    assert masks.shape == (2, 3, 5) and np.array_equal(masks[0], a) and masks[1].all()
+    assert schema.decode_masks(schema.new_row("u", 1, "k", width=5, height=3)).shape == (0, 3, 5)
