@@ -238,6 +238,7 @@ def connect_ray(config: JobConfig) -> bool:
     # Workers of a local Ray import stage classes by module path: give them the driver's import path.
     path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
     ray.init(
+        address="local",  # a new instance even when a `ray start` cluster runs on this machine
         num_cpus=config.ray.num_cpus,
         num_gpus=config.ray.num_gpus,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
