@@ -207,7 +207,3 @@ def build_stage(cfg: StageConfig, models: ModelsConfig = ModelsConfig()) -> Stag
     stage = cls(resources, batch_size=cfg.batch_size, **params)
     stage.name = cfg.name
     return stage
-
-
-def to_dict(config: JobConfig) -> dict:
-    return dataclasses.asdict(config)
