@@ -7,7 +7,7 @@ processor's own ``post_process_generation`` turns ``<loc_…>`` tokens into pixe
 
 from __future__ import annotations
 
-from sculpt import grounding, images, schema
+from sculpt import grounding, images, precision, schema
 from sculpt.stage import Stage
 
 OBJECT_FIELDS = [field.name for field in schema.OBJECT_TYPE]
@@ -22,20 +22,20 @@ class Grounder(Stage):
     - ``prompts_per_call`` (16): caption chunks per ``generate`` call
     - ``min_box_size`` (1.0 px): narrower or lower boxes are dropped
     - ``duplicate_iou`` (0.9): of two boxes of one image overlapping this much, the later is dropped
+    - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 weights on CUDA, float32 on CPU)
     """
 
     name = "ground"
     model_key = "ground"
     defaults = {"num_beams": 3, "max_new_tokens": 1024, "max_caption_tokens": None, "prompts_per_call": 16,
-                "min_box_size": 1.0, "duplicate_iou": 0.9}
+                "min_box_size": 1.0, "duplicate_iou": 0.9, "device": None, "dtype": None}
 
     def setup(self) -> None:
         import torch
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-        cuda = torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        self.device, dtype = precision.resolve(self.params["device"], self.params["dtype"])
+        self.dtype = getattr(torch, dtype)
         self.processor = AutoProcessor.from_pretrained(self.params["model"])
         self.model = Florence2ForConditionalGeneration.from_pretrained(self.params["model"], dtype=self.dtype)
         self.model.to(self.device).eval()

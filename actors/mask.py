@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from sculpt import images, rle, schema
+from sculpt import images, precision, rle, schema
 from sculpt.stage import Stage
 
 
@@ -67,19 +67,17 @@ class Masker(Stage):
 
     - ``mask_threshold`` (0.0): logit threshold of SAM2's predictor
     - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
+    - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "mask"
     model_key = "mask"
-    defaults = {"mask_threshold": 0.0, "masks_at_once": 8}
+    defaults = {"mask_threshold": 0.0, "masks_at_once": 8, "device": None, "dtype": None}
 
     def setup(self) -> None:
-        import torch
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-        cuda = torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        self.device, self.dtype = precision.resolve(self.params["device"], self.params["dtype"])
         model = build_sam2_model(self.params["model"], self.device)
         self.predictor = SAM2ImagePredictor(model, mask_threshold=float(self.params["mask_threshold"]))
         # predict() would bring every mask of the image to full resolution at once (N x H x W floats). It is made
@@ -118,7 +116,7 @@ class Masker(Stage):
         """RLE masks at the image's resolution and SAM2's predicted IoUs for N boxes (x0, y0, x1, y1 pixels)."""
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.device == "cuda"):
+        with torch.inference_mode(), precision.autocast(self.device, self.dtype):
             self.predictor.set_image(image)
             logits, scores, _ = self.predictor.predict(box=boxes, multimask_output=False, return_logits=True)
         n = len(boxes)  # predict() drops the box axis when there is a single box

@@ -12,8 +12,7 @@ class Verifier(Stage):
 
     - ``threshold`` (0.5): keep a pair when IoU >= threshold (the paper's 0.5)
     - ``prefix``: prepended to every expression; None: "[semantic] " for -multitask checkpoints, else ""
-    - ``device``: torch device; None: "cuda" when available, else "cpu"
-    - ``dtype``: torch dtype name; None: float16 on CUDA (as the reference demo), float32 on CPU
+    - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "verify"

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sculpt import precision
+
 SEMANTIC_PREFIX = "[semantic] "  # multitask checkpoints: semantic-level segmentation (stuff, parts, all instances)
 SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
 TOKENIZER_FILE = "sentencepiece.bpe.model"
@@ -391,10 +393,13 @@ def resolve(source: str) -> str:
 
 
 class Predictor:
-    """EVF-SAM2 on one device: ``predict(image, expressions)`` -> N×H×W bool masks."""
+    """EVF-SAM2 on one device: ``predict(image, expressions)`` -> N×H×W bool masks.
 
-    def __init__(self, model: EvfSam2, tokenizer, prefix: str = "", device="cpu", dtype=torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval()
+    The weights stay float32; a reduced ``dtype`` runs the forward pass under autocast (``sculpt.precision``).
+    """
+
+    def __init__(self, model: EvfSam2, tokenizer, prefix: str = "", device="cpu", dtype: str = "float32"):
+        self.model = model.to(device=device, dtype=torch.float32).eval()
         self.tokenizer, self.prefix, self.device, self.dtype = tokenizer, prefix, torch.device(device), dtype
         self.image_size = model.visual_model.image_size
         self.beit_size = model.config.beit3_config().img_size
@@ -403,7 +408,8 @@ class Predictor:
     @torch.inference_mode()
     def image_features(self, image: np.ndarray) -> dict:
         """The SAM2 image embedding of an H×W×3 uint8 RGB image (reusable across ``predict`` calls)."""
-        return self.model.image_features(self._to(sam2_input(image, self.image_size)))
+        with precision.autocast(self.device.type, self.dtype):
+            return self.model.image_features(sam2_input(image, self.image_size).to(self.device))
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray, expressions: list[str], features: dict | None = None, chunk: int = 8) -> np.ndarray:
@@ -414,25 +420,22 @@ class Predictor:
             features = self.image_features(image)
         tokens = self.tokenizer([self.prefix + e for e in expressions], padding=True, truncation=True,
                                 max_length=self.max_tokens, return_tensors="pt")
-        prompts = self.model.prompts(self._to(beit3_input(image, self.beit_size)),
-                                     tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-        logits = self.model.decode(features, prompts)
+        with precision.autocast(self.device.type, self.dtype):
+            prompts = self.model.prompts(beit3_input(image, self.beit_size).to(self.device),
+                                         tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+            logits = self.model.decode(features, prompts)
         return np.concatenate([upsample(logits[i : i + chunk], height, width) for i in range(0, len(logits), chunk)])
-
-    def _to(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=self.device, dtype=self.dtype)
 
 
 def load(source: str, device: str | None = None, dtype: str | None = None, prefix: str | None = None) -> Predictor:
     """EVF-SAM2 from a hub id or a local checkpoint directory, weights checked strictly.
 
-    device: "cuda" when available, else "cpu"; dtype: float16 on CUDA (the reference's demo), float32 on CPU;
-    prefix: prepended to every expression (None: ``default_prefix(source)``).
+    device and dtype follow ``sculpt.precision.resolve`` (bfloat16 or float16 on CUDA, float32 on the CPU unless
+    asked); prefix: prepended to every expression (None: ``default_prefix(source)``).
     """
     directory = resolve(source)
     config = EvfConfig.load(os.path.join(directory, "config.json"))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    device, dtype = precision.resolve(device, dtype)
     model = EvfSam2(config, device=device, empty=True)
     load_weights(model, directory)
-    return Predictor(model, load_tokenizer(directory), default_prefix(source) if prefix is None else prefix, device, torch_dtype)
+    return Predictor(model, load_tokenizer(directory), default_prefix(source) if prefix is None else prefix, device, dtype)
