@@ -18,6 +18,15 @@ from sculpt.stage import Resources, Stage
 from sculpt.storage import S3Options
 
 
+def _at_least(obj, minimum, *names, integer=True) -> None:
+    """Refuse a field below ``minimum`` (or not a number), naming the field and what it takes."""
+    for name in names:
+        value = getattr(obj, name)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+            raise ConfigError(f"{name}={value!r}: must be {'an integer' if integer else 'a number'} >= {minimum}")
+
+
 @dataclass
 class InputConfig:
     shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
@@ -26,11 +35,17 @@ class InputConfig:
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
 
+    def __post_init__(self):
+        _at_least(self, 1, "readers", "batch_images", "max_image_pixels")
+
 
 @dataclass
 class OutputConfig:
     path: str = "sculpt-out"  # local directory or s3://bucket/prefix; one Parquet file per input shard
     overwrite: bool = False  # replace output written with a different config instead of refusing to run
+    # process again only the error rows of committed units (e.g. after fixing a node's model path), keeping every
+    # good row; same config as the output's
+    redo_errors: bool = False
 
 
 @dataclass
@@ -43,6 +58,10 @@ class StageConfig:
     gpus: float = 0.0  # per actor; fractions share a GPU
     memory_gb: float = 0.0  # per actor reservation
     params: dict = field(default_factory=dict)  # the stage's own settings (model id, prompts, thresholds)
+
+    def __post_init__(self):
+        _at_least(self, 1, "batch_size", "actors")
+        _at_least(self, 0, "cpus", "gpus", "memory_gb", integer=False)
 
 
 @dataclass
@@ -66,11 +85,38 @@ class VLMConfig:
     max_tiles: int = 6  # InternVL dynamic tiling: at most this many 448-px tiles per image (+ a thumbnail)
     min_tiles: int = 1
     max_model_len: int = 8192
-    dtype: str = "auto"
+    dtype: str = "auto"  # vLLM's: "auto" takes the checkpoint's (bfloat16), float16 on GPUs without bfloat16
+    trust_remote_code: bool = False  # run the checkpoint's own Python code (remote-code InternVL2/2.5 ids need it)
     enforce_eager: bool = False  # skip CUDA graphs / torch.compile (faster start, slower decode)
     engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
 
     RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel")
+
+    def __post_init__(self):
+        _at_least(self, 1, "replicas", "tensor_parallel", "min_tiles", "max_model_len")
+        _at_least(self, self.min_tiles, "max_tiles")
+        _at_least(self, 0, "gpus", "cpus", integer=False)
+
+
+@dataclass
+class FaultsConfig:
+    """What is retried and when a job stops. sculpt/errors.py decides what is transient: connection resets, S3
+    throttling and 5xx, CUDA out-of-memory and device errors, a dead vLLM engine or actor."""
+
+    attempts: int = 3  # tries of a stage batch (then of each of its images) that hits a transient fault
+    backoff_seconds: float = 2.0  # wait before the first retry; doubles with each retry
+    read_attempts: int = 5  # opens of a shard's stream after storage faults, each resuming where it broke
+    # A unit where one model stage fails more than this share of the images is not committed and the job stops:
+    # a misconfigured cluster must not write a dataset of error rows. 1.0 turns the check off.
+    max_error_share: float = 0.2
+    min_errors: int = 3  # ...and at least this many images, so that one bad image in a small unit stops nothing
+
+    def __post_init__(self):
+        _at_least(self, 1, "attempts", "read_attempts")
+        _at_least(self, 0, "backoff_seconds", "max_error_share", integer=False)
+        _at_least(self, 0, "min_errors")
+        if self.max_error_share > 1:
+            raise ConfigError(f"max_error_share={self.max_error_share}: a share, between 0 and 1")
 
 
 @dataclass
@@ -88,6 +134,7 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     stages: list[StageConfig] = field(default_factory=lambda: default_stages())  # run in this order
     progress_seconds: float = 10.0  # how often the driver prints progress
 
@@ -144,7 +191,7 @@ def _build(cls, data: Any, where: str):
             kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from None
 
 

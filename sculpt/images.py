@@ -10,7 +10,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # SA-1B images are ~3.4 MP; far above that is a decompression bomb
 
@@ -20,12 +20,17 @@ class ImageError(ValueError):
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError("not a readable image: the image file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # Pillow's own guard fires first above 2 x its limit
         raise ImageError(f"image too large: {exc}") from None
+    except UnidentifiedImageError:  # its message names a BytesIO's memory address: say what the bytes are instead
+        raise ImageError(f"not a readable image: no known image format in its {len(data):,} bytes "
+                         f"(they start {data[:8]!r})") from None
     except Exception as exc:
         raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     width, height = image.size

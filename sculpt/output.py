@@ -80,7 +80,8 @@ class OutputStore:
                 )
         if overwrite:
             self.clear()
-        storage.delete_tree(storage.join(self.uri, storage.TMP_DIR), self.s3)
+        for folder in (storage.TMP_DIR, f"{MARKERS}/{storage.TMP_DIR}"):  # a killed run's half-written files
+            storage.delete_tree(storage.join(self.uri, folder), self.s3)
         storage.write_atomic(storage.join(self.uri, JOB_FILE), json.dumps(job, indent=1).encode(), self.s3)
         return self.committed()
 
@@ -92,6 +93,10 @@ class OutputStore:
                 fs.delete_file(f"{path}/{name}")
         for folder in (MARKERS, storage.TMP_DIR):
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
+
+    def read_unit(self, unit: str, columns: list[str] | None = None) -> pa.Table:
+        fs, path = storage.filesystem(self.data_uri(unit), self.s3)
+        return pq.read_table(path, filesystem=fs, columns=columns)
 
     def markers(self) -> list[dict]:
         units = sorted(self.committed())
@@ -116,6 +121,7 @@ class UnitWriter:
         self.file = None
         self.writer = None
         self.stats = stats.empty()
+        self.first_errors: dict[str, list[str]] = {}  # stage -> its first few error messages, for the error budget
         self.started = time.time()
 
     @property
@@ -123,11 +129,15 @@ class UnitWriter:
         return self.expected is not None and len(self.seen) == self.expected
 
     def add(self, table: pa.Table) -> None:
-        fresh = [i not in self.seen for i in table["index"].to_pylist()]
+        fresh = [i not in self.seen and i >= 0 for i in table["index"].to_pylist()]
         if not all(fresh):
             table = table.filter(pa.array(fresh))
         self.seen.update(table["index"].to_pylist())
         stats.merge(self.stats, stats.count(table))
+        for message in pc.drop_null(table["error"]).to_pylist():
+            examples = self.first_errors.setdefault(message.split(":", 1)[0], [])
+            if len(examples) < 3:
+                examples.append(message)
         sizes = pc.drop_null(table["shard_size"])
         if len(sizes):
             self.expected, self.bytes_read = sizes[0].as_py(), pc.max(table["shard_bytes_read"]).as_py()
@@ -146,12 +156,42 @@ class UnitWriter:
             self.writer = pq.ParquetWriter(self.file.__enter__(), schema.OUTPUT_SCHEMA, compression="zstd")
         self.writer.write_table(table)
 
+    def resume_from(self, committed: pa.Table) -> None:
+        """Start from a committed unit's rows but its error rows, which are redone; the unit's size is theirs."""
+        self.expected = committed.num_rows
+        good = committed.filter(pc.not_equal(committed["status"], schema.ERROR)).cast(schema.OUTPUT_SCHEMA)
+        missing = [pa.nulls(good.num_rows, f.type) for f in schema.TRANSIENT_FIELDS]
+        self.add(pa.Table.from_arrays(good.columns + missing, schema=schema.PIPELINE_SCHEMA))
+
+    def over_error_budget(self, max_share: float, min_errors: int) -> str | None:
+        """Why this unit must not be committed — a model stage failed too many of its images — or None."""
+        rows = self.stats["rows"]
+        for stage, n in sorted(self.stats["errors_by_stage"].items()):
+            if stage != "read" and n >= max(min_errors, 1) and n > max_share * rows:
+                examples = "\n    ".join(self.first_errors.get(stage, []))
+                return (f"stage {stage} failed {n} of {rows} images of unit {self.unit} (over faults.max_error_share="
+                        f"{max_share:g}); not committed. First errors:\n    {examples}\nFix the cause (model path, "
+                        "device, config) and rerun; raise faults.max_error_share if such failures are expected.")
+        return None
+
+    def abort(self) -> None:
+        """Drop the unit: its temporary file goes, nothing is committed (the next run redoes the unit)."""
+        if self.writer is not None:
+            try:
+                self.writer.close()
+                self.file.__exit__(RuntimeError, None, None)
+            except OSError:
+                pass  # a leftover temporary file is garbage the next run clears
+        self.writer = self.file = None
+        self.buffer = []
+
     def commit(self) -> dict:
         if not self.complete:
             raise RuntimeError(f"unit {self.unit}: {len(self.seen)} of {self.expected} rows; not committing")
         self._flush()
         self.writer.close()
         self.file.__exit__(None, None, None)
+        self.writer = self.file = None
         marker = {
             "unit": self.unit,
             "fingerprint": self.job["fingerprint"],

@@ -16,10 +16,10 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sculpt import prompts, report, schema, shards, stats, storage
+from sculpt import errors, prompts, report, schema, shards, stats, storage
 from sculpt.config import JobConfig
 from sculpt.output import OutputStore, UnitWriter, fingerprint
-from sculpt.stage import Stage, StageActor, ray_options
+from sculpt.stage import Stage, actor_class, ray_options
 
 SCHEMA_VERSION = 1
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
@@ -55,13 +55,15 @@ def list_shards(config: JobConfig) -> list[str]:
     return uris
 
 
-def _read(batch: pa.Table, options: shards.ReadOptions):
+def _read(batch: pa.Table, options: shards.ReadOptions, only: dict[str, list[int]]):
     for uri in batch["uri"].to_pylist():
-        for rows in shards.read_shard(uri, options):
-            yield schema.to_table(rows)
+        for rows in shards.read_shard(uri, options, set(only[uri]) if uri in only else None):
+            if rows:
+                yield schema.to_table(rows)
 
 
-def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig):
+def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig, only: dict[str, list[int]] | None = None):
+    """The streaming dataset of the shards' rows through every stage; ``only``: shard -> the indices to read."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -71,11 +73,13 @@ def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig)
         max_image_pixels=config.input.max_image_pixels,
         keep_source_annotations=config.input.keep_source_annotations,
         s3=config.s3,
+        read_attempts=config.faults.read_attempts,
+        retry_backoff=config.faults.backoff_seconds,
     )
     ds = ray.data.from_items([{"uri": uri} for uri in shard_uris], override_num_blocks=len(shard_uris))
     ds = ds.map_batches(
         _read,
-        fn_kwargs={"options": options},
+        fn_kwargs={"options": options, "only": only or {}},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=config.input.readers),
@@ -83,8 +87,8 @@ def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig)
     )
     for stage in stages:
         ds = ds.map_batches(
-            StageActor,
-            fn_constructor_args=(stage,),
+            actor_class(stage),
+            fn_constructor_args=(stage, config.faults.attempts, config.faults.backoff_seconds),
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             **ray_options(stage.resources),
@@ -131,7 +135,8 @@ class Plan:
     store: OutputStore
     job: dict
     all_shards: list[str]
-    pending: list[str]  # shards without a committed unit
+    pending: list[str]  # shards to read: those without a committed unit, then those whose errors are redone
+    redo: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # shard -> indices of its error rows
 
 
 def plan(config: JobConfig, stages: list[Stage]) -> Plan:
@@ -143,34 +148,85 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     job = {**job_record(config, stages), "inputs": config.input.shards, "total_shards": len(all_shards)}
     committed = store.prepare(job, overwrite=config.output.overwrite)
     pending = [uri for uri in all_shards if shards.shard_name(uri) not in committed]
-    print(f"[sculpt] {len(all_shards)} shards: {len(all_shards) - len(pending)} already committed, {len(pending)} to do; "
-          f"output {store.uri} (config {job['fingerprint']})", flush=True)
-    return Plan(store, job, all_shards, pending)
+    redo = _error_rows(store, [uri for uri in all_shards if uri not in pending]) if config.output.redo_errors else {}
+    print(f"[sculpt] {len(all_shards)} shards: {len(all_shards) - len(pending)} already committed, {len(pending)} to do"
+          + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed to redo" if config.output.redo_errors else "")
+          + f"; output {store.uri} (config {job['fingerprint']})", flush=True)
+    return Plan(store, job, all_shards, pending + list(redo), redo)
+
+
+def _error_rows(store: OutputStore, committed_uris: list[str]) -> dict[str, list[int]]:
+    """Committed shard -> indices of its image-level error rows (read from the output, not the input)."""
+    errored = {m["unit"] for m in store.markers() if m["errors"]}
+    redo = {}
+    for uri in committed_uris:
+        if shards.shard_name(uri) in errored:
+            table = store.read_unit(shards.shard_name(uri), columns=["index", "status"])
+            redo[uri] = table.filter(pc.equal(table["status"], schema.ERROR))["index"].to_pylist()
+    return {uri: indices for uri, indices in redo.items() if indices}
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """A model stage failed too many images of a unit: the job stops before writing a dataset of errors."""
+
+
+def _transient_failure(table: pa.Table) -> str | None:
+    reasons = pc.drop_null(table["transient_error"])
+    return reasons[0].as_py() if len(reasons) else None
 
 
 def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dict:
-    """Annotate every shard not yet committed under the output path; returns a summary of this run."""
+    """Annotate every shard not yet committed under the output path; returns a summary of this run.
+
+    A unit with an image whose transient fault outlasted its retries, or whose commit failed, is left pending
+    (``summary["pending"]``, unit -> why) and the others go on; a rerun does the pending ones."""
     todo = todo or plan(config, stages)
-    store, job, all_shards, pending = todo.store, todo.job, todo.all_shards, todo.pending
-    progress = Progress(len(all_shards), len(all_shards) - len(pending), config.progress_seconds)
-    markers = []
-    if pending:
-        writers: dict[str, UnitWriter] = {}
-        for table in build_dataset(pending, stages, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+    store, job, all_shards = todo.store, todo.job, todo.all_shards
+    progress = Progress(len(all_shards), len(all_shards) - len(todo.pending), config.progress_seconds)
+    markers: list[dict] = []
+    pending: dict[str, str] = {}
+    writers: dict[str, UnitWriter] = {}
+    dataset = build_dataset(todo.pending, stages, config, todo.redo) if todo.pending else None
+    for uri in todo.redo:  # a redone unit starts from its committed good rows
+        writer = writers[shards.shard_name(uri)] = UnitWriter(store, shards.shard_name(uri), job)
+        writer.resume_from(store.read_unit(writer.unit))
+    try:
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow") if dataset else []:
             progress.rows(table.num_rows)
             for unit in pc.unique(table["shard"]).to_pylist():
-                writer = writers.setdefault(unit, UnitWriter(store, unit, job))
-                writer.add(table.filter(pc.equal(table["shard"], unit)))
-                if writer.complete:
-                    markers.append(writer.commit())
-                    del writers[unit]
-                    progress.unit(markers[-1])
+                if unit in pending:
+                    continue  # rows still arriving for a unit already given up on
+                part = table.filter(pc.equal(table["shard"], unit))
+                why = _transient_failure(part)
+                if why is None:
+                    writer = writers.setdefault(unit, UnitWriter(store, unit, job))
+                    try:
+                        writer.add(part)
+                        if not writer.complete:
+                            continue
+                        over = writer.over_error_budget(config.faults.max_error_share, config.faults.min_errors)
+                        if over:
+                            raise ErrorBudgetExceeded(over)
+                        markers.append(writer.commit())
+                        del writers[unit]
+                        progress.unit(markers[-1])
+                        continue
+                    except OSError as exc:  # the output store, past its own retries
+                        why = f"write: {errors.describe(exc)}"
+                if unit in writers:
+                    writers.pop(unit).abort()
+                pending[unit] = why
+                progress.print(f"left {unit} pending: {why}")
         if writers:
             missing = {unit: f"{len(w.seen)}/{w.expected}" for unit, w in writers.items()}
             raise RuntimeError(f"the pipeline ended with incomplete shards (rows seen/expected): {missing}")
+    finally:
+        for writer in writers.values():
+            writer.abort()
     summary = {
         "shards": len(all_shards),
         "committed_now": len(markers),
+        "pending": pending,
         "images": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers),
         "input_bytes_read": sum(m["input_bytes_read"] for m in markers),
@@ -182,7 +238,7 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
     storage.write_atomic(storage.join(store.uri, STATS_FILE),
                          json.dumps({**job_total, "derived": stats.derived(job_total)}, indent=1).encode(), config.s3)
     summary["job"] = _rounded({key: value for key, value in stats.derived(job_total).items() if value is not None})
-    progress.print("done")
+    progress.print("done" if not pending else f"done; {len(pending)} unit(s) left pending, rerun to retry them")
     return summary
 
 

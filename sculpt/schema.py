@@ -54,6 +54,8 @@ TRANSIENT_FIELDS = [
     pa.field("image_bytes", pa.binary()),  # the encoded image as it came from the tar
     pa.field("shard_size", pa.int32()),  # rows the shard yields: set on the rows of its last batch only
     pa.field("shard_bytes_read", pa.int64()),  # input bytes read for the shard: likewise
+    # set when a transient fault outlasted its retries (sculpt/errors.py): the row's unit is not committed
+    pa.field("transient_error", pa.string()),
     # each stage's busy time spent on this row (its batch's time over the batch's rows), for run statistics
     pa.field("stage_seconds", pa.list_(pa.struct([("stage", pa.string()), ("seconds", pa.float64())]))),
 ]

@@ -8,10 +8,11 @@ that still fail are marked, so one bad image never takes its batch down with it.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
-from sculpt import schema
+from sculpt import errors, schema
 
 
 @dataclass(frozen=True)
@@ -82,26 +83,48 @@ class Stage:
 
 
 class StageActor:
-    """Runs one Stage inside a Ray Data actor: Arrow batch in, Arrow batch out, same rows, same order."""
+    """Runs one Stage inside a Ray Data actor: Arrow batch in, Arrow batch out, same rows, same order.
 
-    def __init__(self, stage: Stage):
-        self.stage = stage
+    A transient fault (``sculpt.errors``) is retried: the batch ``attempts`` times, then each image on its own as
+    often; an image whose fault outlasts that carries ``transient_error`` and its unit stays uncommitted. Any
+    other exception is that image's error row. Rows with an error of either kind pass through untouched.
+    """
+
+    def __init__(self, stage: Stage, attempts: int = 3, backoff_seconds: float = 2.0):
+        self.stage, self.attempts, self.backoff = stage, attempts, backoff_seconds
         stage.setup()
+
+    def _process(self, rows: list[dict]) -> None:
+        def say(attempt, exc):
+            print(f"[sculpt] {self.stage.name}: transient fault on {len(rows)} image(s), retry {attempt + 1} of "
+                  f"{self.attempts - 1}: {errors.describe(exc)}", flush=True)
+
+        errors.retrying(lambda: self.stage.process(rows), self.attempts, self.backoff, say)
 
     def __call__(self, batch):
         rows = batch.to_pylist()
-        todo = [row for row in rows if row["status"] != schema.ERROR]
+        todo = [row for row in rows if row["status"] != schema.ERROR and not row["transient_error"]]
         if todo:
             started = time.perf_counter()
             try:
-                self.stage.process(todo)
+                self._process(todo)
             except Exception:
                 for row in todo:  # find the images that fail on their own; the rest keep their results
                     try:
-                        self.stage.process([row])
+                        self._process([row])
                     except Exception as exc:
-                        schema.mark_error(row, self.stage.name, exc)
+                        if errors.is_transient(exc):
+                            row["transient_error"] = f"{self.stage.name}: {errors.describe(exc)}"
+                        else:
+                            schema.mark_error(row, self.stage.name, exc)
             share = (time.perf_counter() - started) / len(todo)
             for row in todo:
                 row["stage_seconds"] = (row["stage_seconds"] or []) + [{"stage": self.stage.name, "seconds": share}]
         return schema.to_table(rows)
+
+
+def actor_class(stage: Stage) -> type:
+    """A StageActor subclass named after the stage, so that processes and the dashboard say which stage runs
+    (``MapBatches(GroundStage)``, not ``MapBatches(StageActor)`` for every stage)."""
+    name = "".join(part.capitalize() for part in re.split(r"[^0-9a-zA-Z]+", stage.name) if part) + "Stage"
+    return type(name, (StageActor,), {"__module__": __name__})

@@ -17,8 +17,20 @@ import pyarrow.fs as pafs
 
 @dataclass(frozen=True)
 class S3Options:
-    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None: AWS (or AWS_ENDPOINT_URL)
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000 (scheme required); None: AWS (or AWS_ENDPOINT_URL)
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    # Tries of each S3 request, with the AWS SDK's standard backoff (throttling and 5xx are retried); a fault that
+    # outlasts them fails the read of that shard (retried from where it broke) or the commit of that unit.
+    retry_attempts: int = 10
+    connect_timeout: float = 10.0  # seconds
+    request_timeout: float = 60.0  # seconds without progress on one request
+
+    def __post_init__(self):
+        if self.endpoint and "://" not in self.endpoint:
+            raise ValueError(f"endpoint={self.endpoint!r} has no scheme: write http://{self.endpoint} or "
+                             f"https://{self.endpoint}")
+        if not isinstance(self.retry_attempts, int) or self.retry_attempts < 1:
+            raise ValueError(f"retry_attempts={self.retry_attempts!r}: must be an integer >= 1")
 
 
 def is_s3(uri: str) -> bool:
@@ -30,10 +42,17 @@ def filesystem(uri: str, s3: S3Options = S3Options()) -> tuple[pafs.FileSystem, 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     endpoint = s3.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options = {"region": s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    options = {
+        "region": s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3.retry_attempts),
+        "connect_timeout": s3.connect_timeout,
+        "request_timeout": s3.request_timeout,
+    }
     if endpoint:
-        scheme, _, host = endpoint.rpartition("://")
-        options.update(endpoint_override=host or endpoint, scheme=scheme or "https")
+        scheme, sep, host = endpoint.partition("://")
+        if not sep:
+            raise ValueError(f"S3 endpoint {endpoint!r} has no scheme: write http://{endpoint} or https://{endpoint}")
+        options.update(endpoint_override=host, scheme=scheme)
     return pafs.S3FileSystem(**options), uri[len("s3://") :].rstrip("/")
 
 

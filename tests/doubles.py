@@ -68,3 +68,35 @@ class ThresholdMasker(Stage):
                     "kept": True,
                 }
             ]
+
+
+class Faulty(Stage):
+    """Adds its name to the caption; raises for chosen images, the way real faults arrive.
+
+    - ``transient_keys`` fail with a CUDA-style out-of-memory error the first ``transient_times`` times each;
+    - while the file ``fault_file`` exists, images of ``fault_shards`` fail with ConnectionResetError;
+    - while the file ``broken_file`` exists, the image keys it lists (one per line) fail with a permanent error.
+    """
+
+    name = "faulty"
+
+    def setup(self):
+        self.seen: dict[str, int] = {}
+
+    def process(self, rows):
+        import torch
+
+        p = self.params
+        for row in rows:
+            key = row["image_key"]
+            if key in p.get("transient_keys", ()):
+                self.seen[key] = self.seen.get(key, 0) + 1
+                if self.seen[key] <= p.get("transient_times", 1):
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            if p.get("fault_file") and os.path.exists(p["fault_file"]) and row["shard"] in p.get("fault_shards", ()):
+                raise ConnectionResetError(104, "Connection reset by peer (injected)")
+            if p.get("broken_file") and os.path.exists(p["broken_file"]):
+                if key in open(p["broken_file"]).read().split():
+                    raise ValueError(f"injected permanent failure on {key}")
+        for row in rows:
+            row["caption"] = (row["caption"] or "") + f"{self.name};"

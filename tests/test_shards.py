@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sculpt import images, samples, schema
+from sculpt import images, samples, schema, shards
 from sculpt.shards import ReadOptions, read_shard, shard_name
 from tests import helpers
 
@@ -129,3 +129,71 @@ def test_image_modes_decode_to_upright_rgb(tmp_path):
     # RGBA is composited on white, not stripped of alpha
     composited = images.load_rgb(rows[2]["image_bytes"]).astype(int)
     assert np.abs(composited - (rgb.astype(int) * 128 + 255 * 127) // 255).max() <= 2
+
+
+class FlakyOpen:
+    """Stands in for shards._open_at: the first ``faults`` streams raise ConnectionResetError after ``after`` bytes."""
+
+    def __init__(self, faults, after):
+        self.faults, self.after, self.offsets = faults, after, []
+        self.real = shards._open_at
+
+    def __call__(self, uri, offset, s3):
+        self.offsets.append(offset)
+        stream, size = self.real(uri, offset, s3)
+        if len(self.offsets) > self.faults:
+            return stream, size
+        budget = [self.after]
+
+        class Resetting:
+            def read(_, n=-1):
+                if budget[0] <= 0:
+                    raise ConnectionResetError(104, "Connection reset by peer")
+                data = stream.read(min(n, budget[0]) if n and n > 0 else budget[0])
+                budget[0] -= len(data)
+                return data
+
+        return Resetting(), size
+
+
+def six_image_shard(tmp_path, name="sa_000007.tar"):
+    ok = helpers.encoded(helpers.photo())
+    path = tmp_path / name
+    samples.write_tar(str(path), [m for i in range(1, 7) for m in helpers.pair(i, ok)])
+    return path
+
+
+def test_a_reset_mid_tar_reopens_where_it_broke_and_loses_nothing(tmp_path, monkeypatch):
+    path = six_image_shard(tmp_path)
+    _, clean = rows_of(path)
+    flaky = FlakyOpen(faults=2, after=path.stat().st_size // 3)
+    monkeypatch.setattr(shards, "_open_at", flaky)
+    _, rows = rows_of(path, read_attempts=3, retry_backoff=0)
+    assert len(flaky.offsets) == 3 and 0 < flaky.offsets[1] < flaky.offsets[2] < path.stat().st_size  # ranged reopens
+    assert [r["image_key"] for r in rows] == [r["image_key"] for r in clean] == [f"sa_{i}" for i in range(1, 7)]
+    assert [r["status"] for r in rows] == [schema.OK] * 6 and not any(r["transient_error"] for r in rows)
+    assert [r["image_bytes"] for r in rows] == [r["image_bytes"] for r in clean]
+    assert rows[-1]["shard_size"] == 6
+
+
+def test_a_compressed_tar_starts_over_and_skips_what_it_read(tmp_path, monkeypatch):
+    import gzip
+
+    path = six_image_shard(tmp_path)
+    gz = tmp_path / "sa_000008.tar.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    flaky = FlakyOpen(faults=1, after=gz.stat().st_size // 2)
+    monkeypatch.setattr(shards, "_open_at", flaky)
+    _, rows = rows_of(gz, read_attempts=2, retry_backoff=0)
+    assert flaky.offsets == [0, 0]
+    assert [r["image_key"] for r in rows] == [f"sa_{i}" for i in range(1, 7)] and rows[-1]["shard_size"] == 6
+
+
+def test_a_shard_that_keeps_failing_is_left_pending_not_cut_short(tmp_path, monkeypatch):
+    path = six_image_shard(tmp_path)
+    monkeypatch.setattr(shards, "_open_at", FlakyOpen(faults=99, after=path.stat().st_size // 6))
+    _, rows = rows_of(path, read_attempts=3, retry_backoff=0)
+    failed = [r for r in rows if r["transient_error"]]
+    assert len(failed) == 1 and "still failed after 3 attempts" in failed[0]["transient_error"]
+    assert "ConnectionResetError" in failed[0]["transient_error"]
+    assert all(r["shard_size"] is None for r in rows)  # no row claims the shard is complete

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from actors.vlm import vlm_engines  # noqa: E402
 from sculpt import config as job_config  # noqa: E402
-from sculpt import output, pipeline, samples  # noqa: E402
+from sculpt import errors, pipeline, samples  # noqa: E402
 
 DEMO_DIR = "sculpt-demo"
 # The demo on a CPU machine: logical CPUs and GPUs for the five stages, small images, short answers.
@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", action="append", help="shard file, directory, glob or s3:// prefix (repeatable)")
     parser.add_argument("--output", help="output directory or s3:// prefix")
     parser.add_argument("--overwrite", action="store_true", help="delete output written with another config and start over")
+    parser.add_argument("--redo-errors", action="store_true",
+                        help="process again the error rows of committed units (same config), keeping every good row")
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. input.readers=4")
     return parser.parse_args(argv)
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
         overrides.append(f"output.path={json.dumps(args.output)}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
+    if args.redo_errors:
+        overrides.append("output.redo_errors=true")
     if args.s3_endpoint:
         overrides.append(f"s3.endpoint={json.dumps(args.s3_endpoint)}")
     try:
@@ -78,13 +82,21 @@ def main(argv=None) -> int:
             pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
         with vlm_engines(config, stages if todo.pending else []):
             summary = pipeline.run(config, stages, todo)
-    except (job_config.ConfigError, output.IncompatibleOutput, FileNotFoundError, ValueError) as exc:
-        print(f"sculpt: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = errors.job_error(exc)
+        if message is None:
+            raise
+        print(f"sculpt: error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
     out = summary["output"]
     print(f"Rows: {out}/*.parquet (pyarrow.dataset or pandas; sculpt.schema.decode_masks for masks). "
           f"Totals: `sculpt status {out}`; statistics and plots: `sculpt report {out}`.")
+    if summary["pending"]:
+        first, why = next(iter(summary["pending"].items()))
+        print(f"sculpt: {len(summary['pending'])} unit(s) left pending after transient faults (first: {first}: {why}); "
+              "rerun the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,94 @@
+"""Transient versus permanent faults: the one rule that decides what is retried and what becomes data.
+
+Transient faults say nothing about the image: a connection reset, S3 throttling or a 5xx, a dead vLLM engine, a
+CUDA out-of-memory or device error, a dead actor. They are retried (``retrying``); one that outlasts its retries
+leaves the image's unit uncommitted (pending for the next run), never written as a result.
+
+Everything else raised while processing an image is permanent for that image (a corrupt JPEG, bad JSON, an
+unusable model answer) and becomes its error row.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Exception classes, matched by name anywhere in the class hierarchy, so that this module imports no torch, ray
+# or vllm: torch.OutOfMemoryError (torch.cuda.OutOfMemoryError), Ray's actor and object faults, vLLM's engine death.
+TRANSIENT_CLASSES = {
+    "OutOfMemoryError", "AcceleratorError",
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError", "OwnerDiedError",
+    "NodeDiedError", "WorkerCrashedError", "GetTimeoutError",
+    "EngineDeadError", "EngineGenerateError",
+}
+# RuntimeError messages of device faults (older torch raises CUDA errors as plain RuntimeError).
+TRANSIENT_MESSAGES = ("CUDA out of memory", "CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "NCCL error",
+                      "device-side assert", "HIP out of memory")
+
+
+class TransientError(RuntimeError):
+    """A fault a retry may cure. Raise it from a custom stage for faults of your own (a remote service down)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (TransientError, ConnectionError, TimeoutError)):
+        return True
+    if any(cls.__name__ in TRANSIENT_CLASSES for cls in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in TRANSIENT_MESSAGES)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs and error rows: the class and the first line of the message."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def release_device_memory() -> None:
+    """After an out-of-memory error: give cached CUDA blocks back before the retry (no-op without CUDA)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def retrying(call, attempts: int, backoff: float, on_retry=None):
+    """``call()``, retried on transient faults up to ``attempts`` times in all, waiting backoff·2^k between tries.
+
+    A permanent fault is raised at once; the last transient one is raised when the attempts run out."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            release_device_memory()
+            if on_retry:
+                on_retry(attempt, exc)
+            time.sleep(backoff * 2**attempt)
+
+
+def job_error(exc: BaseException) -> str | None:
+    """The one line (cause, then the fix) for a failure that ends a whole job, or None for an unexpected one."""
+    import errno
+
+    import yaml
+
+    from sculpt.config import ConfigError
+    from sculpt.output import IncompatibleOutput
+    from sculpt.pipeline import ErrorBudgetExceeded
+
+    if isinstance(exc, (ConfigError, IncompatibleOutput, ErrorBudgetExceeded, FileNotFoundError)):
+        return str(exc)
+    if isinstance(exc, yaml.YAMLError):
+        return f"the config file is not valid YAML: {' '.join(str(exc).split())}"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on the output's disk ({exc}); free space or choose another output path, then rerun"
+        if "AWS Error" in str(exc) or "S3" in str(exc) or "curl" in str(exc).lower():
+            return (f"S3 is unreachable or refused the request ({describe(exc)}); check s3.endpoint (with its "
+                    "http:// or https://), the credentials (AWS_* variables or the node's IAM role) and the bucket")
+        return f"{describe(exc)}; check the path and its permissions"
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return None

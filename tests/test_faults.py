@@ -1,0 +1,91 @@
+"""Transient faults are retried and never committed; permanent ones are error rows; the error budget stops a job;
+a rerun redoes error rows. On a local Ray with logical GPUs and the Faulty test stage (tests/doubles.py)."""
+
+import json
+import os
+
+import pyarrow.dataset as pads
+import pytest
+
+from sculpt import config, pipeline
+from sculpt.output import OutputStore
+
+
+def faulty(**params):
+    return {"name": "faulty", "class": "tests.doubles:Faulty", "cpus": 0.5, "gpus": 0.25, "batch_size": 2,
+            "params": params}
+
+
+def job(inputs, out, stages, *extra):
+    overrides = [f"input.shards={json.dumps([str(p) for p in inputs])}", f"output.path={out}", f"stages={json.dumps(stages)}",
+                 "input.batch_images=2", "progress_seconds=1", "faults.backoff_seconds=0.01", *extra]
+    cfg = config.load(None, overrides)
+    return cfg, [config.build_stage(s) for s in cfg.stages]
+
+
+def rows_of(out):
+    rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+    return sorted(rows, key=lambda r: (r["shard"], r["index"]))
+
+
+def test_out_of_memory_is_retried_and_never_written(local_ray, sample_shards, tmp_path):
+    cfg, stages = job(sample_shards[:2], tmp_path / "out", [faulty(transient_keys=["sa_1", "sa_5"], transient_times=2)])
+    summary = pipeline.run(cfg, stages)
+    rows = rows_of(tmp_path / "out")
+    assert summary["committed_now"] == 2 and summary["pending"] == {}
+    assert len(rows) == 8 and all(r["status"] == "empty" and r["caption"] == "faulty;" for r in rows)
+
+
+def test_a_fault_that_outlasts_its_retries_leaves_the_unit_pending_and_a_rerun_finishes_it(local_ray, sample_shards, tmp_path):
+    flag = tmp_path / "fault-on"
+    flag.write_text("")
+    unit = os.path.basename(sample_shards[1])[: -len(".tar")]
+    cfg, stages = job(sample_shards, tmp_path / "out", [faulty(fault_file=str(flag), fault_shards=[unit])],
+                      "faults.attempts=2")
+    summary = pipeline.run(cfg, stages)
+    assert list(summary["pending"]) == [unit] and "ConnectionResetError" in summary["pending"][unit]
+    assert summary["committed_now"] == 2
+    store = OutputStore(str(tmp_path / "out"))
+    assert unit not in store.committed() and not os.path.exists(store.data_uri(unit))  # nothing short, nothing partial
+    assert {r["shard"] for r in rows_of(tmp_path / "out")} == store.committed()
+
+    flag.unlink()  # the fault is gone: the same command finishes the job, each image exactly once
+    summary = pipeline.run(cfg, stages)
+    rows = rows_of(tmp_path / "out")
+    assert summary["committed_now"] == 1 and summary["pending"] == {}
+    assert len(rows) == 12 and len({(r["shard"], r["index"]) for r in rows}) == 12
+    assert all(r["status"] == "empty" for r in rows)
+
+
+def test_a_stage_failing_most_images_stops_the_job_before_it_commits(local_ray, sample_shards, tmp_path):
+    broken = tmp_path / "broken"
+    broken.write_text("sa_1 sa_2 sa_3 sa_4 sa_5 sa_6 sa_7 sa_8 sa_9 sa_10 sa_11 sa_12")
+    cfg, stages = job(sample_shards[:1], tmp_path / "out", [faulty(broken_file=str(broken))])
+    with pytest.raises(pipeline.ErrorBudgetExceeded, match=r"(?s)stage faulty failed 4 of 4 images .* injected permanent"):
+        pipeline.run(cfg, stages)
+    assert OutputStore(str(tmp_path / "out")).committed() == set()
+
+
+def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, tmp_path):
+    broken = tmp_path / "broken"
+    broken.write_text("sa_2 sa_6")  # one image in each of two shards: under the error budget
+    stages = [faulty(broken_file=str(broken))]
+    cfg, built = job(sample_shards, tmp_path / "out", stages, "faults.min_errors=2")
+    pipeline.run(cfg, built)
+    before = rows_of(tmp_path / "out")
+    failed = {(r["shard"], r["index"]) for r in before if r["status"] == "error"}
+    assert len(failed) == 2 and all("injected permanent failure" in r["error"] for r in before if r["status"] == "error")
+
+    broken.unlink()  # the cause is fixed
+    cfg, built = job(sample_shards, tmp_path / "out", stages, "faults.min_errors=2", "output.redo_errors=true")
+    todo = pipeline.plan(cfg, built)
+    assert sorted(map(len, todo.redo.values())) == [1, 1] and len(todo.pending) == 2  # only the two units with errors
+    summary = pipeline.run(cfg, built, todo)
+    after = rows_of(tmp_path / "out")
+    assert summary["committed_now"] == 2 and summary["errors"] == 0
+    assert len(after) == 12 and len({(r["shard"], r["index"]) for r in after}) == 12
+    assert all(r["status"] == "empty" for r in after)
+    unchanged = [(b, a) for b, a in zip(before, after) if (b["shard"], b["index"]) not in failed]
+    assert len(unchanged) == 10 and all(b == a for b, a in unchanged)  # good rows kept as they were
+    markers = {m["unit"]: m for m in OutputStore(str(tmp_path / "out")).markers()}
+    assert sum(m["rows"] for m in markers.values()) == 12 and sum(m["errors"] for m in markers.values()) == 0
