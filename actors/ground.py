@@ -85,6 +85,7 @@ class Grounder(Stage):
         inputs = self.processor(
             text=[grounding.TASK + chunk.text for _, _, chunk in batch],
             images=[image for _, image, _ in batch],
+            input_data_format="channels_last",  # never guessed: a 1- or 3-pixel-high image looks channels-first
             padding="longest",
             return_tensors="pt",
         ).to(self.device, self.dtype)

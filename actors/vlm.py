@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import contextlib
 
-from sculpt import images, vlm
+from sculpt import errors, images, vlm
 from sculpt.stage import Stage
 
 
 class VLMEngine:
-    """One vllm.LLM. ``chat`` takes the images of a batch once and any number of text requests about them."""
+    """One vllm.LLM. ``chat`` takes the images of a batch once and any number of text requests about them.
+
+    When the engine core dies (its process killed, a CUDA fault), the actor ends its own process: Ray restarts
+    it with a new engine (``max_restarts=-1``) and retries the call there (``max_task_retries=-1``), so callers
+    wait instead of receiving errors.
+    """
 
     def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int):
         from transformers import AutoConfig
         from vllm import LLM
 
-        model_type = AutoConfig.from_pretrained(model, trust_remote_code=True).model_type
+        trust = bool(engine_kwargs.get("trust_remote_code"))
+        model_type = AutoConfig.from_pretrained(model, trust_remote_code=trust).model_type
         tiling = vlm.tiling_kwargs(model_type, max_tiles, min_tiles)
         self.llm = LLM(model=model, mm_processor_kwargs=tiling, limit_mm_per_prompt={"image": 1}, **engine_kwargs)
 
@@ -34,7 +40,12 @@ class VLMEngine:
 
         pictures = {key: Image.fromarray(images.load_rgb(data)) for key, data in encoded_images.items()}
         conversations = [conversation(pictures[key], text) for key, text in requests]
-        outputs = self.llm.chat(conversations, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+        try:
+            outputs = self.llm.chat(conversations, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+        except Exception as exc:
+            if errors.is_transient(exc) and type(exc).__name__ == "EngineDeadError":
+                self._restart(exc)
+            raise
         return [
             {
                 "text": out.outputs[0].text,
@@ -44,6 +55,12 @@ class VLMEngine:
             }
             for out in outputs
         ]
+
+    def _restart(self, exc: BaseException) -> None:
+        import os
+
+        print(f"[sculpt] VLM engine died ({errors.describe(exc)}); restarting this engine actor", flush=True)
+        os._exit(1)  # an unexpected exit: Ray restarts the actor and retries the calls in flight
 
     def shutdown(self) -> None:
         """Stop the engine's worker process now rather than at interpreter exit."""
@@ -71,7 +88,8 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
 
     settings = config.vlm
     engine_kwargs = {"max_model_len": settings.max_model_len, "dtype": settings.dtype,
-                     "enforce_eager": settings.enforce_eager, "seed": 0, **settings.engine_kwargs}
+                     "enforce_eager": settings.enforce_eager, "trust_remote_code": settings.trust_remote_code, "seed": 0,
+                     **settings.engine_kwargs}
     plan = vlm.engine_plan(settings.gpus, settings.cpus, settings.tensor_parallel, engine_kwargs)
     engines, groups = [], []
     try:

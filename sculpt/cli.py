@@ -10,28 +10,23 @@ from sculpt.storage import S3Options
 
 def status(out: str, s3: S3Options) -> str:
     """Shards done/total, images and errors of an output path."""
+    from sculpt import report
     from sculpt.output import OutputStore
 
     store = OutputStore(out, s3)
     job = store.job()
     if job is None:
         return f"{out}: no sculpt output here"
-    markers = store.markers()
-    total = job.get("total_shards")
-    images, errors = sum(m["rows"] for m in markers), sum(m["errors"] for m in markers)
-    objects, kept = sum(m["objects"] for m in markers), sum(m["kept"] for m in markers)
+    total, markers = report.job_stats(store)
+    shards = job.get("total_shards")
     lines = [
         f"output   {out} (config {job['fingerprint']})",
-        f"shards   {len(markers)}/{total if total is not None else '?'} committed",
-        f"images   {images} ({errors} errors)",
-        f"objects  {objects} ({kept} kept)",
+        f"shards   {len(markers)}/{shards if shards is not None else '?'} committed",
+        f"images   {report.images_summary(total)}",
+        f"objects  {total['objects']} ({total['kept']} kept)",
     ]
-    by_stage: dict[str, int] = {}
-    for marker in markers:
-        for stage, n in marker["errors_by_stage"].items():
-            by_stage[stage] = by_stage.get(stage, 0) + n
-    if by_stage:
-        lines.append("errors   " + ", ".join(f"{stage}: {n}" for stage, n in sorted(by_stage.items())))
+    if total["errors_by_stage"]:
+        lines.append("errors   " + ", ".join(f"{stage}: {n}" for stage, n in sorted(total["errors_by_stage"].items())))
     return "\n".join(lines)
 
 

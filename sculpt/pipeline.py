@@ -115,7 +115,7 @@ class Progress:
     def unit(self, marker: dict) -> None:
         self.done += 1
         self.images_per_shard.append(marker["rows"])
-        self.print(f"committed {marker['unit']} ({marker['rows']} images, {marker['errors']} errors)")
+        self.print(f"committed {marker['unit']} ({marker['images']} images, {marker['errors']} errors)")
 
     def print(self, event: str = "") -> None:
         self.last = time.monotonic()
@@ -227,7 +227,8 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
         "shards": len(all_shards),
         "committed_now": len(markers),
         "pending": pending,
-        "images": sum(m["rows"] for m in markers),
+        "images": sum(m["images"] for m in markers),
+        "rows": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers),
         "input_bytes_read": sum(m["input_bytes_read"] for m in markers),
         "seconds": round(time.monotonic() - progress.start, 2),

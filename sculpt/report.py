@@ -16,12 +16,19 @@ def job_stats(store: OutputStore) -> tuple[dict, list[dict]]:
     return total, markers
 
 
+def images_summary(total: dict) -> str:
+    """The one wording of the image count, for status and report alike."""
+    errors = total["errors"] - (total["rows"] - total["images"])  # an unreadable shard's row is not an image's
+    shards = total["rows"] - total["images"]
+    return f"{total['images']} ({errors} errors" + (f"; {shards} shard(s) unreadable as a whole" if shards else "") + ")"
+
+
 def render(out: str, job: dict, total: dict, units: int) -> str:
     d = stats.derived(total)
     lines = [
         f"output            {out} (config {job['fingerprint']}, prompts {job.get('prompts_version')})",
         f"shards            {units}/{job.get('total_shards', '?')} committed",
-        f"images            {total['images']} ({total['errors']} errors, {d['error_rate']:.1%}; {total['empty']} without objects)",
+        f"images            {images_summary(total)}; {total['empty']} without objects",
         f"objects           {total['objects']} ({d['objects_per_image']:.2f} per image; {total['object_errors']} with errors)",
     ]
     if d["keep_rate"] is not None:
@@ -31,11 +38,12 @@ def render(out: str, job: dict, total: dict, units: int) -> str:
             lines.append(f"  IoU {i / stats.IOU_BINS:.1f}-{(i + 1) / stats.IOU_BINS:.1f}  {n:7d} {'#' * round(30 * n / peak)}")
     if d["words_per_expression"] is not None:
         lines.append(f"expressions       {sum(total['expression_words'].values())}, {d['words_per_expression']:.1f} words on average")
-    for stage, rate in d["stage_images_per_second"].items():
-        busy_ms = total["stage_seconds"][stage] / total["stage_images"][stage] * 1000
-        if busy_ms < 0.1:
+    for stage in total["stage_seconds"]:
+        rate = d["stage_images_per_second"].get(stage)
+        if rate is None:
             lines.append(f"stage {stage:11s} no work on these images")
         else:
+            busy_ms = total["stage_seconds"][stage] / total["stage_images"][stage] * 1000
             lines.append(f"stage {stage:11s} {rate:8.2f} img/s per actor ({busy_ms:.1f} ms busy per image)")
     if total["error_kinds"]:
         lines.append("errors by kind")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -85,8 +86,15 @@ def _member_key(name: str) -> tuple[str, str] | None:
     return None
 
 
+def image_id_of(key: str) -> int | None:
+    """SA-1B's image id from a member name (``sa_223750`` -> 223750), so that even an error row says which image."""
+    match = re.fullmatch(r"sa_(\d+)", posixpath.basename(key))
+    return int(match.group(1)) if match else None
+
+
 def _image_row(unit: str, index: int, key: str, parts: dict, options: ReadOptions) -> dict:
-    row = schema.new_row(unit, index, posixpath.basename(key), file_name=posixpath.basename(key) + ".jpg")
+    row = schema.new_row(unit, index, posixpath.basename(key), file_name=posixpath.basename(key) + ".jpg",
+                         image_id=image_id_of(key))
     if "image" not in parts:
         return schema.mark_error(row, "read", f"{key}.json has no image beside it in the shard")
     if parts["image"] is None:

@@ -15,12 +15,13 @@ import pyarrow.compute as pc
 from sculpt import schema
 
 IOU_BINS = 10  # [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0]
+NO_WORK_SECONDS = 1e-4  # a stage busy less than this per image had nothing to do on them (no rate is shown)
 
 
 def empty() -> dict:
     return {
-        "rows": 0,  # one per input image (or per unreadable shard)
-        "images": 0,
+        "rows": 0,  # one per input image, plus one per shard unreadable as a whole
+        "images": 0,  # rows of an image (a tar member): the "images" of status, report and the run summary
         "errors": 0,  # rows with status error
         "empty": 0,  # rows processed without objects
         "objects": 0,
@@ -106,7 +107,8 @@ def derived(stats: dict) -> dict:
         "keep_rate": stats["kept"] / stats["verified"] if stats["verified"] else None,
         "words_per_expression": sum(int(n) * c for n, c in words.items()) / expressions if expressions else None,
         "error_rate": stats["errors"] / stats["rows"] if stats["rows"] else 0.0,
-        "stage_images_per_second": {  # per actor: images over its busy seconds
-            stage: stats["stage_images"][stage] / seconds for stage, seconds in stats["stage_seconds"].items() if seconds
+        "stage_images_per_second": {  # per actor: images over its busy seconds; only stages that did work
+            stage: stats["stage_images"][stage] / seconds for stage, seconds in stats["stage_seconds"].items()
+            if seconds >= NO_WORK_SECONDS * stats["stage_images"][stage]
         },
     }

@@ -6,7 +6,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Ray workers import the test doubles (tests.doubles) by module path; S3 tests talk to moto on loopback only.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
-os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+# Distinctive fake credentials, so that a test can show they appear in no output file or log.
+os.environ.update(AWS_ACCESS_KEY_ID="AKIASCULPTTESTONLY01", AWS_SECRET_ACCESS_KEY="sculpt-fake-secret-never-written",
+                  AWS_DEFAULT_REGION="us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM's CPU backend
 sys.path.insert(0, ROOT)

@@ -39,3 +39,76 @@ def bomb_jpeg(width=40000, height=40000) -> bytes:
 def pair(image_id: int, image_bytes: bytes, width=8, height=8, prefix="./"):
     meta = samples.sa1b_json(image_id, np.zeros((height, width, 3), np.uint8))
     return [(f"{prefix}sa_{image_id}.jpg", image_bytes), (f"{prefix}sa_{image_id}.json", meta)]
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the test S3 server that cuts responses short, as a flaky network does.
+
+    Responses to GETs whose path contains ``match`` are cut after half their body and the connection is dropped,
+    the first ``cuts`` times; everything else passes through. ``cut`` counts the faults served.
+    """
+
+    def __init__(self, upstream: str, match: str, cuts: int):
+        import http.client
+        import socket
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        proxy = self
+        self.match, self.cuts, self.cut = match, cuts, 0
+        self.lock = threading.Lock()
+        host = urlparse(upstream).netloc
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _body(self):
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                        if size == 0:
+                            return data
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self):
+                body = self._body()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+                upstream_conn = http.client.HTTPConnection(host, timeout=30)
+                upstream_conn.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_conn.getresponse()
+                data = response.read()
+                fault = False
+                if self.command == "GET" and proxy.match in self.path and len(data) > 1:
+                    with proxy.lock:
+                        fault = proxy.cut < proxy.cuts
+                        proxy.cut += fault
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if fault:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                elif self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -73,3 +73,23 @@ def test_stage_failure_marks_only_the_failing_image():
     assert [r["status"] for r in out] == ["ok", "error", "error"]
     assert out[0]["caption"] == "seen" and out[1]["error"] == "flaky: RuntimeError: cannot"
     assert out[2]["error"] == "read: corrupt" and out[2]["caption"] is None  # earlier errors are not reprocessed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("input.readers=-1", "input: readers=-1: must be an integer >= 1"),
+    ("input.readers=two", "input: readers='two': must be an integer >= 1"),
+    ("stages.ground.batch_size=0", "stages[1]: batch_size=0: must be an integer >= 1"),
+    ("stages.mask.gpus=-0.5", "stages[2]: gpus=-0.5: must be a number >= 0"),
+    ("vlm.replicas=0", "vlm: replicas=0: must be an integer >= 1"),
+    ("faults.max_error_share=1.5", "faults: max_error_share=1.5: a share, between 0 and 1"),
+    ("s3.endpoint=minio.internal:9000", "s3: endpoint='minio.internal:9000' has no scheme: write http://minio.internal:9000"),
+])
+def test_bad_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(None, [override])
+    assert str(caught.value).startswith(message)
+
+
+def test_trust_remote_code_is_off_unless_asked():
+    assert config.load(None, []).vlm.trust_remote_code is False
+    assert config.load(None, ["vlm.trust_remote_code=true"]).vlm.trust_remote_code is True

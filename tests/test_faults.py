@@ -89,3 +89,38 @@ def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, t
     assert len(unchanged) == 10 and all(b == a for b, a in unchanged)  # good rows kept as they were
     markers = {m["unit"]: m for m in OutputStore(str(tmp_path / "out")).markers()}
     assert sum(m["rows"] for m in markers.values()) == 12 and sum(m["errors"] for m in markers.values()) == 0
+
+
+def annotate(*argv):
+    """workflows/annotate.py in a fresh interpreter: (exit code, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "workflows", "annotate.py"), *argv], capture_output=True,
+                          text=True, timeout=120, cwd=root)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--set", "input.readers=-1"], "input: readers=-1: must be an integer >= 1"),
+    (["--input", "s3://bucket/sa1b/", "--s3-endpoint", "127.0.0.1:9"], "has no scheme: write http://127.0.0.1:9"),
+    (["--input", "s3://bucket/sa1b/", "--s3-endpoint", "http://127.0.0.1:9", "--set", "s3.retry_attempts=1",
+      "--set", "s3.connect_timeout=1"], "S3 is unreachable or refused the request"),
+    (["--config", "/dev/null/nope.yaml"], "check the path"),
+])
+def test_job_level_failures_end_in_one_line_naming_the_fix(sample_shards, tmp_path, argv, says):
+    if argv[0] != "--input" and argv[0] != "--config":
+        argv = ["--input", sample_shards[0], "--output", str(tmp_path / "out"), *argv]
+    code, out, err = annotate("--output", str(tmp_path / "out"), *argv) if "--output" not in argv else annotate(*argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines and lines[-1].startswith("sculpt: error: ") and says in lines[-1], err[-2000:]
+    assert "Traceback" not in err and "Started a local Ray" not in err + out  # refused before any cluster starts
+
+
+def test_a_bad_yaml_file_is_one_line(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("input: {shards: [a, b\n")
+    code, _, err = annotate("--config", str(bad))
+    assert code == 2 and err.strip().startswith("sculpt: error: the config file is not valid YAML")
+    assert len(err.strip().splitlines()) == 1

@@ -68,3 +68,50 @@ def test_s3_in_s3_out_and_resume_reads_no_committed_input(local_ray, s3_server, 
     after = {m["unit"]: m for m in store.markers()}
     assert [after[m["unit"]] for m in before if m["unit"] != "sa_000001"] == [m for m in before if m["unit"] != "sa_000001"]
     assert "shards   3/3 committed" in status(f"s3://{name}/out", cfg.s3)
+
+
+def all_output_bytes(client, name):
+    return b"".join(client.get_object(Bucket=name, Key=o["Key"])["Body"].read()
+                    for o in client.list_objects_v2(Bucket=name, Prefix="out/").get("Contents", []))
+
+
+def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pending(local_ray, s3_server, bucket, tmp_path,
+                                                                                    capfd):
+    import os
+
+    from tests.helpers import FaultProxy
+
+    client, name = bucket
+    # Two cut-off responses on one shard, with the S3 client's own retries off: sculpt's reader reopens the
+    # stream where it broke.
+    proxy = FaultProxy(s3_server, match=f"/{name}/sa1b/sa_000001.tar", cuts=2)
+    try:
+        cfg, stages = s3_job(proxy.endpoint, name, tmp_path)
+        cfg.s3 = storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1)
+        cfg.faults.backoff_seconds = 0.01
+        first = pipeline.run(cfg, stages)
+    finally:
+        proxy.close()
+    assert proxy.cut == 2
+    assert first["committed_now"] == 3 and first["pending"] == {} and first["errors"] == 0
+    fs, path = storage.filesystem(f"s3://{name}/out", storage.S3Options(endpoint=s3_server))
+    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
+
+    # A shard whose every read is cut off: after faults.read_attempts it is left pending, never committed short.
+    client.delete_object(Bucket=name, Key="out/_markers/sa_000002.json")
+    proxy = FaultProxy(s3_server, match=f"/{name}/sa1b/sa_000002.tar", cuts=99)
+    try:
+        cfg.s3 = storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1)
+        cfg.faults.read_attempts = 2
+        second = pipeline.run(cfg, stages)
+    finally:
+        proxy.close()
+    assert list(second["pending"]) == ["sa_000002"] and "still failed after 2 attempts" in second["pending"]["sa_000002"]
+    assert "out/_markers/sa_000002.json" not in {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
+
+    # Credentials never reach an output file (job file, markers, statistics, Parquet) or the job's output.
+    written = all_output_bytes(client, name) + "".join(capfd.readouterr()).encode()
+    assert written and b"sa_000001" in written
+    for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
+        assert secret.encode() not in written

@@ -197,3 +197,15 @@ def test_a_shard_that_keeps_failing_is_left_pending_not_cut_short(tmp_path, monk
     assert len(failed) == 1 and "still failed after 3 attempts" in failed[0]["transient_error"]
     assert "ConnectionResetError" in failed[0]["transient_error"]
     assert all(r["shard_size"] is None for r in rows)  # no row claims the shard is complete
+
+
+def test_error_rows_keep_the_image_id_their_member_name_gives(tmp_path):
+    path = tmp_path / "sa_000011.tar"
+    samples.write_tar(str(path), [("./sa_77.jpg", b""), ("./sa_77.json", b"{not json"), ("./sa_78.jpg", b"")]
+                      + helpers.pair(79, b""))
+    _, rows = rows_of(path)
+    by_key = {r["image_key"]: r for r in rows}
+    assert {k: r["image_id"] for k, r in by_key.items()} == {"sa_77": 77, "sa_78": 78, "sa_79": 79}
+    assert all(r["status"] == schema.ERROR for r in rows)
+    assert by_key["sa_79"]["error"] == "read: not a readable image: the image file is empty (0 bytes)"
+    assert shards.image_id_of("photos/IMG_1.jpg") is None

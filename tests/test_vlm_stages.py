@@ -89,6 +89,49 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
         "expression_words.png", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]
 
 
+def engine_cores():
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
+
+
+def test_a_killed_engine_core_is_restarted_and_no_image_fails(local_ray, tiny_models, sample_shards, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from actors.vlm import vlm_engines
+
+    out = tmp_path / "out"
+    cfg = config.load(None, [f"input.shards={json.dumps(sample_shards)}", f"output.path={out}", "input.readers=1",
+                             "input.batch_images=2", f"models.vlm={tiny_models['vlm']}", "vlm.max_tiles=1",
+                             "vlm.max_model_len=4096", "vlm.enforce_eager=true",
+                             'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
+    stages = config.build_stages(cfg)
+    killed = []
+
+    def kill_after_first_commit():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list((out / "_markers").glob("*.json")):
+            time.sleep(0.2)
+        for pid in engine_cores():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with vlm_engines(cfg, stages):
+        before = engine_cores()
+        killer = threading.Thread(target=kill_after_first_commit, daemon=True)
+        killer.start()
+        summary = pipeline.run(cfg, stages)
+        killer.join(5)
+        after = engine_cores()
+    assert killed and set(killed) <= before and after and not after & set(killed)  # a new engine core served the rest
+    rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+    assert summary["pending"] == {} and summary["committed_now"] == 3 and len(rows) == 12
+    assert not [r["error"] for r in rows if r["error"] and not r["error"].startswith("caption: empty caption")]
+
+
 class PlacementProbe:
     """Stands in for VLMEngine: reports where Ray put it and what it would have handed to vllm.LLM."""
 
@@ -123,6 +166,7 @@ def test_engine_pool_placement(local_ray, settings, expect):
         assert len(where["gpu_ids"]) == expect["gpus"]  # a TP engine holds no GPU itself: its workers do
         assert where["engine_kwargs"].get("gpu_memory_utilization") == expect["memory"]
         assert where["engine_kwargs"]["enable_prefix_caching"] is True
+        assert where["engine_kwargs"]["trust_remote_code"] is False  # the checkpoint's own code runs only when asked
     if expect["bundles"]:
         assert seen[0]["engine_kwargs"]["tensor_parallel_size"] == 2
         assert seen[0]["engine_kwargs"]["distributed_executor_backend"] == "ray"
