@@ -1,16 +1,34 @@
-"""The offline checkpoint kit: seeded tiny random-weight checkpoints of every model, in their real formats.
+"""The offline checkpoint kit: seeded tiny checkpoints of every model, in their real formats.
 
 ``sculpt models tiny DIR`` writes one folder per model and ``DIR/models.yaml``, a config fragment that points
-the job's `models` section at them. Real weights give real annotations; these give meaningless text and masks,
-through exactly the code that loads and runs the real ones.
+the job's `models` section at them. They run through exactly the code that loads and runs the real ones.
+
+The two text models are briefly trained at kit time (seeded, a few seconds on one CPU thread) to act out one
+fixed scene, whatever the image, so every object reaches every stage: the tiny InternVL answers the caption
+prompt with ``CAPTION`` and any refer prompt with ``EXPRESSION``; the tiny Florence-2 grounds ``CAPTION`` (and
+each of its sentences) to ``GROUNDING``'s boxes. SAM2 and EVF-SAM2 keep random weights: their masks are
+meaningless.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
 import yaml
+
+# The scene the trained tiny models act out. Every GROUNDING phrase occurs in CAPTION, in this order; boxes are
+# Florence-2 location bins (x0, y0, x1, y1 in 0..999 of the image's width and height); "two green plants" is
+# one phrase grounded to two boxes (a group).
+CAPTION = "A gray cat sits on a red sofa. Two green plants stand beside the window."
+EXPRESSION = "the gray cat on the red sofa"
+GROUNDING = {
+    "a gray cat": [(120, 310, 560, 810)],
+    "a red sofa": [(30, 450, 970, 990)],
+    "two green plants": [(600, 90, 740, 700), (790, 130, 950, 720)],
+    "the window": [(480, 20, 990, 470)],
+}
 
 # `models` key -> the module whose write(directory, seed) writes that model's tiny checkpoint
 WRITERS = {
@@ -19,6 +37,20 @@ WRITERS = {
     "mask": "sculpt.models.tiny_sam2",
     "verify": "sculpt.models.tiny_evf_sam2",
 }
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Train the tiny models on one thread: tiny ops gain little from more and lose much on a busy machine
+    (threads spinning on shared cores), and the trained weights then do not depend on the core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_tiny_models(directory: str, seed: int = 0) -> dict[str, str]:

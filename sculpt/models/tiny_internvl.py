@@ -67,7 +67,13 @@ def _tokenizer():
     return tokenizer
 
 
-def write(directory: str, seed: int = 0, max_tiles: int = 4) -> str:
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 120, 4, 6e-3
+# Phrases and words the refer prompts of the training set are about (besides the scene's own phrases).
+_OTHER_WORDS = "cat sofa window plant dog sky road grass table cup rocket flag man woman tree wall floor".split()
+
+
+def write(directory: str, seed: int = 0, max_tiles: int = 4, train: bool = True) -> str:
+    """Write the checkpoint into ``directory``; ``train=False`` leaves the weights random (and untested)."""
     import torch
     from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2 import GotOcr2ImageProcessor
@@ -79,14 +85,15 @@ def write(directory: str, seed: int = 0, max_tiles: int = 4) -> str:
     tokenizer = _tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    InternVLProcessor(
+    processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
                                               image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
         video_processor=InternVLVideoProcessor(size=size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
         tokenizer=tokenizer,
         image_seq_length=IMAGE_TOKENS,
         chat_template=CHAT_TEMPLATE,
-    ).save_pretrained(out)
+    )
+    processor.save_pretrained(out)
     config = InternVLConfig(
         vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                            image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[PATCH, PATCH], norm_type="layer_norm",
@@ -105,5 +112,190 @@ def write(directory: str, seed: int = 0, max_tiles: int = 4) -> str:
     model = InternVLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                                                do_sample=False)
+    if train:
+        from sculpt.models.kit import one_thread
+
+        with one_thread():
+            train_scene(model, processor, seed)
+    # Saved in bfloat16 and configured so: vLLM's dtype "auto" then loads exactly these weights, with no cast.
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
     model.save_pretrained(out)
     return str(out)
+
+
+def _chat(processor, text: str) -> str:
+    """The prompt of one user turn (image placeholder, then ``text``) and the assistant header."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def _chat_ids(processor, text: str) -> list[int]:
+    """Token ids of ``_chat``, the image placeholder unexpanded."""
+    return processor.tokenizer(_chat(processor, text), add_special_tokens=False)["input_ids"]
+
+
+def _expand(processor, ids: list[int], tiles: int) -> list[int]:
+    """The processor's own image expansion: <img>, 256 <IMG_CONTEXT> per tile, </img>."""
+    at = ids.index(processor.image_token_id)
+    image = [processor.start_image_token_id] + [processor.image_token_id] * (IMAGE_TOKENS * tiles) + [processor.end_image_token_id]
+    return ids[:at] + image + ids[at + 1:]
+
+
+def _projector_inputs(model, pixel_values):
+    """What ``get_image_features`` hands the multimodal projector: vision features after the pixel shuffle."""
+    import torch
+
+    seen = []
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.get_image_features(pixel_values=pixel_values)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _pictures(seed: int):
+    """Photographs (square, landscape and portrait) and a few noise images: what the kit trains on."""
+    import numpy as np
+    from PIL import Image
+
+    from sculpt import samples
+
+    noise = np.random.RandomState(seed)
+    pictures = [Image.fromarray(samples.photo(name)) for name in samples.PHOTOS]
+    return pictures + [Image.fromarray((noise.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in ((64, 64), (40, 90), (90, 40))]
+
+
+def _refer_text(rng, width: int, height: int) -> str:
+    from sculpt import prompts
+    from sculpt.models.kit import CAPTION, GROUNDING
+
+    caption = CAPTION if rng.random() < 0.6 else rng.choice(CORPUS + ["A cat.", None])
+    phrase = rng.choice(list(GROUNDING) + ["the " + rng.choice(_OTHER_WORDS), None])
+    x0, y0 = rng.uniform(0, width * 0.8), rng.uniform(0, height * 0.8)
+    box = (x0, y0, rng.uniform(x0 + 1, width), rng.uniform(y0 + 1, height))
+    return prompts.refer_prompt(caption, phrase, box, width, height)
+
+
+def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> None:
+    """Teach the model the kit's scene: greedy decoding gives ``kit.CAPTION`` for the caption prompt and
+    ``kit.EXPRESSION`` for any refer prompt, then <|im_end|>, whatever the image and its tiling.
+
+    Trained on real processed images (one tile, or two tiles and a thumbnail); the vision tower stays as
+    initialised (its features are computed once), the projector and the language model learn. Raises
+    RuntimeError if the result does not decode the scene, in float32 or bfloat16, on images it has not seen.
+    """
+    import random
+
+    import torch
+
+    from sculpt import prompts
+    from sculpt.models.kit import CAPTION, EXPRESSION
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tokenizer = processor.tokenizer
+    pad, eos = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = {task: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+               for task, text in (("caption", CAPTION), ("refer", EXPRESSION))}
+
+    by_tiles: dict[int, list] = {}  # tile count -> [(picture, projector inputs)]
+    for picture in _pictures(seed):
+        for max_tiles in (1, 2):
+            pixels = processor.image_processor(images=[picture], crop_to_patches=max_tiles > 1, max_patches=max_tiles,
+                                               min_patches=1, return_tensors="pt")["pixel_values"]
+            by_tiles.setdefault(len(pixels), []).append((picture, _projector_inputs(model, pixels)))
+    caption_ids = _chat_ids(processor, prompts.CAPTION_PROMPT)
+    # The image expansion above is the processor's own.
+    picture, features = by_tiles[3][0]
+    expected = processor(images=[picture], text=[_chat(processor, prompts.CAPTION_PROMPT)], crop_to_patches=True,
+                         max_patches=2, min_patches=1)["input_ids"][0]
+    assert list(expected) == _expand(processor, caption_ids, 3), "InternVL processor expands images differently"
+
+    def example(group):
+        picture, features = group[rng.randrange(len(group))]
+        if rng.random() < 0.5:
+            prompt, answer = caption_ids, answers["caption"]
+        else:
+            prompt, answer = _chat_ids(processor, _refer_text(rng, *picture.size)), answers["refer"]
+        return _expand(processor, prompt, len(features)), answer, features
+
+    for parameter in model.model.vision_tower.parameters():
+        parameter.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=TRAIN_LR)
+    # a short warm-up, then a linear decay
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / steps))
+    model.train()
+    for step in range(steps):
+        group = by_tiles[3] if step % 4 == 3 else by_tiles[1]  # one tile count per batch: little padding
+        loss = _loss(model, [example(group) for _ in range(TRAIN_BATCH)], pad)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    _check(model, processor, seed, answers, caption_ids, pad)
+
+
+def _loss(model, batch, pad: int):
+    """Cross-entropy of the answers after their prompts (teacher forcing), and each answer token's logit margin."""
+    import torch
+
+    length = max(len(prompt) + len(answer) for prompt, answer, _ in batch)
+    ids = torch.full((len(batch), length), pad)
+    labels = torch.full((len(batch), length), -100)
+    for row, (prompt, answer, _) in enumerate(batch):
+        ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        labels[row, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
+    embeds = model.get_input_embeddings()(ids)
+    projector = model.model.multi_modal_projector
+    projected = projector(torch.cat([features for _, _, features in batch]).to(embeds.dtype))
+    embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1),
+                                   projected.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+    # Padding goes last, so causal attention alone keeps every real token from seeing it: no mask needed.
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    targets = labels[:, 1:]
+    logits = model.lm_head(hidden[:, :-1][targets != -100]).float()
+    targets = targets[targets != -100]
+    right = logits.gather(1, targets[:, None])[:, 0]
+    wrong = logits.scatter(1, targets[:, None], float("-inf")).max(1).values
+    return torch.nn.functional.cross_entropy(logits, targets), right - wrong
+
+
+MIN_MARGIN = 1.0  # logits: the trained answer must win every step by this much, in float32 and bfloat16
+
+
+def _check(model, processor, seed, answers, caption_ids, pad) -> None:
+    """Teacher-forced check on images the training never saw, at 1 to 7 tiles, in float32 and bfloat16."""
+    import random
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = random.Random(seed + 1)
+    noise = np.random.RandomState(seed + 1)
+    held_out = [Image.fromarray((noise.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in ((300, 500), (700, 200))]
+    held_out.append(Image.fromarray(np.zeros((100, 100, 3), np.uint8)))
+    requests = [(picture, max_tiles, _chat_ids(processor, _refer_text(rng, *picture.size)))
+                for picture in held_out for max_tiles in (1, 2, 6)]
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            margins = []
+            for picture, max_tiles, refer_ids in requests:
+                pixels = processor.image_processor(images=[picture], crop_to_patches=max_tiles > 1,
+                                                   max_patches=max_tiles, min_patches=1, return_tensors="pt")["pixel_values"]
+                features = _projector_inputs(model, pixels)
+                for prompt, answer in ((caption_ids, answers["caption"]), (refer_ids, answers["refer"])):
+                    margins.append(_loss(model, [(_expand(processor, prompt, len(pixels)), answer, features)], pad)[1])
+            worst = torch.cat(margins).min().item()
+            if worst < MIN_MARGIN:
+                raise RuntimeError(f"tiny InternVL: the trained scene decodes with a logit margin of {worst:.2f} < "
+                                   f"{MIN_MARGIN} in {dtype} on unseen images (training did not converge)")
+    model.to(torch.float32)
