@@ -1,0 +1,92 @@
+"""The trained tiny checkpoints act out the kit's scene through the real model code, so objects reach every stage.
+
+Florence-2 runs through the ground stage (transformers, beam search, the processor's post-processing) in float32
+and bfloat16; InternVL runs through real vLLM (the CPU build) with dynamic tiling, one engine for the module.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from actors.ground import Grounder  # noqa: E402
+from sculpt import grounding, prompts, samples, schema  # noqa: E402
+from sculpt.models.kit import CAPTION, EXPRESSION, GROUNDING  # noqa: E402
+
+# The caption's own text at each grounded span, a phrase repeated once per box of its group.
+PHRASES = ["A gray cat", "a red sofa", "Two green plants", "Two green plants", "the window"]
+BINS = [box for boxes in GROUNDING.values() for box in boxes]
+
+
+def photo_row(index, name, caption=CAPTION):
+    image = samples.photo(name)
+    return schema.new_row("u", index, f"sa_{index}", image_bytes=samples.jpeg_bytes(image), width=image.shape[1],
+                          height=image.shape[0], caption=caption)
+
+
+def pixel_box(bins, width, height):
+    """Florence-2's processor: a bin's centre, (k + 0.5) / 1000 of the side, truncated to a pixel."""
+    return [float(int((k + 0.5) * side / 1000)) for k, side in zip(bins, (width, height, width, height))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_florence2_grounds_the_scene_caption_on_every_photo(tiny_models, dtype):
+    whole = Grounder(model=tiny_models["ground"], dtype=dtype)  # the stage's defaults: beam search, 3 beams
+    whole.setup()
+    # A budget below the caption's length makes the stage ground it sentence by sentence.
+    sentences = Grounder(model=tiny_models["ground"], dtype=dtype, num_beams=1,
+                         max_caption_tokens=max(whole.count_tokens(CAPTION[a:b]) for a, b in grounding.sentence_spans(CAPTION)))
+    sentences.setup()
+    assert sentences.count_tokens(CAPTION) > sentences.budget
+    for stage in (whole, sentences):
+        rows = [photo_row(i, name) for i, name in enumerate(samples.PHOTOS)]
+        stage.process(rows)
+        for row in rows:
+            assert row["status"] == "ok" and row["error"] is None, row["error"]
+            objects = row["objects"]
+            assert [o["phrase"] for o in objects] == PHRASES, (stage.params, row["image_key"], objects)
+            assert [o["box"] for o in objects] == [pixel_box(b, row["width"], row["height"]) for b in BINS]
+            for obj in objects:
+                assert CAPTION[obj["phrase_start"]:obj["phrase_end"]] == obj["phrase"]
+                x0, y0, x1, y1 = obj["box"]
+                assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
+
+
+def test_tiny_internvl_captions_and_refers_under_vllm(tiny_models):
+    pytest.importorskip("vllm")
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from actors.vlm import VLMEngine
+
+    directory = tiny_models["vlm"]
+    # Stored in the dtype vLLM's "auto" picks from the config, so the engine loads the weights without a cast.
+    with open(os.path.join(directory, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+    engine = VLMEngine(directory, {"max_model_len": 4096, "enforce_eager": True, "seed": 0}, max_tiles=2, min_tiles=1)
+    try:
+        photos = {name: samples.jpeg_bytes(samples.photo(name)) for name in samples.PHOTOS}
+        sizes = {name: samples.photo(name).shape[1::-1] for name in samples.PHOTOS}
+        requests = [(name, prompts.CAPTION_PROMPT) for name in photos]
+        for (name, (width, height)), phrase in zip(sizes.items(), list(GROUNDING) * 2):
+            requests.append((name, prompts.refer_prompt(CAPTION, phrase, (width * 0.1, height * 0.2, width * 0.6,
+                                                                             height * 0.9), width, height)))
+        requests.append(("chelsea", prompts.refer_prompt("A cat.", "the cat", (0, 0, 200, 150), 451, 300)))
+        answers = engine.chat(photos, requests, max_tokens=48)
+    finally:
+        engine.shutdown()
+
+    captions, expressions = answers[:len(photos)], answers[len(photos):]
+    for answer in captions:
+        assert answer["finish_reason"] == "stop" and prompts.clean_caption(answer["text"]) == CAPTION, answer
+    # coffee (3:2) and chelsea (3:2) take two tiles and a thumbnail; the square photos one tile
+    assert captions[1]["prompt_tokens"] - captions[0]["prompt_tokens"] == 2 * 256
+    for answer in expressions:
+        assert answer["finish_reason"] == "stop", answer
+        expression = prompts.clean_expression(answer["text"])
+        assert expression == EXPRESSION and len(expression.split()) >= prompts.MIN_EXPRESSION_WORDS
