@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=6, help="images per shard")
     p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
     p = commands.add_parser("models", help="offline model checkpoints")
-    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny random-weight checkpoints of every model")
+    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny checkpoints of every model (see sculpt.models.kit)")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
