@@ -8,6 +8,7 @@ to the UnitWriter of its shard; when a shard's rows are all in, the unit is comm
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -212,6 +213,8 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
                         progress.unit(markers[-1])
                         continue
                     except OSError as exc:  # the output store, past its own retries
+                        if exc.errno == errno.ENOSPC:
+                            raise  # no unit can be written: the job stops with one line (sculpt.errors.job_error)
                         why = f"write: {errors.describe(exc)}"
                 if unit in writers:
                     writers.pop(unit).abort()

@@ -124,3 +124,37 @@ def test_a_bad_yaml_file_is_one_line(tmp_path):
     code, _, err = annotate("--config", str(bad))
     assert code == 2 and err.strip().startswith("sculpt: error: the config file is not valid YAML")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(local_ray, sample_shards, tmp_path,
+                                                                                 monkeypatch):
+    import errno
+
+    from sculpt import errors
+    from sculpt.output import UnitWriter
+
+    real_commit = UnitWriter.commit
+    unit = os.path.basename(sample_shards[0])[: -len(".tar")]
+
+    def commit(self):
+        if self.unit == unit:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real_commit(self)
+
+    monkeypatch.setattr(UnitWriter, "commit", commit)
+    out = tmp_path / "out"
+    (out / "_markers" / "_tmp").mkdir(parents=True)
+    (out / "_markers" / "_tmp" / "stale.json.1234").write_text("{")  # a killed run's half-written marker
+    cfg, stages = job(sample_shards, out, [faulty()])
+    summary = pipeline.run(cfg, stages)
+    assert list(summary["pending"]) == [unit] and summary["pending"][unit].startswith("write: OSError")
+    assert summary["committed_now"] == 2 and unit not in OutputStore(str(out)).committed()
+    assert not list((out / "_markers" / "_tmp").glob("stale*")) and not list((out / "_tmp").glob(f"{unit}*"))
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(UnitWriter, "commit", full)
+    with pytest.raises(OSError) as caught:
+        pipeline.run(cfg, stages)
+    assert errors.job_error(caught.value).startswith("no space left on the output's disk")

@@ -14,7 +14,7 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
     from actors.vlm import vlm_engines
 
     stages = [
-        {"name": "caption", "params": {"max_tokens": 24}},
+        {"name": "caption", "params": {"max_tokens": 32}},
         {"name": "objects", "class": "tests.doubles:ThresholdMasker", "cpus": 0.5},  # stands in for ground + mask
         {"name": "refer", "params": {"max_tokens": 12}},
     ]
@@ -30,17 +30,14 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
 
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert summary["images"] == len(rows) == 4
+    from sculpt.models import kit
+
+    assert [r["status"] for r in rows] == ["ok"] * 4  # the trained tiny model captions and refers every image
     for row in rows:
-        if row["status"] == "error":  # random weights may write nothing usable; that is a recorded error
-            assert row["error"].startswith("caption: empty caption")
-            continue
-        assert row["caption"] and row["caption"] == " ".join(row["caption"].split())
+        assert row["caption"] == kit.CAPTION
         (obj,) = row["objects"]
-        assert (obj["expression"] is None) != (obj["error"] is None)  # an expression or an object-level error
-        if obj["expression"]:
-            assert obj["expression_words"] == len(obj["expression"].split()) >= 2
-        else:
-            assert obj["error"].startswith("refer: unusable referring expression")
+        assert obj["expression"] == kit.EXPRESSION and obj["error"] is None
+        assert obj["expression_words"] == len(kit.EXPRESSION.split())
     # every refer request found its image (and caption) already in the engine's prefix cache
     assert cache["prefix_cache_hits"] >= 256 * sum(r["status"] != "error" for r in rows)
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000000.json").read_text())
@@ -63,17 +60,20 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
 
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert summary["images"] == len(rows) == 4
+    # The trained tiny models carry objects through every stage: most images have objects with an IoU.
+    assert sum(r["status"] == "ok" for r in rows) >= 3, [r["error"] for r in rows]
+    objects = [obj for row in rows for obj in row["objects"]]
+    assert len(objects) >= 3 * 4 and sum(obj["iou"] is not None for obj in objects) >= 0.75 * len(objects)
     for row in rows:
-        assert row["status"] in ("ok", "empty", "error")
+        assert row["status"] in ("ok", "error")
         if row["status"] == "error":
             assert row["error"].split(":")[0] in {"caption", "ground", "mask", "refer", "verify"}
         for obj in row["objects"]:
             assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
-            if obj["mask"]:
-                assert obj["mask"]["size"] == [row["height"], row["width"]]
-                assert obj["area"] == rle.decode(obj["mask"]).sum()
-            if obj["iou"] is not None:
-                assert obj["kept"] == (obj["iou"] >= 0.5)
+            assert obj["mask"]["size"] == [row["height"], row["width"]]
+            assert obj["area"] == rle.decode(obj["mask"]).sum()
+            assert obj["expression_words"] == len(obj["expression"].split()) >= 2
+            assert obj["kept"] == (obj["iou"] >= 0.5)
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000001.json").read_text())
     assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
     assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
@@ -96,10 +96,9 @@ def engine_cores():
 
 
 def test_a_killed_engine_core_is_restarted_and_no_image_fails(local_ray, tiny_models, sample_shards, tmp_path):
+    import dataclasses
     import os
     import signal
-    import threading
-    import time
 
     from actors.vlm import vlm_engines
 
@@ -109,27 +108,18 @@ def test_a_killed_engine_core_is_restarted_and_no_image_fails(local_ray, tiny_mo
                              "vlm.max_model_len=4096", "vlm.enforce_eager=true",
                              'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
     stages = config.build_stages(cfg)
-    killed = []
-
-    def kill_after_first_commit():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list((out / "_markers").glob("*.json")):
-            time.sleep(0.2)
-        for pid in engine_cores():
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
     with vlm_engines(cfg, stages):
-        before = engine_cores()
-        killer = threading.Thread(target=kill_after_first_commit, daemon=True)
-        killer.start()
-        summary = pipeline.run(cfg, stages)
-        killer.join(5)
+        first = pipeline.run(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, shards=sample_shards[:1])), stages)
+        killed = engine_cores()
+        for pid in killed:  # the engine's core process dies while its actor lives on
+            os.kill(pid, signal.SIGKILL)
+        summary = pipeline.run(cfg, stages)  # its next requests find it dead
         after = engine_cores()
-    assert killed and set(killed) <= before and after and not after & set(killed)  # a new engine core served the rest
+    assert first["committed_now"] == 1 and len(killed) == 1
+    assert after and not after & killed  # a new engine core served the rest
     rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
-    assert summary["pending"] == {} and summary["committed_now"] == 3 and len(rows) == 12
-    assert not [r["error"] for r in rows if r["error"] and not r["error"].startswith("caption: empty caption")]
+    assert summary["pending"] == {} and summary["committed_now"] == 2 and len(rows) == 12
+    assert [r["status"] for r in rows] == ["empty"] * 12 and all(r["caption"] for r in rows)
 
 
 class PlacementProbe:
