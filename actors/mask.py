@@ -2,7 +2,9 @@
 
 One image embedding per image; all boxes of an image go to the mask decoder as one batched prompt. The decoder's
 low-resolution logits are brought to the image's own resolution a few masks at a time and turned into COCO RLE
-at once, so an image with many boxes never holds all its full-resolution float masks in memory.
+at once, so an image with many boxes never holds all its full-resolution float masks in memory. Thresholding and
+the RLE run lengths happen on the model's device (``sculpt.rle.encode_tensors``); full masks never cross to the
+host, pycocotools only compresses the runs.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class Masker(Stage):
         for i in range(0, len(logits), step):
             chunk = torch.from_numpy(logits[i:i + step]).to(self.device)
             full = self._full_resolution(chunk, size) > self.predictor.mask_threshold
-            masks += rle.encode_many(full[:, 0].cpu().numpy())
+            masks += rle.encode_tensors(full[:, 0])  # runs counted on the device; only they reach the host
         return masks
 
 

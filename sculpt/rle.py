@@ -2,6 +2,11 @@
 
 A mask travels and is stored as ``{"size": [height, width], "counts": str}`` — COCO's compressed RLE with
 ``counts`` as text, which is exactly what SA-1B's JSON holds and what ``pycocotools.mask.decode`` takes.
+
+``encode_tensors`` is the path for masks that are torch tensors (on a GPU, or the CPU): the run lengths are
+counted with torch where the masks are, only those small arrays cross to the host, and pycocotools compresses
+them — the same bytes as ``pycocotools.mask.encode``. torch is imported only there: ``import sculpt.rle`` stays
+free of it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,63 @@ def encode_many(masks: np.ndarray) -> list[dict]:
         raise ValueError(f"encode_many takes N×H×W masks, got shape {masks.shape}")
     rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
     return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def encode_tensors(masks, chunk: int = 8) -> list[dict]:
+    """N×H×W masks as a torch tensor (bool, or 0/1), on any device -> N RLEs, exactly as ``encode_many`` gives.
+
+    The masks are never copied to the host: ``run_lengths`` counts their runs on their device, ``chunk`` masks at
+    a time (its temporaries are about two bools per pixel of a chunk), and pycocotools compresses the counts.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"encode_tensors takes N×H×W masks, got shape {tuple(masks.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    height, width = int(masks.shape[1]), int(masks.shape[2])
+    out = []
+    for i in range(0, int(masks.shape[0]), chunk):
+        runs = [{"size": [height, width], "counts": counts} for counts in run_lengths(masks[i:i + chunk])]
+        out += [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
+                for r in coco_mask.frPyObjects(runs, height, width)]
+    return out
+
+
+def run_lengths(masks) -> list[np.ndarray]:
+    """N×H×W torch masks -> N arrays of COCO's uncompressed RLE counts, computed with torch on the masks' device.
+
+    COCO reads a mask column by column (the H×W mask transposed, flattened) and counts alternating runs, zeros
+    first: a mask that starts with a one has a first run of 0. A run ends where a pixel differs from the one
+    before it (before the first pixel stands a 0), so the runs are the gaps between those change positions, and
+    the last run reaches the end of the mask. Only the runs (one int per change) go to the host, in one copy.
+    """
+    import torch
+
+    n, height, width = (int(d) for d in masks.shape)
+    if n == 0:
+        return []
+    area = height * width
+    # padded[:, 0] is the 0 before each mask; padded[:, 1:] the mask in column-major order.
+    padded = torch.zeros((n, area + 1), dtype=torch.bool, device=masks.device)
+    padded[:, 1:].unflatten(1, (width, height)).copy_(masks.transpose(1, 2) if masks.dtype == torch.bool
+                                                      else masks.transpose(1, 2) != 0)
+    rows, cols = torch.ne(padded[:, 1:], padded[:, :-1]).nonzero(as_tuple=True)  # sorted by mask, then position
+    del padded
+    changes = torch.bincount(rows, minlength=n)  # per mask; a mask has changes + 1 runs
+    ends = torch.cumsum(changes, 0)
+    # Change t of mask r ends run t + r of the flat output (each mask before r added one more, its last run);
+    # that run is the gap from the mask's previous change (or its first pixel).
+    previous = torch.zeros_like(cols)
+    previous[1:] = cols[:-1]
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    previous.masked_fill_(first, 0)
+    runs = torch.empty(len(cols) + n, dtype=torch.int64, device=masks.device)
+    runs[torch.arange(len(cols), device=masks.device) + rows] = cols - previous
+    # The last run of mask i goes from its last change (or 0 when it has none) to its end.
+    last = torch.cat([cols.new_zeros(1), cols])[ends]  # cols[ends - 1], or the 0 in front when the mask has none
+    runs[ends + torch.arange(n, device=masks.device)] = area - torch.where(changes > 0, last, 0)
+    host = torch.cat([changes, runs]).cpu().numpy()
+    return np.split(host[n:], np.cumsum(host[:n] + 1)[:-1])
 
 
 def _coco(rle: dict) -> dict:
