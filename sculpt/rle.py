@@ -35,7 +35,7 @@ def encode_tensors(masks, chunk: int = 8) -> list[dict]:
     """N×H×W masks as a torch tensor (bool, or 0/1), on any device -> N RLEs, exactly as ``encode_many`` gives.
 
     The masks are never copied to the host: ``run_lengths`` counts their runs on their device, ``chunk`` masks at
-    a time (its temporaries are about two bools per pixel of a chunk), and pycocotools compresses the counts.
+    a time (its temporary is about one bool per pixel of a chunk), and pycocotools compresses the counts.
     """
     if masks.ndim != 3:
         raise ValueError(f"encode_tensors takes N×H×W masks, got shape {tuple(masks.shape)}")
@@ -55,21 +55,23 @@ def run_lengths(masks) -> list[np.ndarray]:
 
     COCO reads a mask column by column (the H×W mask transposed, flattened) and counts alternating runs, zeros
     first: a mask that starts with a one has a first run of 0. A run ends where a pixel differs from the one
-    before it (before the first pixel stands a 0), so the runs are the gaps between those change positions, and
-    the last run reaches the end of the mask. Only the runs (one int per change) go to the host, in one copy.
+    before it in that order (before the first pixel stands a 0), so the runs are the gaps between those change
+    positions, and the last run reaches the end of the mask. Only the runs (one int per change) go to the host,
+    in one copy.
     """
     import torch
 
     n, height, width = (int(d) for d in masks.shape)
+    area = height * width
     if n == 0:
         return []
-    area = height * width
-    # padded[:, 0] is the 0 before each mask; padded[:, 1:] the mask in column-major order.
-    padded = torch.zeros((n, area + 1), dtype=torch.bool, device=masks.device)
-    padded[:, 1:].unflatten(1, (width, height)).copy_(masks.transpose(1, 2) if masks.dtype == torch.bool
-                                                      else masks.transpose(1, 2) != 0)
-    rows, cols = torch.ne(padded[:, 1:], padded[:, :-1]).nonzero(as_tuple=True)  # sorted by mask, then position
-    del padded
+    if area == 0:
+        return [np.zeros(1, dtype=np.int64) for _ in range(n)]
+    if masks.dtype != torch.bool:
+        masks = masks != 0
+    cols = _changes(masks)  # r * area + column-major index of every change, ascending
+    rows = torch.div(cols, area, rounding_mode="floor")
+    cols -= rows * area
     changes = torch.bincount(rows, minlength=n)  # per mask; a mask has changes + 1 runs
     ends = torch.cumsum(changes, 0)
     # Change t of mask r ends run t + r of the flat output (each mask before r added one more, its last run);
@@ -82,10 +84,37 @@ def run_lengths(masks) -> list[np.ndarray]:
     runs = torch.empty(len(cols) + n, dtype=torch.int64, device=masks.device)
     runs[torch.arange(len(cols), device=masks.device) + rows] = cols - previous
     # The last run of mask i goes from its last change (or 0 when it has none) to its end.
-    last = torch.cat([cols.new_zeros(1), cols])[ends]  # cols[ends - 1], or the 0 in front when the mask has none
+    last = torch.cat([cols.new_zeros(1), cols])[ends]  # cols[ends - 1]; when the mask has none, not its own
     runs[ends + torch.arange(n, device=masks.device)] = area - torch.where(changes > 0, last, 0)
     host = torch.cat([changes, runs]).cpu().numpy()
     return np.split(host[n:], np.cumsum(host[:n] + 1)[:-1])
+
+
+def _changes(masks):
+    """Where N×H×W bool masks change in COCO's column-major order, as sorted keys mask * H·W + x·H + y.
+
+    Computed in the masks' own (row-major) layout, with no transposed copy: pixel (y, x) follows (y - 1, x), and
+    the top of a column follows the bottom of the previous one. The change map is searched a word (8 pixels) at
+    a time first, then inside the words that hold a change; the few changes found are then sorted column-major.
+    """
+    import torch
+
+    n, height, width = masks.shape
+    area, total = height * width, n * height * width
+    scratch = torch.empty((total + 7) // 8 * 8, dtype=torch.bool, device=masks.device)
+    scratch[total:] = False
+    change = scratch[:total].view(n, height, width)
+    torch.ne(masks[:, 1:], masks[:, :-1], out=change[:, 1:])
+    torch.ne(masks[:, 0, 1:], masks[:, -1, :-1], out=change[:, 0, 1:])
+    change[:, 0, 0] = masks[:, 0, 0]  # the first pixel follows a 0
+    words = scratch.view(torch.int64).nonzero()[:, 0]
+    word, bit = scratch.view(-1, 8)[words].nonzero(as_tuple=True)
+    flat = words[word] * 8 + bit  # row-major positions of the changes
+    del scratch, change, words, word, bit
+    mask = torch.div(flat, area, rounding_mode="floor")
+    y = torch.div(flat - mask * area, width, rounding_mode="floor")
+    x = flat - mask * area - y * width
+    return torch.sort(mask * area + x * height + y).values
 
 
 def _coco(rle: dict) -> dict:
