@@ -39,9 +39,10 @@ class Verifier(Stage):
                 continue
             try:
                 image = images.load_rgb(row["image_bytes"])
-                masks = self.model.predict(image, [objects[i]["expression"] for i in todo])
+                # the masks stay on the model's device; only their run lengths reach the host
+                masks = rle.encode_tensors(self.model.predict_tensor(image, [objects[i]["expression"] for i in todo]))
             except Exception as exc:  # this image only; the batch's other images keep their results
                 schema.mark_error(row, self.name, exc)
                 continue
-            for i, mask in zip(todo, rle.encode_many(masks)):
+            for i, mask in zip(todo, masks):
                 verify.judge(objects[i], mask, self.params["threshold"])

@@ -8,27 +8,33 @@ only) find them by name and send each image's requests to one replica, where the
 from __future__ import annotations
 
 import contextlib
+import os
 
 from sculpt import errors, images, vlm
 from sculpt.stage import Stage
 
 
 class VLMEngine:
-    """One vllm.LLM. ``chat`` takes the images of a batch once and any number of text requests about them.
+    """One vLLM engine (``AsyncLLM``): every caller's requests reach its continuous batching at once.
+
+    ``chat`` takes the images of a batch once and any number of text requests about them; it may be called from
+    many threads at once (the Ray actor is threaded, ``max_concurrency`` = ``max_in_flight``). Each call decodes
+    and renders (chat template, image tiling) in its own thread, then hands its prompts to the one event loop
+    that owns the engine (``EngineLoop``), one ``generate`` per request, so vLLM schedules the requests of all
+    callers together (up to ``max_in_flight``) instead of one ``LLM.chat`` call after another.
 
     When the engine core dies (its process killed, a CUDA fault), the actor ends its own process: Ray restarts
-    it with a new engine (``max_restarts=-1``) and retries the call there (``max_task_retries=-1``), so callers
+    it with a new engine (``max_restarts=-1``) and retries the calls there (``max_task_retries=-1``), so callers
     wait instead of receiving errors.
     """
 
-    def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int):
+    def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int, max_in_flight: int = 256):
         from transformers import AutoConfig
-        from vllm import LLM
 
         trust = bool(engine_kwargs.get("trust_remote_code"))
         model_type = AutoConfig.from_pretrained(model, trust_remote_code=trust).model_type
-        tiling = vlm.tiling_kwargs(model_type, max_tiles, min_tiles)
-        self.llm = LLM(model=model, mm_processor_kwargs=tiling, limit_mm_per_prompt={"image": 1}, **engine_kwargs)
+        self.loop = EngineLoop(dict(model=model, mm_processor_kwargs=vlm.tiling_kwargs(model_type, max_tiles, min_tiles),
+                                    limit_mm_per_prompt={"image": 1}, **engine_kwargs), max_in_flight)
 
     def ready(self) -> bool:
         return True
@@ -41,35 +47,102 @@ class VLMEngine:
         pictures = {key: Image.fromarray(images.load_rgb(data)) for key, data in encoded_images.items()}
         conversations = [conversation(pictures[key], text) for key, text in requests]
         try:
-            outputs = self.llm.chat(conversations, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+            return self.loop.generate(self.loop.render(conversations), SamplingParams(max_tokens=max_tokens, temperature=0.0))
         except Exception as exc:
-            if errors.is_transient(exc) and type(exc).__name__ == "EngineDeadError":
-                self._restart(exc)
+            if self.loop.engine.errored or type(exc).__name__ == "EngineDeadError":
+                print(f"[sculpt] VLM engine died ({errors.describe(exc)}); restarting this engine actor", flush=True)
+                os._exit(1)  # an unexpected exit: Ray restarts the actor and retries the calls in flight
             raise
-        return [
-            {
-                "text": out.outputs[0].text,
-                "finish_reason": out.outputs[0].finish_reason,
-                "prompt_tokens": len(out.prompt_token_ids),
-                "cached_tokens": out.num_cached_tokens or 0,
-            }
-            for out in outputs
-        ]
 
-    def _restart(self, exc: BaseException) -> None:
-        import os
-
-        print(f"[sculpt] VLM engine died ({errors.describe(exc)}); restarting this engine actor", flush=True)
-        os._exit(1)  # an unexpected exit: Ray restarts the actor and retries the calls in flight
+    def load(self) -> dict:
+        """Requests in the engine now, the most it has held at once, and how many it has answered."""
+        return {"in_flight": self.loop.in_flight, "peak_in_flight": self.loop.peak_in_flight, "served": self.loop.served}
 
     def shutdown(self) -> None:
-        """Stop the engine's worker process now rather than at interpreter exit."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop the engine's core process now rather than at interpreter exit."""
+        self.loop.stop()
 
     def prefix_cache(self) -> dict:
         """Cumulative prefix-cache hits and queries (tokens) of this engine."""
-        values = {m.name.removeprefix("vllm:"): getattr(m, "value", None) for m in self.llm.get_metrics()}
+        from vllm.v1.metrics.reader import get_metrics_snapshot
+
+        values = {m.name.removeprefix("vllm:"): getattr(m, "value", None) for m in get_metrics_snapshot()}
         return {key: values.get(key) for key in ("prefix_cache_hits", "prefix_cache_queries")}
+
+
+class EngineLoop:
+    """vLLM's ``AsyncLLM`` on an event loop of its own thread, fed from any thread.
+
+    (Kept apart from VLMEngine: Ray makes an actor with any ``async def`` an asyncio actor, whose synchronous
+    methods would then block its one loop and serve callers one at a time.)
+    """
+
+    def __init__(self, engine_args: dict, max_in_flight: int):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="vlm-engine-loop", daemon=True).start()
+        self.max_in_flight, self.in_flight, self.peak_in_flight, self.served = max_in_flight, 0, 0, 0
+        self._run(self._start(engine_args))
+
+    def _run(self, coroutine):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _start(self, engine_args: dict) -> None:
+        import asyncio
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.renderers.params import ChatParams
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+        # What LLM.chat does: the model's chat template, a generation prompt, no extra special tokens.
+        self.chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False,
+                                                            "tools": None, "tokenize": False})
+        self.tok_params = self.engine.renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
+        self.slots = asyncio.Semaphore(self.max_in_flight)
+
+    def render(self, conversations: list) -> list:
+        """Engine prompts of chat conversations, rendered in the calling thread."""
+        return self.engine.renderer.render_chat(conversations, self.chat_params, self.tok_params)[1]
+
+    def generate(self, prompts: list, params) -> list[dict]:
+        return self._run(self._answers(prompts, params))
+
+    async def _answers(self, prompts: list, params) -> list[dict]:
+        import asyncio
+
+        return list(await asyncio.gather(*(self._answer(p, params) for p in prompts)))
+
+    async def _answer(self, prompt, params) -> dict:
+        import uuid
+
+        async with self.slots:
+            self.in_flight += 1  # only the loop's thread touches these counters
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                async for final in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+                    pass
+            finally:
+                self.in_flight -= 1
+        self.served += 1
+        out = final.outputs[0]
+        return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": len(final.prompt_token_ids),
+                "cached_tokens": final.num_cached_tokens or 0}
+
+    def stop(self) -> None:
+        self._run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _stop(self) -> None:
+        import asyncio
+
+        self.engine.shutdown()
+        self.engine = None  # collected now, while the interpreter can still run its finaliser
+        await asyncio.sleep(0.1)  # let the engine's cancelled tasks finish on this loop
 
 
 def conversation(picture, text: str) -> list[dict]:
@@ -100,8 +173,9 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
             actor = ray.remote(engine_class).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
-                                                  max_task_retries=-1, **options)
-            engines.append(actor.remote(config.models.vlm, plan["engine"], settings.max_tiles, settings.min_tiles))
+                                                  max_task_retries=-1, max_concurrency=settings.max_in_flight, **options)
+            engines.append(actor.remote(config.models.vlm, plan["engine"], settings.max_tiles, settings.min_tiles,
+                                        settings.max_in_flight))
         print(f"[sculpt] starting {len(engines)} VLM engine(s) for {config.models.vlm}", flush=True)
         ray.get([engine.ready.remote() for engine in engines])
         yield engines

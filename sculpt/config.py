@@ -84,16 +84,19 @@ class VLMConfig:
     tensor_parallel: int = 1  # >1: each engine spans this many whole GPUs of one node (a placement group)
     max_tiles: int = 6  # InternVL dynamic tiling: at most this many 448-px tiles per image (+ a thumbnail)
     min_tiles: int = 1
+    # requests one engine holds at once, from all caption and refer actors together: vLLM's continuous batching
+    # schedules them as one batch (its own max_num_seqs bounds what runs per step)
+    max_in_flight: int = 256
     max_model_len: int = 8192
     dtype: str = "auto"  # vLLM's: "auto" takes the checkpoint's (bfloat16), float16 on GPUs without bfloat16
     trust_remote_code: bool = False  # run the checkpoint's own Python code (remote-code InternVL2/2.5 ids need it)
     enforce_eager: bool = False  # skip CUDA graphs / torch.compile (faster start, slower decode)
     engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
 
-    RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel")
+    RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel", "max_in_flight")
 
     def __post_init__(self):
-        _at_least(self, 1, "replicas", "tensor_parallel", "min_tiles", "max_model_len")
+        _at_least(self, 1, "replicas", "tensor_parallel", "min_tiles", "max_model_len", "max_in_flight")
         _at_least(self, self.min_tiles, "max_tiles")
         _at_least(self, 0, "gpus", "cpus", integer=False)
 

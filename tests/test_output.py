@@ -88,3 +88,17 @@ def test_rerun_with_another_config_is_refused_then_overwritten(tmp_path):
     assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob("_markers/*"))
     assert (tmp_path / "notes.txt").read_text() == "user file"
     assert store.job()["fingerprint"] == "f2"
+
+
+def test_hugging_face_datasets_loads_the_output_as_the_readme_says(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    for unit in ("sa_000001", "sa_000002"):
+        writer = UnitWriter(store, unit, JOB)
+        writer.add(rows(unit, [0, 1, 2], size=3))
+        writer.commit()
+    assert os.listdir(tmp_path / "_markers")  # bookkeeping files lie beside the data
+    loaded = datasets.load_dataset("parquet", data_files=f"{tmp_path}/*.parquet", split="train")
+    assert loaded.num_rows == 6 and sorted(zip(loaded["shard"], loaded["index"])) == [
+        (u, i) for u in ("sa_000001", "sa_000002") for i in range(3)]

@@ -99,6 +99,11 @@ class Scripted:
             raise RuntimeError("model failed")
         return np.stack([self.masks[e](image.shape[:2]) for e in expressions])
 
+    def predict_tensor(self, image, expressions):
+        import torch
+
+        return torch.from_numpy(self.predict(image, expressions))
+
 
 class ScriptedVerifier(Verifier):
     def __init__(self, script, **params):

@@ -67,22 +67,48 @@ def test_captions_real_photographs(engine):
 
 
 def test_requests_about_one_image_share_the_image_prefix(engine):
-    from actors.vlm import conversation
-    from vllm import SamplingParams
-
-    picture = Image.fromarray(samples.photo("chelsea"))
+    chelsea = {"chelsea": samples.jpeg_bytes(samples.photo("chelsea"))}
     texts = [prompts.refer_prompt("A cat.", phrase, box, 451, 300)
              for phrase, box in (("the cat", (0, 0, 200, 150)), ("the floor", (0, 200, 451, 300)))]
-    outputs = engine.llm.chat([conversation(picture, texts[0])], SamplingParams(max_tokens=2), use_tqdm=False)
-    outputs += engine.llm.chat([conversation(picture, texts[1])], SamplingParams(max_tokens=2), use_tqdm=False)
-    first, second = (list(o.prompt_token_ids) for o in outputs)
-    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
-    image_token = engine.llm.get_tokenizer().convert_tokens_to_ids("<IMG_CONTEXT>")
-    last_image_token = max(i for i, t in enumerate(first) if t == image_token)
-    assert shared > last_image_token  # the image and the caption are one identical prefix
-    assert outputs[1].num_cached_tokens >= 256  # and the engine's prefix cache served it
+    first, second = (engine.chat(chelsea, [("chelsea", text)], max_tokens=2)[0] for text in texts)
+    assert second["cached_tokens"] >= 256  # the image tile came from the engine's prefix cache
+
+
+def test_concurrent_callers_reach_the_engine_together(engine):
+    """Eight callers with two requests each: the engine holds more requests at once than any caller sends."""
+    import threading
+
+    photos = {name: samples.jpeg_bytes(samples.photo(name)) for name in ("astronaut", "coffee", "chelsea", "rocket")}
+    answers, start = [], threading.Barrier(8)
+    before = engine.load()["served"]
+
+    def caller(i):
+        name = list(photos)[i % len(photos)]
+        text = prompts.refer_prompt("A cat.", "the cat", (0, 0, 100, 100), 451, 300)
+        start.wait()
+        answers.extend(engine.chat({name: photos[name]}, [(name, text), (name, prompts.CAPTION_PROMPT)], max_tokens=8))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    load = engine.load()
+    assert len(answers) == 16 and all(a["text"] for a in answers)
+    assert load["served"] - before == 16 and load["in_flight"] == 0
+    assert load["peak_in_flight"] > 2  # more than one caller's requests were in the engine at once
 
 
 def test_prefix_cache_counters(engine):
     stats = engine.prefix_cache()
     assert stats["prefix_cache_queries"] > 0 and stats["prefix_cache_hits"] >= 256
+
+
+def test_thin_images_are_captioned_whatever_their_aspect(engine):
+    from sculpt.models import kit
+
+    photo = samples.photo("chelsea")
+    thin = {f"{h}x{w}": samples.jpeg_bytes(np.ascontiguousarray(photo[:h, :w])) for h, w in
+            [(1, 60), (3, 60), (60, 1), (60, 3), (1, 1), (3, 3)]}
+    answers = engine.chat(thin, [(key, prompts.CAPTION_PROMPT) for key in thin], max_tokens=32)
+    assert [a["text"] for a in answers] == [kit.CAPTION] * len(thin)

@@ -125,7 +125,7 @@ def test_a_killed_engine_core_is_restarted_and_no_image_fails(local_ray, tiny_mo
 class PlacementProbe:
     """Stands in for VLMEngine: reports where Ray put it and what it would have handed to vllm.LLM."""
 
-    def __init__(self, model, engine_kwargs, max_tiles, min_tiles):
+    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
         import ray
 
         group = ray.util.get_current_placement_group()

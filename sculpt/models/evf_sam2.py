@@ -350,7 +350,12 @@ def sam2_input(image: np.ndarray, size: int = 1024) -> torch.Tensor:
 
 def upsample(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     """N×h×w logits -> N×H×W bool masks (bilinear to the original size, > 0)."""
-    return (F.interpolate(logits[:, None].float(), (height, width), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+    return upsample_tensor(logits, height, width).cpu().numpy()
+
+
+def upsample_tensor(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``upsample``'s masks as a bool tensor on the logits' device."""
+    return F.interpolate(logits[:, None].float(), (height, width), mode="bilinear", align_corners=False)[:, 0] > 0
 
 
 TOKENIZER_PROBES = ("[semantic] the second man from the left, in a dark-blue jacket holding 2 cups", "zebra top left")
@@ -411,11 +416,16 @@ class Predictor:
         with precision.autocast(self.device.type, self.dtype):
             return self.model.image_features(sam2_input(image, self.image_size).to(self.device))
 
-    @torch.inference_mode()
     def predict(self, image: np.ndarray, expressions: list[str], features: dict | None = None, chunk: int = 8) -> np.ndarray:
+        return self.predict_tensor(image, expressions, features, chunk).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_tensor(self, image: np.ndarray, expressions: list[str], features: dict | None = None,
+                       chunk: int = 8) -> torch.Tensor:
+        """``predict``'s N×H×W bool masks as a tensor on the model's device (e.g. for ``sculpt.rle.encode_tensors``)."""
         height, width = image.shape[:2]
         if not expressions:
-            return np.zeros((0, height, width), dtype=bool)
+            return torch.zeros((0, height, width), dtype=torch.bool, device=self.device)
         if features is None:
             features = self.image_features(image)
         tokens = self.tokenizer([self.prefix + e for e in expressions], padding=True, truncation=True,
@@ -424,7 +434,7 @@ class Predictor:
             prompts = self.model.prompts(beit3_input(image, self.beit_size).to(self.device),
                                          tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
             logits = self.model.decode(features, prompts)
-        return np.concatenate([upsample(logits[i : i + chunk], height, width) for i in range(0, len(logits), chunk)])
+        return torch.cat([upsample_tensor(logits[i : i + chunk], height, width) for i in range(0, len(logits), chunk)])
 
 
 def load(source: str, device: str | None = None, dtype: str | None = None, prefix: str | None = None) -> Predictor:
