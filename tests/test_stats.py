@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from sculpt import cli, rle, schema, stats
+from sculpt import cli, report, rle, schema, stats
 from sculpt.output import OutputStore, UnitWriter
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 1}
@@ -74,3 +74,40 @@ def test_marker_carries_stats_and_report_prints_and_plots(tmp_path, capsys):
     assert "stage caption         2.00 img/s per actor" in text and "read: … cut off" in text
     for name in ("iou_histogram", "objects_per_image", "expression_words", "stage_throughput"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_and_report_count_images_alike_and_idle_stages_get_no_rate(tmp_path, capsys):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare(JOB)
+    table = rows()
+    for row in table:  # a stage that had nothing to do on these images (e.g. verify without objects)
+        row["stage_seconds"] = (row["stage_seconds"] or []) + [{"stage": "idle", "seconds": 1e-6}]
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(schema.to_table(table))
+    writer.commit()
+    unreadable = UnitWriter(store, "v", JOB)  # a shard unreadable as a whole: one row, no image
+    row = schema.mark_error(schema.new_row("v", 0, ""), "read", "shard v.tar is unreadable")
+    row["shard_size"], row["shard_bytes_read"] = 1, 0
+    unreadable.add(schema.to_table([row]))
+    unreadable.commit()
+
+    status = cli.status(str(tmp_path / "out"), store.s3)
+    assert cli.main(["report", str(tmp_path / "out"), "--plots", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    line = "4 (1 errors; 1 shard(s) unreadable as a whole)"
+    assert f"images   {line}" in status and f"images            {line}" in printed
+    assert "stage idle        no work on these images" in printed
+    rates = stats.derived(report.job_stats(store)[0])["stage_images_per_second"]
+    assert "idle" not in rates and "caption" in rates
+
+
+def test_stage_actors_are_named_after_their_stage():
+    from sculpt.stage import Stage, StageActor, actor_class
+
+    class Stub(Stage):
+        name = "ground"
+
+    stage = Stub()
+    stage.name = "verify-semantic"
+    cls = actor_class(stage)
+    assert cls.__name__ == "VerifySemanticStage" and issubclass(cls, StageActor)
