@@ -1,4 +1,4 @@
-"""The ``sculpt`` command: status OUT | report OUT | samples DIR | models tiny DIR."""
+"""The ``sculpt`` command: status OUT | report OUT | size --gpus N | samples DIR | models tiny DIR."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("output")
     p.add_argument("--plots", help="directory for the PNG plots (default: OUT/_report, or ./sculpt-report for s3://)")
     p.add_argument("--s3-endpoint")
+    p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
+                   help="GPU ms per image of a stage (vlm, ground, mask, verify), e.g. from benchmarks/gpu_stages.py")
+    p.add_argument("--tensor-parallel", type=int, default=1)
     p = commands.add_parser("samples", help="write small SA-1B-format shards from scikit-image photographs")
     p.add_argument("directory")
     p.add_argument("--shards", type=int, default=2)
@@ -71,6 +76,21 @@ def main(argv=None) -> int:
         print(status(args.output, S3Options(endpoint=args.s3_endpoint)))
     elif args.command == "report":
         return report(args.output, S3Options(endpoint=args.s3_endpoint), args.plots)
+    elif args.command == "size":
+        from sculpt import sizing
+
+        costs = {}
+        for item in args.cost:
+            stage, sep, ms = item.partition("=")
+            if not sep or stage not in sizing.DEFAULT_COSTS_MS or not ms.replace(".", "", 1).isdigit():
+                parser.error(f"--cost {item!r}: expected STAGE=MS with STAGE one of {', '.join(sizing.DEFAULT_COSTS_MS)}")
+            costs[stage] = float(ms)
+        try:
+            plan = sizing.propose(args.gpus, costs, tensor_parallel=args.tensor_parallel)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"# sculpt size --gpus {args.gpus}: {sizing.describe(plan)}")
+        print(sizing.job_sections(plan))
     elif args.command == "samples":
         from sculpt.samples import make_sample_shards
 

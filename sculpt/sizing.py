@@ -1,0 +1,78 @@
+"""Balanced jobs: how many actors and what GPU share each stage gets on N GPUs, from per-stage GPU costs.
+
+A chain runs at the speed of its slowest stage, so each stage should get GPU time in proportion to its cost per
+image: the target rate is N / (sum of costs), each stage's share is rate x cost. The VLM engines take whole
+GPUs (one engine per GPU, or ``tensor_parallel`` GPUs each); the vision stages split what is left into actors
+of a fixed fraction of a GPU, which Ray packs several to a GPU. ``sculpt size --gpus N`` prints
+the proposal as the ``vlm`` and ``stages`` sections of a job config.
+
+Default costs are the H100 estimate of docs/BENCHMARKS.md (FLOP counts at stated efficiencies, 10 objects per
+image, InternVL3-8B with 7 tiles); replace them with the figures ``benchmarks/gpu_stages.py`` measures on your GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+
+# GPU milliseconds per image, per stage ("vlm" is caption + refer on the shared engines).
+DEFAULT_COSTS_MS = {"vlm": 198.4, "ground": 36.4, "mask": 12.4, "verify": 17.1}
+VISION_STAGES = ("ground", "mask", "verify")
+
+
+def propose(gpus: int, costs_ms: dict | None = None, share_steps=(0.5, 0.25, 0.125), tensor_parallel: int = 1) -> dict:
+    """{"vlm_replicas", "stages": {stage: (actors, gpus per actor)}, "images_per_second": {stage: capacity},
+    "balance": slowest / fastest capacity}. Vision actors hold one of ``share_steps`` of a GPU: the coarsest that
+    balances as well as a finer one (fewer, larger actors batch better)."""
+    costs = {**DEFAULT_COSTS_MS, **(costs_ms or {})}
+    # Engines in whole GPUs, the rest to the vision stages; pick the split whose slowest stage is fastest.
+    candidates = []  # (replicas, vision, capacity) of every feasible split
+    for step in share_steps:
+        for replicas in range(1, gpus // tensor_parallel + 1):
+            left = gpus - replicas * tensor_parallel
+            if left < len(VISION_STAGES) * step:
+                break
+            vision = _split(left, {s: costs[s] for s in VISION_STAGES}, step)
+            capacity = {"vlm": replicas * tensor_parallel / costs["vlm"] * 1000}
+            capacity |= {s: actors * share / costs[s] * 1000 for s, (actors, share) in vision.items()}
+            candidates.append((replicas, vision, capacity))
+    if not candidates:
+        raise ValueError(f"{gpus} GPU(s) cannot hold a VLM engine of {tensor_parallel} GPU(s) and the vision stages")
+    # The fastest job; among those within 1 % of it, the best balanced (least idle GPU time); then coarser actors.
+    fastest = max(min(c[2].values()) for c in candidates)
+    near = [c for c in candidates if min(c[2].values()) >= 0.99 * fastest]
+    best = max(near, key=lambda c: min(c[2].values()) / max(c[2].values()))
+    replicas, vision, capacity = best
+    return {"vlm_replicas": replicas, "tensor_parallel": tensor_parallel, "stages": vision,
+            "images_per_second": capacity, "balance": min(capacity.values()) / max(capacity.values())}
+
+
+def _split(gpus: float, costs: dict, step: float) -> dict:
+    """Actors of ``step`` GPU per stage, in proportion to cost, at least one each, at most ``gpus`` in all."""
+    slots = int(round(gpus / step))
+    total = sum(costs.values())
+    actors = {s: max(1, math.floor(slots * c / total)) for s, c in costs.items()}
+    while sum(actors.values()) < slots:  # hand out what rounding left to the stage that is slowest now
+        slowest = min(actors, key=lambda s: actors[s] / costs[s])
+        actors[slowest] += 1
+    return {s: (n, step) for s, n in actors.items()}
+
+
+def job_sections(plan: dict) -> str:
+    """The proposal as the `vlm` and `stages` YAML of a job config (caption/refer: one client actor per engine)."""
+    replicas = plan["vlm_replicas"]
+    lines = ["vlm:", f"  replicas: {replicas}", "  gpus: 1" if plan["tensor_parallel"] == 1 else "  gpus: 0",
+             f"  tensor_parallel: {plan['tensor_parallel']}", "stages:",
+             f"  - {{name: caption, actors: {replicas}, cpus: 0.5, batch_size: 8}}"]
+    for stage in ("ground", "mask"):
+        actors, share = plan["stages"][stage]
+        lines.append(f"  - {{name: {stage}, actors: {actors}, gpus: {share:g}, batch_size: 8}}")
+    lines.append(f"  - {{name: refer, actors: {replicas}, cpus: 0.5, batch_size: 4}}")
+    actors, share = plan["stages"]["verify"]
+    lines.append(f"  - {{name: verify, actors: {actors}, gpus: {share:g}, batch_size: 8}}")
+    return "\n".join(lines)
+
+
+def describe(plan: dict) -> str:
+    rates = ", ".join(f"{s} {r:.1f}" for s, r in plan["images_per_second"].items())
+    return (f"images/s each stage can sustain: {rates}; slowest/fastest = {plan['balance']:.2f} "
+            f"(job rate ~{min(plan['images_per_second'].values()):.1f} images/s)")
