@@ -1,6 +1,7 @@
 """The mask stage: SAM2 turns each grounded box into a mask (``sam2`` package, ``SAM2ImagePredictor``).
 
-One image embedding per image; all boxes of an image go to the mask decoder as one batched prompt. The decoder's
+The images of a batch are embedded together (``images_at_once`` at a time, ``SAM2ImagePredictor.set_image_batch``);
+all boxes of an image go to the mask decoder as one batched prompt. The decoder's
 low-resolution logits are brought to the image's own resolution a few masks at a time and turned into COCO RLE
 at once, so an image with many boxes never holds all its full-resolution float masks in memory. Thresholding and
 the RLE run lengths happen on the model's device (``sculpt.rle.encode_tensors``); full masks never cross to the
@@ -69,12 +70,13 @@ class Masker(Stage):
 
     - ``mask_threshold`` (0.0): logit threshold of SAM2's predictor
     - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
+    - ``images_at_once`` (4): images whose SAM2 embeddings are computed as one batch
     - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "mask"
     model_key = "mask"
-    defaults = {"mask_threshold": 0.0, "masks_at_once": 8, "device": None, "dtype": None}
+    defaults = {"mask_threshold": 0.0, "masks_at_once": 8, "images_at_once": 4, "device": None, "dtype": None}
 
     def setup(self) -> None:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -89,6 +91,7 @@ class Masker(Stage):
         transforms.postprocess_masks = lambda masks, orig_hw: masks
 
     def process(self, rows: list[dict]) -> None:
+        work = []  # (image, objects with usable boxes) per image
         for row in rows:
             todo = [obj for obj in row["objects"] or [] if obj.get("box") is not None and obj.get("mask") is None
                     and not obj.get("error")]
@@ -107,22 +110,33 @@ class Masker(Stage):
                     obj["error"] = f"{self.name}: {problem}"
                 else:
                     ready.append(obj)
-            if not ready:
-                continue
-            boxes = np.array([obj["box"] for obj in ready], dtype=np.float32)
-            masks, scores = self.predict(image, boxes)
-            for obj, mask, score in zip(ready, masks, scores):
-                obj.update(mask=mask, area=rle.area(mask), mask_score=float(score))
+            if ready:
+                work.append((image, ready))
+        step = int(self.params["images_at_once"])
+        for i in range(0, len(work), step):
+            chunk = work[i:i + step]
+            boxes = [np.array([obj["box"] for obj in ready], dtype=np.float32) for _, ready in chunk]
+            for (_, ready), (masks, scores) in zip(chunk, self.predict_images([image for image, _ in chunk], boxes)):
+                for obj, mask, score in zip(ready, masks, scores):
+                    obj.update(mask=mask, area=rle.area(mask), mask_score=float(score))
 
     def predict(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
         """RLE masks at the image's resolution and SAM2's predicted IoUs for N boxes (x0, y0, x1, y1 pixels)."""
+        return self.predict_images([image], [boxes])[0]
+
+    def predict_images(self, pictures: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[list[dict], np.ndarray]]:
+        """``predict`` for several images: their embeddings computed as one batch, then each image's boxes."""
         import torch
 
         with torch.inference_mode(), precision.autocast(self.device, self.dtype):
-            self.predictor.set_image(image)
-            logits, scores, _ = self.predictor.predict(box=boxes, multimask_output=False, return_logits=True)
-        n = len(boxes)  # predict() drops the box axis when there is a single box
-        return self._rles(logits.reshape(n, 1, *logits.shape[-2:]), image.shape[:2]), scores.reshape(n, -1)[:, 0]
+            self.predictor.set_image_batch(pictures)
+            logits, scores, _ = self.predictor.predict_batch(box_batch=boxes, multimask_output=False, return_logits=True)
+        out = []
+        for image, image_boxes, image_logits, image_scores in zip(pictures, boxes, logits, scores):
+            n = len(image_boxes)  # the single-box case comes without its box axis
+            out.append((self._rles(image_logits.reshape(n, 1, *image_logits.shape[-2:]), image.shape[:2]),
+                        image_scores.reshape(n, -1)[:, 0]))
+        return out
 
     def _rles(self, logits: np.ndarray, size) -> list[dict]:
         import torch

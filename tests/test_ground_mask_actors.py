@@ -256,3 +256,25 @@ def test_sam2_loader_names_what_it_cannot_use(tmp_path):
     (tmp_path / "b.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"expected one \*.pt"):
         build_sam2_model(str(tmp_path), "cpu")
+
+
+def test_masker_embeds_a_batch_of_images_at_once_with_the_same_masks(checkpoints, monkeypatch):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    batches = []
+    real = SAM2ImagePredictor.set_image_batch
+    monkeypatch.setattr(SAM2ImagePredictor, "set_image_batch", lambda self, images: batches.append(len(images)) or real(self, images))
+
+    def run(images_at_once):
+        rows = [with_boxes(row_for("chelsea", 0), [[10, 20, 200, 250], [150, 40, 451, 300]]),
+                with_boxes(row_for("rocket", 1), [[50, 100, 300, 600]]),
+                with_boxes(row_for("coffee", 2), [[0, 0, 300, 200], [100, 100, 500, 390], [10, 10, 40, 40]])]
+        return StageActor(Masker(model=checkpoints["sam2"], images_at_once=images_at_once))(schema.to_table(rows)).to_pylist()
+
+    together, alone = run(3), run(1)
+    assert batches == [3, 1, 1, 1]  # one embedding batch of three images, then three of one
+    assert [len(r["objects"]) for r in together] == [2, 1, 3]
+    for a, b in zip(together, alone):
+        for x, y in zip(a["objects"], b["objects"]):
+            m, n = rle.decode(x["mask"]), rle.decode(y["mask"])
+            assert (m & n).sum() >= 0.99 * max((m | n).sum(), 1) and x["mask_score"] == pytest.approx(y["mask_score"], abs=1e-3)
