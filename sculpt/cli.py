@@ -57,6 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("output")
     p.add_argument("--plots", help="directory for the PNG plots (default: OUT/_report, or ./sculpt-report for s3://)")
     p.add_argument("--s3-endpoint")
+    p = commands.add_parser("export", help="the output's expression-mask pairs as GSEval jsonl, COCO JSON or HF Parquet")
+    p.add_argument("output")
+    p.add_argument("dest", help="a .jsonl (gseval) or .json (coco) file, or a directory of Parquet files (hf)")
+    p.add_argument("--format", required=True, choices=["gseval", "coco", "hf"],
+                   help="gseval: GroundingSuite jsonl (class_id 4, single object, for every pair); coco: instances + "
+                   "RefCOCO-style refs; hf: Parquet pairs for datasets.load_dataset")
+    p.add_argument("--all", action="store_true", help="every pair with its iou and kept, not only kept ones")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p.add_argument("--s3-endpoint")
     p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
@@ -76,6 +85,17 @@ def main(argv=None) -> int:
         print(status(args.output, S3Options(endpoint=args.s3_endpoint)))
     elif args.command == "report":
         return report(args.output, S3Options(endpoint=args.s3_endpoint), args.plots)
+    elif args.command == "export":
+        from sculpt import export
+
+        try:
+            counts = export.export(args.output, args.dest, args.format, S3Options(endpoint=args.s3_endpoint),
+                                   keep_all=args.all, overwrite=args.overwrite)
+        except export.ExportError as exc:
+            print(f"sculpt export: {exc}", file=sys.stderr)
+            return 1
+        which = "pairs" if args.all else "kept pairs"
+        print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})")
     elif args.command == "size":
         from sculpt import sizing
 

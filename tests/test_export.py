@@ -1,0 +1,212 @@
+"""sculpt export round trips: each format loaded by its own library gives back the Parquet rows' pairs."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from sculpt import cli, export, rle, schema
+from sculpt.output import OutputStore, UnitWriter
+
+JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 2}
+H, W = 12, 16
+
+
+def mask_at(x0, y0, x1, y1):
+    m = np.zeros((H, W), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def obj(box, iou=None, expression=None, error=None, phrase="thing"):
+    x0, y0, x1, y1 = box
+    m = mask_at(*box)
+    return {"phrase": phrase, "box": [float(x0), float(y0), float(x1 - 1), float(y1 - 1)], "mask": rle.encode(m),
+            "area": int(m.sum()), "iou": iou, "kept": None if iou is None else iou >= 0.5, "expression": expression,
+            "expression_words": len(expression.split()) if expression else None, "error": error}
+
+
+def unit_rows(unit):
+    a = schema.new_row(unit, 0, f"{unit}_a", image_id=1, width=W, height=H, caption="A red cup and a blue plate.",
+                       objects=[obj((1, 1, 5, 6), 0.9, "the red cup", phrase="red cup"),
+                                obj((6, 2, 15, 11), 0.3, "a plate on the right", phrase="blue plate"),
+                                obj((0, 0, 3, 3), 0.7, "the cup's handle, left")])
+    b = schema.new_row(unit, 1, f"{unit}_b", width=W, height=H, caption="x",
+                       objects=[obj((2, 2, 4, 4), error="refer: unusable referring expression 'zz'")])
+    c = schema.mark_error(schema.new_row(unit, 2, f"{unit}_c"), "read", "cut off")
+    d = schema.new_row(unit, 3, f"{unit}_d", width=W, height=H, status=schema.EMPTY)
+    e = schema.new_row(unit, 4, f"{unit}_e", width=W, height=H, caption="only rejected",
+                       objects=[obj((3, 3, 9, 9), 0.1, "a shadow")])
+    rows = [a, b, c, d, e]
+    for row in rows:
+        row["shard_size"], row["shard_bytes_read"] = len(rows), 10
+    return rows
+
+
+@pytest.fixture
+def out(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare(JOB)
+    for unit in ("sa_000000", "sa_000001"):
+        writer = UnitWriter(store, unit, JOB, flush_rows=2)
+        writer.add(schema.to_table(unit_rows(unit)))
+        writer.commit()
+    return str(tmp_path / "out")
+
+
+def parquet_pairs(out, keep_all):
+    """(shard, index, object) -> object, straight from the Parquet files."""
+    table = pq.read_table(f"{out}/sa_000000.parquet").to_pylist() + pq.read_table(f"{out}/sa_000001.parquet").to_pylist()
+    return {(r["shard"], r["index"], j): o for r in table if r["status"] == "ok" for j, o in enumerate(r["objects"])
+            if not o["error"] and (keep_all or o["kept"])}
+
+
+# --- a GSEval reader that reads as GroundingSuite's evaluate_grounding.py does (mask mode) ---------------------------
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def gseval_giou(gt_file, pred_file):
+    """Mean per-sample mask IoU: predictions matched on `idx` (else `image_path`), RLE decoded by pycocotools,
+    `segmentation` (or `predicted_segmentation`) of each; samples without masks are skipped."""
+    from pycocotools import mask as mask_utils
+
+    gt, pred = read_jsonl(gt_file), read_jsonl(pred_file)
+    pred_map = {p["idx"]: p for p in pred if p.get("idx") is not None} or {p["image_path"]: p for p in pred if p.get("image_path")}
+    ious, per_class = [], {}
+    for item in gt:
+        match = pred_map.get(item.get("idx")) if item.get("idx") is not None else None
+        match = match or pred_map.get(item["image_path"])
+        gt_seg = item.get("segmentation")
+        pred_seg = match and (match.get("segmentation") or match.get("predicted_segmentation"))
+        if not gt_seg or not pred_seg:
+            continue
+        a, b = mask_utils.decode(gt_seg), mask_utils.decode(pred_seg)
+        union = np.logical_or(a, b).sum()
+        iou = np.logical_and(a, b).sum() / union if union > 0 else 0.0
+        ious.append(iou)
+        per_class.setdefault(item.get("class_id", 0), []).append(iou)
+    return sum(ious) / len(ious) if ious else 0.0, len(ious), per_class
+
+
+def test_gseval_scores_itself_at_giou_one_and_traces_every_line(out, tmp_path):
+    dest = str(tmp_path / "gseval.jsonl")
+    assert cli.main(["export", out, dest, "--format", "gseval"]) == 0
+    lines = read_jsonl(dest)
+    expected = parquet_pairs(out, keep_all=False)
+    assert len(lines) == len(expected) == 4  # 2 kept pairs per shard
+    giou, scored, per_class = gseval_giou(dest, dest)
+    assert scored == 4 and giou == pytest.approx(1.0) and set(per_class) == {4}
+    assert [line["idx"] for line in lines] == [0, 1, 2, 3]
+    for line in lines:
+        o = expected[(line["shard"], line["index"], line["object"])]
+        assert line["label"] == o["expression"] and line["box"] == pytest.approx(o["box"])
+        assert line["image_path"] == f"{line['shard']}/{line['shard']}_a.jpg" and line["caption"] == "A red cup and a blue plate."
+        assert isinstance(line["segmentation"]["counts"], str) and line["segmentation"]["size"] == [H, W]
+        assert np.array_equal(rle.decode(line["segmentation"]), rle.decode(o["mask"]))
+        assert line["class_id"] == 4 and line["kept"] is True
+
+
+def test_all_exports_rejected_pairs_with_iou_and_kept(out, tmp_path):
+    dest = str(tmp_path / "all.jsonl")
+    assert cli.main(["export", out, dest, "--format", "gseval", "--all"]) == 0
+    lines = read_jsonl(dest)
+    expected = parquet_pairs(out, keep_all=True)
+    assert len(lines) == len(expected) == 8  # 3 of image a + 1 of image e, per shard; b's errored object, c, d: none
+    keys = {(line["shard"], line["index"], line["object"]) for line in lines}
+    assert keys == set(expected) and {k[1] for k in keys} == {0, 4}
+    for line in lines:
+        o = expected[(line["shard"], line["index"], line["object"])]
+        assert line["iou"] == pytest.approx(o["iou"]) and line["kept"] is (o["iou"] >= 0.5)
+    assert sum(not line["kept"] for line in lines) == 4
+
+
+def test_coco_loads_in_pycocotools_with_the_same_masks_boxes_and_expressions(out, tmp_path):
+    from pycocotools.coco import COCO
+
+    dest = str(tmp_path / "coco" / "instances.json")
+    assert cli.main(["export", out, dest, "--format", "coco", "--all"]) == 0
+    coco = COCO(dest)
+    expected = parquet_pairs(out, keep_all=True)
+    assert len(coco.getAnnIds()) == len(expected) == 8 and len(coco.getImgIds()) == 4  # images a and e of each shard
+    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "object", "supercategory": "object"}]
+    refs = {r["ann_id"]: r for r in coco.dataset["refs"]}
+    assert len(refs) == 8
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        o = expected[(ann["shard"], ann["index"], ann["object"])]
+        image = coco.loadImgs(ann["image_id"])[0]
+        assert (image["height"], image["width"]) == (H, W) and image["file_name"].startswith(ann["shard"] + "/")
+        assert np.array_equal(coco.annToMask(ann).astype(bool), rle.decode(o["mask"]))
+        x0, y0, x1, y1 = o["box"]
+        assert ann["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0]) and ann["area"] == o["area"]
+        ref = refs[ann["id"]]
+        assert ref["image_id"] == ann["image_id"] and [s["raw"] for s in ref["sentences"]] == [o["expression"]]
+        assert ref["sentences"][0]["tokens"] == ref["sentences"][0]["sent"].split()
+    assert refs[3]["sentences"][0]["tokens"] == ["the", "cup's", "handle", "left"]
+    assert not (tmp_path / "coco" / "_tmp").exists()
+
+
+def test_hf_pairs_load_in_datasets_with_the_same_masks_and_expressions(out, tmp_path):
+    import datasets
+
+    dest = str(tmp_path / "hf")
+    assert cli.main(["export", out, dest, "--format", "hf"]) == 0
+    ds = datasets.load_dataset("parquet", data_files=f"{dest}/*.parquet", split="train")
+    expected = parquet_pairs(out, keep_all=False)
+    assert ds.num_rows == len(expected) == 4
+    for row in ds:
+        o = expected[(row["shard"], row["index"], row["object"])]
+        assert row["expression"] == o["expression"] and row["box"] == pytest.approx(o["box"])
+        assert np.array_equal(rle.decode(row["mask"]), rle.decode(o["mask"]))
+        assert row["image_path"] == f"{row['shard']}/{row['image_key']}.jpg" and row["kept"] is True
+
+
+def test_hf_splits_files_and_all_keeps_rejected(out, tmp_path):
+    dest = str(tmp_path / "hf")
+    counts = export.export_hf(out, dest, keep_all=True, rows_per_file=3)
+    assert counts == {"images": 4, "pairs": 8, "files": 3}
+    table = pq.ParquetDataset(dest).read()
+    assert table.num_rows == 8 and table.schema.equals(export.PAIR_SCHEMA)
+    assert sorted(table["kept"].to_pylist()) == [False] * 4 + [True] * 4
+
+
+def test_refuses_existing_dest_and_empty_output(out, tmp_path, capsys):
+    dest = tmp_path / "x.jsonl"
+    dest.write_text("keep me")
+    assert cli.main(["export", out, str(dest), "--format", "gseval"]) == 1
+    assert "exists" in capsys.readouterr().err and dest.read_text() == "keep me"
+    assert cli.main(["export", out, str(dest), "--format", "gseval", "--overwrite"]) == 0
+    assert len(read_jsonl(dest)) == 4
+    assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "y.jsonl"), "--format", "coco"]) == 1
+    assert "no sculpt output" in capsys.readouterr().err
+
+
+def test_uncommitted_units_and_bookkeeping_are_not_exported(out, tmp_path):
+    import os
+
+    os.remove(f"{out}/_markers/sa_000001.json")  # as if killed between the Parquet file and its marker
+    assert [p.rsplit("/", 1)[1] for p in export.data_files(out)] == ["sa_000000.parquet"]
+    counts = export.export_gseval(out, str(tmp_path / "g.jsonl"), keep_all=True)
+    assert counts == {"images": 2, "pairs": 4}
+
+
+def test_rows_stream_in_batches(out, monkeypatch):
+    seen = []
+    real = export.pads.dataset
+
+    def spy(*args, **kwargs):
+        dataset = real(*args, **kwargs)
+
+        class Spy:
+            def to_batches(self, **kw):
+                for batch in dataset.to_batches(**kw):
+                    seen.append(batch.num_rows)
+                    yield batch
+        return Spy()
+
+    monkeypatch.setattr(export.pads, "dataset", spy)
+    assert sum(1 for _ in export.iter_rows(out, batch_size=2)) == 10
+    assert seen and max(seen) <= 2
