@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sculpt import cli, export, rle, schema
+from sculpt import cli, export, rle, schema, storage
 from sculpt.output import OutputStore, UnitWriter
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 2}
@@ -210,3 +210,23 @@ def test_rows_stream_in_batches(out, monkeypatch):
     monkeypatch.setattr(export.pads, "dataset", spy)
     assert sum(1 for _ in export.iter_rows(out, batch_size=2)) == 10
     assert seen and max(seen) <= 2
+
+
+def test_s3_output_exports_to_s3(s3_server, tmp_path):
+    import boto3
+
+    from sculpt.storage import S3Options
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="export")
+    s3 = S3Options(endpoint=s3_server)
+    store = OutputStore("s3://export/out", s3)
+    store.prepare(JOB)
+    writer = UnitWriter(store, "sa_000000", JOB)
+    writer.add(schema.to_table(unit_rows("sa_000000")))
+    writer.commit()
+    assert cli.main(["export", "s3://export/out", "s3://export/gseval.jsonl", "--format", "gseval", "--all",
+                     "--s3-endpoint", s3_server]) == 0
+    lines = [json.loads(line) for line in storage.read_bytes("s3://export/gseval.jsonl", s3).decode().splitlines()]
+    assert len(lines) == 4 and {line["index"] for line in lines} == {0, 4}
+    assert export.export_hf("s3://export/out", "s3://export/hf", s3) == {"images": 1, "pairs": 2, "files": 1}
+    assert storage.list_names("s3://export/hf", s3) == ["pairs-00000.parquet"]
