@@ -1,0 +1,89 @@
+"""The phrase-kind rule (sculpt/categories.py) against a golden set labelled by hand, and its fixed cases.
+
+Labels follow GSEval's classes (1 stuff, 2 part, 3 multi-object, 4 single object) as a person reading the phrase
+alone would give them; the rule's agreement with them is reported in docs/BENCHMARKS.md.
+"""
+
+import pytest
+
+from sculpt.categories import MULTI, PART, SINGLE, STUFF, category, head_noun
+
+S, P, M, O = STUFF, PART, MULTI, SINGLE
+GOLDEN = [  # (phrase, boxes it was grounded to, hand label)
+    ("the blue sky", 1, S), ("white clouds above the hills", 1, S), ("green grass in the foreground", 1, S),
+    ("the asphalt road", 1, S), ("a wooden floor", 1, S), ("the white wall behind the sofa", 1, S),
+    ("calm water of the lake", 1, S), ("the sandy beach", 1, S), ("snow on the ground", 1, S),
+    ("the ceiling", 1, S), ("dense forest in the distance", 1, S), ("the mountains on the horizon", 1, S),
+    ("a gravel path", 1, S), ("the dark background", 1, S), ("the ocean", 1, S), ("a brick wall", 1, S),
+    ("the red carpet", 1, S), ("smoke rising from the chimney", 1, S), ("dry dirt", 1, S), ("the night sky", 1, S),
+    ("a field of wheat", 1, S), ("the sidewalk", 1, S), ("muddy soil", 1, S), ("the river", 1, S),
+    ("the ear of the cat", 1, P), ("the dog's tail", 1, P), ("the left wheel of the bicycle", 1, P),
+    ("the handle of the mug", 1, P), ("a man's beard", 1, P), ("the roof of the house", 1, P),
+    ("the door of the red car", 1, P), ("the screen of the laptop", 1, P), ("the cap of the bottle", 1, P),
+    ("the horse's mane", 1, P), ("the girl's left hand", 1, P), ("the wings of the airplane", 1, P),
+    ("the windshield", 1, P), ("the beak of the bird", 1, P), ("its long neck", 1, P), ("the cat's whiskers", 1, P),
+    ("the front wheel", 1, P), ("the elephant's trunk", 1, P), ("petals of the sunflower", 1, P),
+    ("the brim of his hat", 1, P), ("the base of the lamp", 1, P), ("the top of the cake", 1, P),
+    ("the boy's face", 1, P), ("the sleeve of the jacket", 1, P), ("the headlights of the truck", 1, P),
+    ("the keyboard of the laptop", 1, P), ("the legs of the table", 1, P), ("the giraffe's head", 1, P),
+    ("two green plants", 2, M), ("three people on the bench", 3, M), ("a group of children", 1, M),
+    ("several parked cars", 4, M), ("both cups", 2, M), ("people walking on the beach", 5, M),
+    ("the cows in the field", 3, M), ("a pair of shoes", 2, M), ("many birds in the sky", 6, M),
+    ("the books on the shelf", 8, M), ("two dogs playing", 2, M), ("a herd of sheep", 1, M),
+    ("some apples in a bowl", 3, M), ("the chairs around the table", 4, M), ("all the boats", 5, M),
+    ("a stack of plates", 1, M), ("the trees along the road", 6, M), ("four horses", 4, M),
+    ("the women talking", 2, M), ("a row of bicycles", 1, M), ("the players", 3, M), ("men in suits", 2, M),
+    ("a crowd of spectators", 1, M), ("the buildings", 3, M),
+    ("a gray cat", 1, O), ("a red sofa", 1, O), ("the window", 1, O), ("the man in a black jacket", 1, O),
+    ("a white dog lying on the rug", 1, O), ("the tallest building", 1, O), ("a glass of water", 1, O),
+    ("the bus", 1, O), ("a wooden table", 1, O), ("the woman holding an umbrella", 1, O), ("a laptop", 1, O),
+    ("the red car parked by the curb", 1, O), ("a yellow umbrella", 1, O), ("the painting on the wall", 1, O),
+    ("the smallest cup", 1, O), ("a cyclist", 1, O), ("the boy wearing a cap", 1, O), ("a black backpack", 1, O),
+    ("the lamp", 1, O), ("a pair of glasses", 1, O), ("the clock tower", 1, O), ("a teddy bear", 1, O),
+    ("the traffic light", 1, O), ("a bowl of soup", 1, O), ("the girl with long hair", 1, O), ("the horse", 1, O),
+    ("a green bottle", 1, O), ("the dress", 1, O), ("the old man", 1, O), ("a cactus", 1, O), ("the door", 1, O),
+]
+
+
+def test_the_golden_set_is_big_enough_and_covers_every_kind():
+    assert len(GOLDEN) >= 100
+    assert {label for _, _, label in GOLDEN} == {S, P, M, O} and min(
+        sum(label == k for _, _, label in GOLDEN) for k in (S, P, M, O)) >= 20
+
+
+def agreement():
+    hits = [category(phrase, boxes) == label for phrase, boxes, label in GOLDEN]
+    by_kind = {k: sum(h for h, (_, _, label) in zip(hits, GOLDEN) if label == k) /
+               sum(label == k for _, _, label in GOLDEN) for k in (S, P, M, O)}
+    return sum(hits) / len(hits), by_kind
+
+
+def test_the_rule_agrees_with_the_hand_labels():
+    overall, by_kind = agreement()
+    assert overall >= 0.9 and min(by_kind.values()) >= 0.8, (overall, by_kind)
+
+
+@pytest.mark.parametrize("phrase, boxes, expected", [
+    ("a dog", 1, O), ("a dog", 2, M),  # grounded to two boxes: a group, whatever the words say
+    ("the glass", 1, O), ("the glasses", 1, O), ("the sunglasses", 1, O),  # not plurals
+    ("the man riding a horse", 1, O),  # a participle ends the head phrase
+    ("the door", 1, O), ("the door of the car", 1, P),  # a part only when it says of what
+    ("", 1, O),
+])
+def test_fixed_cases(phrase, boxes, expected):
+    assert category(phrase, boxes) == expected
+
+
+def test_head_noun():
+    assert head_noun("the white wall behind the sofa") == ("wall", ["the", "white"])
+    assert head_noun("people walking on the beach") == ("people", [])
+    assert head_noun("the horse's mane") == ("mane", ["the", "horse's"])
+
+
+if __name__ == "__main__":  # the figures for docs/BENCHMARKS.md
+    overall, by_kind = agreement()
+    print(f"{len(GOLDEN)} phrases: agreement {overall:.1%}; " + ", ".join(
+        f"{name} {by_kind[k]:.0%}" for name, k in (("stuff", S), ("part", P), ("multi", M), ("single", O))))
+    for phrase, boxes, label in GOLDEN:
+        if category(phrase, boxes) != label:
+            print(f"  {phrase!r} ({boxes} boxes): rule {category(phrase, boxes)}, hand {label}")
