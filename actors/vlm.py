@@ -7,8 +7,11 @@ only) find them by name and send each image's requests to one replica, where the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import threading
+import uuid
 
 from sculpt import errors, images, vlm
 from sculpt.stage import Stage
@@ -78,22 +81,15 @@ class EngineLoop:
     """
 
     def __init__(self, engine_args: dict, max_in_flight: int):
-        import asyncio
-        import threading
-
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vlm-engine-loop", daemon=True).start()
         self.max_in_flight, self.in_flight, self.peak_in_flight, self.served = max_in_flight, 0, 0, 0
         self._run(self._start(engine_args))
 
     def _run(self, coroutine):
-        import asyncio
-
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     async def _start(self, engine_args: dict) -> None:
-        import asyncio
-
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.renderers.params import ChatParams
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -113,13 +109,9 @@ class EngineLoop:
         return self._run(self._answers(prompts, params))
 
     async def _answers(self, prompts: list, params) -> list[dict]:
-        import asyncio
-
         return list(await asyncio.gather(*(self._answer(p, params) for p in prompts)))
 
     async def _answer(self, prompt, params) -> dict:
-        import uuid
-
         async with self.slots:
             self.in_flight += 1  # only the loop's thread touches these counters
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -138,8 +130,6 @@ class EngineLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     async def _stop(self) -> None:
-        import asyncio
-
         self.engine.shutdown()
         self.engine = None  # collected now, while the interpreter can still run its finaliser
         await asyncio.sleep(0.1)  # let the engine's cancelled tasks finish on this loop

@@ -193,10 +193,10 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
     pending: dict[str, str] = {}
     writers: dict[str, UnitWriter] = {}
     dataset = build_dataset(todo.pending, stages, config, todo.redo) if todo.pending else None
-    for uri in todo.redo:  # a redone unit starts from its committed good rows
-        writer = writers[shards.shard_name(uri)] = UnitWriter(store, shards.shard_name(uri), job)
-        writer.resume_from(store.read_unit(writer.unit))
     try:
+        for uri in todo.redo:  # a redone unit starts from its committed good rows
+            writer = writers[shards.shard_name(uri)] = UnitWriter(store, shards.shard_name(uri), job)
+            writer.resume_from(store.read_unit(writer.unit))
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow") if dataset else []:
             progress.rows(table.num_rows)
             for unit in pc.unique(table["shard"]).to_pylist():
