@@ -19,12 +19,22 @@ $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	# torchscale's BEiT-3, the reference our EVF-SAM2 encoder is tested against; its old pins are not needed
 	$(PIP) --no-deps --no-build-isolation fairscale==0.4.0
 	$(PIP) --no-deps torchscale==0.2.0 timm==0.6.13
+	# Label Studio's brush RLE for the labelstudio export; --no-deps: see the `export` extra in pyproject.toml
+	$(PIP) --no-deps label-studio-sdk==2.1.2
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  cp .ci/torchvision_cpu_shim.py $$site/_sculpt_torchvision_shim.py && \
 	  echo "import _sculpt_torchvision_shim" > $$site/_sculpt_torchvision_shim.pth
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# Debian's chromium renders the HTML preview in tests/test_preview.py. Installed where we are root with apt-get
+# (CI; a failed install fails the set-up); elsewhere the test skips and says how to get it.
+browser:
+	@command -v chromium >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium is not installed and this user cannot apt-get it; tests/test_preview.py will skip"; fi
 
 demo: install
 	$(PY) workflows/annotate.py $(ARGS)
@@ -32,4 +42,4 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests $(ARGS)
 
-.PHONY: install demo test
+.PHONY: install browser demo test

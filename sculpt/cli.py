@@ -57,13 +57,21 @@ def main(argv=None) -> int:
     p.add_argument("output")
     p.add_argument("--plots", help="directory for the PNG plots (default: OUT/_report, or ./sculpt-report for s3://)")
     p.add_argument("--s3-endpoint")
-    p = commands.add_parser("export", help="the output's expression-mask pairs as GSEval jsonl, COCO JSON or HF Parquet")
+    p = commands.add_parser("export", help="the output's expression-mask pairs as GSEval jsonl, COCO JSON, HF Parquet "
+                            "or Label Studio tasks")
     p.add_argument("output")
-    p.add_argument("dest", help="a .jsonl (gseval) or .json (coco) file, or a directory of Parquet files (hf)")
-    p.add_argument("--format", required=True, choices=["gseval", "coco", "hf"],
+    p.add_argument("dest", help="a .jsonl (gseval) or .json (coco, labelstudio) file, or a directory of Parquet files (hf)")
+    p.add_argument("--format", required=True, choices=["gseval", "coco", "hf", "labelstudio"],
                    help="gseval: GroundingSuite jsonl (class_id 4, single object, for every pair); coco: instances + "
-                   "RefCOCO-style refs; hf: Parquet pairs for datasets.load_dataset")
+                   "RefCOCO-style refs; hf: Parquet pairs for datasets.load_dataset; labelstudio: tasks JSON with "
+                   "brush masks, expressions and boxes as predictions")
     p.add_argument("--all", action="store_true", help="every pair with its iou and kept, not only kept ones")
+    p.add_argument("--images", metavar="DIR", help="also write each exported image, upright, to DIR/<shard>/<key>.jpg "
+                   "(read from the input shards) and point the records at it")
+    p.add_argument("--image-root", metavar="PREFIX", help="name images PREFIX/<shard>/<key>.jpg in the records "
+                   "(default: the --images DIR, else <shard>/<key>.jpg)")
+    p.add_argument("--shards", action="append", metavar="PATH",
+                   help="where the input tars are now, if not where the job read them (repeatable; for --images)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     p.add_argument("--s3-endpoint")
     p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
@@ -90,12 +98,14 @@ def main(argv=None) -> int:
 
         try:
             counts = export.export(args.output, args.dest, args.format, S3Options(endpoint=args.s3_endpoint),
-                                   keep_all=args.all, overwrite=args.overwrite)
+                                   keep_all=args.all, overwrite=args.overwrite, images=args.images,
+                                   image_root=args.image_root, shards=args.shards)
         except export.ExportError as exc:
             print(f"sculpt export: {exc}", file=sys.stderr)
             return 1
         which = "pairs" if args.all else "kept pairs"
-        print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})")
+        print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})"
+              + (f"; {counts['image_files']} image files in {args.images}" if args.images else ""))
     elif args.command == "size":
         from sculpt import sizing
 

@@ -4,9 +4,11 @@ A *pair* is one object of an ``ok`` row that has a mask and a referring expressi
 By default only kept pairs (the verifier's IoU reached the threshold) are exported; ``keep_all=True``
 (``--all``) exports every pair with its ``iou`` and ``kept``. Error and empty rows have no pairs.
 
-Every exported record names where it came from: ``shard``, ``index`` (the image's row in that shard's Parquet
-file) and ``object`` (the position in the row's ``objects`` list). Images are referenced, not copied, as
-``<shard>/<image_key>.jpg`` (the tar member of that input shard).
+Every exported record names where it came from: ``shard``, ``index`` (the image's position in its shard, as in
+that shard's Parquet rows) and ``object`` (the position in the row's ``objects`` list). Images are referenced as
+``<shard>/<image_key>.jpg`` (the tar member of that input shard), under ``image_root`` when one is given.
+``images=DIR`` (``--images DIR``) also extracts each exported image once to ``DIR/<shard>/<image_key>.jpg``,
+upright (``write_upright``), streamed from the job's input shards (``ShardImages``); the records then point there.
 
 Formats (``FORMATS``):
 
@@ -19,6 +21,11 @@ Formats (``FORMATS``):
   ``pycocotools.coco.COCO`` loads it. Only images with at least one exported pair are listed.
 - ``hf``: a directory of Parquet files, one row per pair (``PAIR_SCHEMA``), for
   ``datasets.load_dataset("parquet", data_files=f"{DEST}/*.parquet")``.
+- ``labelstudio``: a Label Studio tasks JSON, one task per image (``data.image``, ``data.caption``), its pairs as
+  one prediction: per pair a ``brushlabels`` result (the mask in Label Studio's brush RLE, encoded by
+  ``label_studio_sdk.converter.brush``), a per-region ``textarea`` result with the expression (same region id)
+  and a ``rectanglelabels`` result with the box in percent; each result's ``meta`` holds shard, index, object,
+  phrase, iou and kept. ``LABEL_STUDIO_CONFIG`` is the labeling config these results fit.
 
 The output is read a record batch at a time (``pyarrow.dataset``), and written as it goes: memory stays bounded
 by a batch whatever the output's size. OUT and DEST may be local paths or ``s3://`` URIs (``sculpt.storage``);
@@ -27,23 +34,35 @@ each exported file appears whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
 import tempfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sculpt import schema, storage
-from sculpt.output import MARKERS
+from sculpt import images, rle, schema, storage
+from sculpt.output import JOB_FILE, MARKERS
 from sculpt.storage import S3Options
 
-FORMATS = ("gseval", "coco", "hf")
+FORMATS = ("gseval", "coco", "hf", "labelstudio")
 SINGLE_OBJECT = 4  # GSEval's class_id: 1 stuff, 2 part, 3 multi, 4 single
-READ_COLUMNS = ["shard", "index", "image_key", "image_id", "file_name", "width", "height", "status", "caption", "objects"]
+READ_COLUMNS = ["shard", "index", "image_key", "image_id", "file_name", "width", "height", "status", "error", "caption",
+                "objects"]
+LABEL = "object"  # the one label of Label Studio's brush and rectangle results
+LABEL_STUDIO_CONFIG = f"""<View>
+  <Image name="image" value="$image"/>
+  <Text name="caption" value="$caption"/>
+  <BrushLabels name="mask" toName="image"><Label value="{LABEL}"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="{LABEL}"/></RectangleLabels>
+  <TextArea name="expression" toName="image" perRegion="true" editable="true"/>
+</View>"""
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -85,19 +104,25 @@ def data_files(out: str, s3: S3Options = S3Options()) -> list[str]:
     return [f"{path}/{n}" for n in names]
 
 
-def image_path(row: dict) -> str:
-    return f"{row['shard']}/{row['image_key']}.jpg"
+def image_path(row: dict, image_root: str = "") -> str:
+    relative = f"{row['shard']}/{row['image_key']}.jpg"
+    return storage.join(image_root, relative) if image_root else relative
+
+
+def _rows_in_index_order(dataset: pads.Dataset, batch_size: int):
+    """One shard's rows in ``index`` order, ``batch_size`` at a time: a unit's rows are written as its batches
+    finish, not in order, and ordered rows let its images stream from the input tar in one forward pass."""
+    order = np.argsort(dataset.to_table(columns=["index"])["index"].to_numpy(), kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield from dataset.take(pa.array(order[start:start + batch_size]), columns=READ_COLUMNS).to_pylist()
 
 
 def iter_rows(out: str, s3: S3Options = S3Options(), batch_size: int = 256):
-    """The output's rows (READ_COLUMNS only) as dicts, one record batch in memory at a time."""
-    files = data_files(out, s3)
-    if not files:
-        return
+    """The output's rows (READ_COLUMNS only) as dicts, shard after shard, each shard's in index order; one
+    batch of rows in memory at a time."""
     fs, _ = storage.filesystem(out, s3)
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    for batch in dataset.to_batches(columns=READ_COLUMNS, batch_size=batch_size):
-        yield from batch.to_pylist()
+    for path in data_files(out, s3):
+        yield from _rows_in_index_order(pads.dataset(path, format="parquet", filesystem=fs), batch_size)
 
 
 def pairs_of(row: dict, keep_all: bool = False):
@@ -111,11 +136,12 @@ def pairs_of(row: dict, keep_all: bool = False):
             yield position, obj
 
 
-def pair_record(row: dict, position: int, obj: dict) -> dict:
+def pair_record(row: dict, position: int, obj: dict, image_root: str = "") -> dict:
     """One pair as a PAIR_SCHEMA row."""
     return {
         "shard": row["shard"], "index": row["index"], "object": position, "image_key": row["image_key"],
-        "image_id": row.get("image_id"), "image_path": image_path(row), "width": row["width"], "height": row["height"],
+        "image_id": row.get("image_id"), "image_path": image_path(row, image_root), "width": row["width"],
+        "height": row["height"],
         "caption": row.get("caption"), "phrase": obj.get("phrase"), "expression": obj["expression"],
         "box": [float(v) for v in obj["box"]] if obj.get("box") is not None else None,
         "mask": {"size": [int(v) for v in obj["mask"]["size"]], "counts": obj["mask"]["counts"]},
@@ -123,12 +149,95 @@ def pair_record(row: dict, position: int, obj: dict) -> dict:
     }
 
 
-def iter_pairs(out: str, s3: S3Options = S3Options(), keep_all: bool = False, batch_size: int = 256):
+def iter_pairs(out: str, s3: S3Options = S3Options(), keep_all: bool = False, batch_size: int = 256,
+               image_root: str = ""):
     """(row, pairs of the row) for every row of the output that has at least one exportable pair."""
     for row in iter_rows(out, s3, batch_size):
-        pairs = [pair_record(row, position, obj) for position, obj in pairs_of(row, keep_all)]
+        pairs = [pair_record(row, position, obj, image_root) for position, obj in pairs_of(row, keep_all)]
         if pairs:
             yield row, pairs
+
+
+class ShardImages:
+    """The encoded image of an output row, read from its input shard.
+
+    The shards are the job's ``inputs`` (from OUT's job file) unless ``shards`` names where they are now. Rows
+    must come shard after shard in index order (``iter_rows``): each shard's tar is then streamed once, forward,
+    through ``sculpt.shards.read_shard`` (local or S3, with its retries); a row asked for out of order restarts it.
+    """
+
+    def __init__(self, out: str, s3: S3Options = S3Options(), shards: list[str] | None = None):
+        self.out, self.s3, self.patterns = out, s3, shards
+        self.uris: dict[str, str] | None = None
+        self.shard, self.stream, self.next_index = None, iter(()), 0
+
+    def _uri(self, shard: str) -> str:
+        from sculpt.shards import shard_name
+
+        if self.uris is None:
+            if self.patterns is None:
+                job = json.loads(storage.read_bytes(storage.join(self.out, JOB_FILE), self.s3) or b"{}")
+                self.patterns = job.get("inputs") or []
+            found = []
+            for pattern in self.patterns:
+                try:
+                    found += storage.list_files(pattern, self.s3)
+                except FileNotFoundError:
+                    pass
+            self.uris = {shard_name(uri): uri for uri in found}
+        if shard not in self.uris:
+            raise ExportError(f"the input shard of unit {shard} is not under {self.patterns}; pass --shards PATH "
+                              "(repeatable) where the input tars are now")
+        return self.uris[shard]
+
+    def _restart(self, shard: str) -> None:
+        from sculpt.shards import ReadOptions, read_shard
+
+        # No size limit here: the job already refused what it would not read, perhaps under a raised limit.
+        batches = read_shard(self._uri(shard), ReadOptions(s3=self.s3, max_image_pixels=1 << 62))
+        self.shard, self.stream, self.next_index = shard, (r for batch in batches for r in batch), 0
+
+    def get(self, row: dict) -> bytes | None:
+        """The row's image bytes as they are in the tar; None when the shard holds no image at that index."""
+        if row["shard"] != self.shard or row["index"] < self.next_index:
+            self._restart(row["shard"])
+        for found in self.stream:
+            self.next_index = found["index"] + 1
+            if found["index"] == row["index"]:
+                return found.get("image_bytes")
+            if found["index"] > row["index"]:
+                break
+        return None
+
+
+def upright_jpeg(data: bytes) -> bytes:
+    """The image as an upright JPEG: its own bytes when they already are one (no EXIF rotation, RGB or grey),
+    else decoded as every model stage saw it (``sculpt.images.load_rgb``) and re-encoded at quality 95."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and image.getexif().get(0x0112, 1) == 1:
+            return data
+    buffer = io.BytesIO()
+    Image.fromarray(images.load_rgb(data)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def extracting_images(pairs, directory: str, source: ShardImages, s3: S3Options, counts: dict):
+    """Pass ``iter_pairs``' items through, writing each row's image once, upright, to
+    ``directory/<shard>/<image_key>.jpg`` on the way (``counts["image_files"]`` counts them)."""
+    shards = set()
+    for row, row_pairs in pairs:
+        data = source.get(row)
+        if data is None:
+            raise ExportError(f"shard {row['shard']} has no image at index {row['index']} ({row['image_key']}): the "
+                              "input tar is not the one this output was made from; pass --shards PATH to the right one")
+        storage.write_atomic(storage.join(directory, image_path(row)), upright_jpeg(data), s3)
+        counts["image_files"] = counts.get("image_files", 0) + 1
+        shards.add(row["shard"])
+        yield row, row_pairs
+    for shard in shards:
+        _tidy_tmp(storage.join(directory, shard, "x"), s3)
 
 
 def _refuse_existing(dest: str, s3: S3Options, overwrite: bool) -> None:
@@ -163,12 +272,12 @@ def gseval_record(idx: int, pair: dict) -> dict:
     }
 
 
-def export_gseval(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool = False) -> dict:
+def write_gseval(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
     counts = {"images": 0, "pairs": 0}
     with storage.open_atomic(dest, s3) as f:
-        for _, pairs in iter_pairs(out, s3, keep_all):
+        for _, row_pairs in pairs:
             counts["images"] += 1
-            for pair in pairs:
+            for pair in row_pairs:
                 f.write(_line(gseval_record(counts["pairs"], pair)))
                 counts["pairs"] += 1
     _tidy_tmp(dest, s3)
@@ -179,21 +288,21 @@ def _tokens(sentence: str) -> list[str]:
     return re.findall(r"[\w']+", sentence.lower())
 
 
-def export_coco(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool = False) -> dict:
+def write_coco(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
     """COCO instances + refs, written as a stream: images straight to DEST, annotations and refs to local
     temporary files that are appended after them (COCO's JSON keeps each kind in one array)."""
     counts = {"images": 0, "pairs": 0}
     with storage.open_atomic(dest, s3) as f, tempfile.TemporaryFile() as anns, tempfile.TemporaryFile() as refs:
         f.write(b'{"info": {"description": "sculpt export: referring expressions and masks"}, "licenses": [], '
                 b'"categories": [{"id": 1, "name": "object", "supercategory": "object"}],\n"images": [')
-        for row, pairs in iter_pairs(out, s3, keep_all):
+        for row, row_pairs in pairs:
             counts["images"] += 1
             image_id = counts["images"]
-            image = {"id": image_id, "file_name": image_path(row), "width": row["width"], "height": row["height"],
+            image = {"id": image_id, "file_name": row_pairs[0]["image_path"], "width": row["width"], "height": row["height"],
                      "shard": row["shard"], "index": row["index"], "image_key": row["image_key"],
                      "sa1b_image_id": row.get("image_id"), "caption": row.get("caption")}
             f.write((b",\n" if image_id > 1 else b"\n") + json.dumps(image, ensure_ascii=False).encode())
-            for pair in pairs:
+            for pair in row_pairs:
                 counts["pairs"] += 1
                 ann_id = counts["pairs"]
                 x0, y0, x1, y1 = pair["box"]
@@ -207,7 +316,7 @@ def export_coco(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool
                 tokens = _tokens(pair["expression"])
                 refs.write(sep + json.dumps({
                     "ref_id": ann_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1,
-                    "file_name": image_path(row), "sent_ids": [ann_id],
+                    "file_name": pair["image_path"], "sent_ids": [ann_id],
                     "sentences": [{"sent_id": ann_id, "raw": pair["expression"], "sent": " ".join(tokens), "tokens": tokens}],
                     "shard": pair["shard"], "index": pair["index"], "object": pair["object"],
                 }, ensure_ascii=False).encode())
@@ -220,7 +329,7 @@ def export_coco(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool
     return counts
 
 
-def export_hf(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool = False, rows_per_file: int = 100_000) -> dict:
+def write_hf(pairs, dest: str, s3: S3Options = S3Options(), rows_per_file: int = 100_000) -> dict:
     """Parquet files ``pairs-00000.parquet``, … under DEST, ``rows_per_file`` pairs each, row groups of 1024."""
     counts = {"images": 0, "pairs": 0, "files": 0}
     state = {"file": None, "writer": None, "in_file": 0}
@@ -241,9 +350,9 @@ def export_hf(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool =
             counts["files"] += 1
 
     try:
-        for _, pairs in iter_pairs(out, s3, keep_all):
+        for _, row_pairs in pairs:
             counts["images"] += 1
-            for pair in pairs:
+            for pair in row_pairs:
                 buffer.append(pair)
                 counts["pairs"] += 1
                 if len(buffer) >= 1024 or state["in_file"] + len(buffer) >= rows_per_file:
@@ -258,16 +367,85 @@ def export_hf(out: str, dest: str, s3: S3Options = S3Options(), keep_all: bool =
     return counts
 
 
-def export(out: str, dest: str, fmt: str, s3: S3Options = S3Options(), keep_all: bool = False, overwrite: bool = False) -> dict:
-    """Export OUT's pairs to DEST in ``fmt``; returns counts of images and pairs written."""
-    writers = {"gseval": export_gseval, "coco": export_coco, "hf": export_hf}
-    if fmt not in writers:
+def brush_encoder():
+    """Label Studio's brush RLE encoder (``label_studio_sdk.converter.brush.mask2rle``) for a boolean mask."""
+    try:
+        # The package's converter __init__ prints the name of every optional module it lacks; only brush is used.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from label_studio_sdk.converter import brush
+    except ImportError:
+        raise ExportError("--format labelstudio needs label-studio-sdk: pip install 'sculpt[export]' (or, beside "
+                          "pinned numpy/opencv, pip install --no-deps label-studio-sdk)") from None
+    # Label Studio's brush RLE runs over RGBA pixels; mask2rle repeats each value into the four channels.
+    return lambda mask: brush.mask2rle(mask.astype(np.uint8) * 255)
+
+
+def labelstudio_results(pair: dict, encode) -> list[dict]:
+    """A pair's brush mask, its expression (a per-region text of that mask) and its box (percent)."""
+    width, height = pair["width"], pair["height"]
+    region = f"{pair['shard']}:{pair['index']}:{pair['object']}"
+    common = {"to_name": "image", "original_width": width, "original_height": height, "image_rotation": 0,
+              "meta": {"shard": pair["shard"], "index": pair["index"], "object": pair["object"],
+                       "phrase": pair["phrase"], "iou": pair["iou"], "kept": pair["kept"]}}
+    results = [
+        {**common, "id": region, "from_name": "mask", "type": "brushlabels",
+         "value": {"format": "rle", "rle": encode(rle.decode(pair["mask"])), "brushlabels": [LABEL]}},
+        {**common, "id": region, "from_name": "expression", "type": "textarea", "value": {"text": [pair["expression"]]}},
+    ]
+    if pair["box"] is not None:
+        x0, y0, x1, y1 = pair["box"]
+        results.append({**common, "id": f"{region}:box", "from_name": "box", "type": "rectanglelabels", "value": {
+            "x": 100 * x0 / width, "y": 100 * y0 / height, "width": 100 * (x1 - x0) / width,
+            "height": 100 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": [LABEL]}})
+    return results
+
+
+def write_labelstudio(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
+    """A JSON array of tasks, written one task at a time."""
+    encode = brush_encoder()
+    counts = {"images": 0, "pairs": 0}
+    with storage.open_atomic(dest, s3) as f:
+        f.write(b"[")
+        for row, row_pairs in pairs:
+            task = {
+                "data": {"image": row_pairs[0]["image_path"], "caption": row.get("caption") or "", "shard": row["shard"],
+                         "index": row["index"], "image_key": row["image_key"], "image_id": row.get("image_id")},
+                "predictions": [{"model_version": "sculpt",
+                                 "result": [r for pair in row_pairs for r in labelstudio_results(pair, encode)]}],
+            }
+            f.write((b",\n" if counts["images"] else b"\n") + json.dumps(task, ensure_ascii=False).encode())
+            counts["images"] += 1
+            counts["pairs"] += len(row_pairs)
+        f.write(b"\n]\n")
+    _tidy_tmp(dest, s3)
+    return counts
+
+
+WRITERS = {"gseval": write_gseval, "coco": write_coco, "hf": write_hf, "labelstudio": write_labelstudio}
+
+
+def export(out: str, dest: str, fmt: str, s3: S3Options = S3Options(), keep_all: bool = False, overwrite: bool = False,
+           images: str | None = None, image_root: str | None = None, shards: list[str] | None = None) -> dict:
+    """Export OUT's pairs to DEST in ``fmt``; returns counts of images and pairs written (and image files).
+
+    ``images``: also extract the images to this directory, and reference them there unless ``image_root`` says
+    how the records should name it (e.g. Label Studio's ``/data/local-files/?d=`` prefix). ``shards``: where the
+    input tars are, when not where the job read them.
+    """
+    if fmt not in WRITERS:
         raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     if not data_files(out, s3):
         raise ExportError(f"{out}: no sculpt output here (no committed Parquet files)")
+    if fmt == "labelstudio":
+        brush_encoder()  # fail before writing anything
     _refuse_existing(dest, s3, overwrite)
     if fmt == "hf" and overwrite:
         for name in storage.list_names(dest, s3, ".parquet"):  # a previous export's files, and only those
             fs, path = storage.filesystem(storage.join(dest, name), s3)
             fs.delete_file(path)
-    return writers[fmt](out, dest, s3, keep_all)
+    root = image_root if image_root is not None else (images or "")
+    pairs = iter_pairs(out, s3, keep_all, image_root=root)
+    extracted: dict = {}
+    if images:
+        pairs = extracting_images(pairs, images, ShardImages(out, s3, shards), s3, extracted)
+    return {**WRITERS[fmt](pairs, dest, s3), **extracted}

@@ -6,22 +6,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sculpt import cli, export, rle, schema, storage
+from sculpt import cli, export, images, rle, samples, schema, storage
 from sculpt.output import OutputStore, UnitWriter
+from tests.helpers import encoded, exif_rotated_jpeg
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 2}
 H, W = 12, 16
 
 
-def mask_at(x0, y0, x1, y1):
-    m = np.zeros((H, W), bool)
+def mask_at(x0, y0, x1, y1, size=(H, W)):
+    m = np.zeros(size, bool)
     m[y0:y1, x0:x1] = True
     return m
 
 
-def obj(box, iou=None, expression=None, error=None, phrase="thing"):
+def obj(box, iou=None, expression=None, error=None, phrase="thing", size=(H, W)):
     x0, y0, x1, y1 = box
-    m = mask_at(*box)
+    m = mask_at(*box, size=size)
     return {"phrase": phrase, "box": [float(x0), float(y0), float(x1 - 1), float(y1 - 1)], "mask": rle.encode(m),
             "area": int(m.sum()), "iou": iou, "kept": None if iou is None else iou >= 0.5, "expression": expression,
             "expression_words": len(expression.split()) if expression else None, "error": error}
@@ -166,7 +167,7 @@ def test_hf_pairs_load_in_datasets_with_the_same_masks_and_expressions(out, tmp_
 
 def test_hf_splits_files_and_all_keeps_rejected(out, tmp_path):
     dest = str(tmp_path / "hf")
-    counts = export.export_hf(out, dest, keep_all=True, rows_per_file=3)
+    counts = export.write_hf(export.iter_pairs(out, keep_all=True), dest, rows_per_file=3)
     assert counts == {"images": 4, "pairs": 8, "files": 3}
     table = pq.ParquetDataset(dest).read()
     assert table.num_rows == 8 and table.schema.equals(export.PAIR_SCHEMA)
@@ -189,27 +190,36 @@ def test_uncommitted_units_and_bookkeeping_are_not_exported(out, tmp_path):
 
     os.remove(f"{out}/_markers/sa_000001.json")  # as if killed between the Parquet file and its marker
     assert [p.rsplit("/", 1)[1] for p in export.data_files(out)] == ["sa_000000.parquet"]
-    counts = export.export_gseval(out, str(tmp_path / "g.jsonl"), keep_all=True)
+    counts = export.export(out, str(tmp_path / "g.jsonl"), "gseval", keep_all=True)
     assert counts == {"images": 2, "pairs": 4}
 
 
-def test_rows_stream_in_batches(out, monkeypatch):
-    seen = []
+def test_rows_stream_in_batches_in_index_order(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare(JOB)
+    writer = UnitWriter(store, "sa_000000", JOB, flush_rows=2)
+    rows = unit_rows("sa_000000")
+    for row in (rows[3], rows[0], rows[4], rows[2], rows[1]):  # batches finish out of order
+        writer.add(schema.to_table([row]))
+    writer.commit()
+    taken = []
     real = export.pads.dataset
 
     def spy(*args, **kwargs):
         dataset = real(*args, **kwargs)
 
         class Spy:
-            def to_batches(self, **kw):
-                for batch in dataset.to_batches(**kw):
-                    seen.append(batch.num_rows)
-                    yield batch
+            def to_table(self, **kw):
+                return dataset.to_table(**kw)
+
+            def take(self, indices, **kw):
+                taken.append(len(indices))
+                return dataset.take(indices, **kw)
         return Spy()
 
     monkeypatch.setattr(export.pads, "dataset", spy)
-    assert sum(1 for _ in export.iter_rows(out, batch_size=2)) == 10
-    assert seen and max(seen) <= 2
+    assert [row["index"] for row in export.iter_rows(str(tmp_path / "out"), batch_size=2)] == [0, 1, 2, 3, 4]
+    assert taken == [2, 2, 1]
 
 
 def test_s3_output_exports_to_s3(s3_server, tmp_path):
@@ -228,5 +238,102 @@ def test_s3_output_exports_to_s3(s3_server, tmp_path):
                      "--s3-endpoint", s3_server]) == 0
     lines = [json.loads(line) for line in storage.read_bytes("s3://export/gseval.jsonl", s3).decode().splitlines()]
     assert len(lines) == 4 and {line["index"] for line in lines} == {0, 4}
-    assert export.export_hf("s3://export/out", "s3://export/hf", s3) == {"images": 1, "pairs": 2, "files": 1}
+    assert export.export("s3://export/out", "s3://export/hf", "hf", s3) == {"images": 1, "pairs": 2, "files": 1}
     assert storage.list_names("s3://export/hf", s3) == ["pairs-00000.parquet"]
+
+
+def test_labelstudio_brush_masks_decode_to_the_parquet_masks(out, tmp_path):
+    from label_studio_sdk.converter import brush
+    from pycocotools import mask as mask_utils
+
+    dest = str(tmp_path / "ls" / "tasks.json")
+    assert cli.main(["export", out, dest, "--format", "labelstudio", "--all"]) == 0
+    with open(dest, encoding="utf-8") as f:
+        tasks = json.load(f)
+    expected = parquet_pairs(out, keep_all=True)
+    results = [r for t in tasks for p in t["predictions"] for r in p["result"]]
+    by_type = {kind: [r for r in results if r["type"] == kind] for kind in ("brushlabels", "textarea", "rectanglelabels")}
+    assert len(tasks) == 4 and all(len(v) == len(expected) == 8 for v in by_type.values())
+    for task in tasks:
+        assert task["data"]["image"] == f"{task['data']['shard']}/{task['data']['image_key']}.jpg"
+    texts = {r["id"]: r["value"]["text"] for r in by_type["textarea"]}
+    for r in by_type["brushlabels"]:
+        o = expected[(r["meta"]["shard"], r["meta"]["index"], r["meta"]["object"])]
+        h, w = r["original_height"], r["original_width"]
+        decoded = brush.decode_rle(r["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+        assert decoded.any() and np.array_equal(decoded, mask_utils.decode(o["mask"]).astype(bool))
+        assert r["value"]["format"] == "rle" and r["value"]["brushlabels"] == ["object"]
+        assert texts[r["id"]] == [o["expression"]] and r["meta"]["iou"] == pytest.approx(o["iou"])
+    for r in by_type["rectanglelabels"]:
+        o = expected[(r["meta"]["shard"], r["meta"]["index"], r["meta"]["object"])]
+        v, w, h = r["value"], r["original_width"], r["original_height"]
+        x0, y0, x1, y1 = o["box"]
+        assert [v["x"] * w / 100, v["y"] * h / 100, (v["x"] + v["width"]) * w / 100, (v["y"] + v["height"]) * h / 100] \
+            == pytest.approx([x0, y0, x1, y1])
+    assert not (tmp_path / "ls" / "_tmp").exists()
+
+
+def gradient(height, width):
+    """An image whose every pixel differs from its neighbours, so that a turned copy is told apart."""
+    ys, xs = np.mgrid[:height, :width]
+    return np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) * 127 // (width + height)], -1).astype(np.uint8)
+
+
+def shard_output(root, pictures: list[bytes], objects=None) -> str:
+    """An output of one committed unit sa_000000 whose rows are the pictures of the input shard root/shards/sa_000000.tar;
+    ``objects(height, width)`` gives each row's objects (default: one kept object, its top-left quarter)."""
+    objects = objects or (lambda h, w: [obj((0, 0, w // 2, h // 2), 0.9, "the top left", size=(h, w))])
+    shard_dir = root / "shards"
+    shard_dir.mkdir()
+    members, rows = [], []
+    for i, data in enumerate(pictures):
+        upright = images.load_rgb(data)
+        h, w = upright.shape[:2]
+        members += [(f"./sa_{i + 1}.jpg", data), (f"./sa_{i + 1}.json", samples.sa1b_json(i + 1, upright))]
+        rows.append(schema.new_row("sa_000000", i, f"sa_{i + 1}", image_id=i + 1, width=w, height=h, caption="a picture",
+                                   objects=objects(h, w), shard_size=len(pictures), shard_bytes_read=1))
+    samples.write_tar(str(shard_dir / "sa_000000.tar"), members)
+    job = {**JOB, "inputs": [str(shard_dir)], "total_shards": 1}
+    store = OutputStore(str(root / "out"))
+    store.prepare(job)
+    writer = UnitWriter(store, "sa_000000", job)
+    writer.add(schema.to_table(rows))
+    writer.commit()
+    return str(root / "out")
+
+
+def test_images_are_extracted_once_upright_and_records_point_at_them(tmp_path):
+    from PIL import Image
+
+    picture = gradient(30, 40)
+    plain, turned, png = samples.jpeg_bytes(picture), exif_rotated_jpeg(picture, 6), encoded(picture, "PNG")
+    out = shard_output(tmp_path, [plain, turned, png])
+    dest, folder = str(tmp_path / "g.jsonl"), str(tmp_path / "images")
+    assert cli.main(["export", out, dest, "--format", "gseval", "--images", folder]) == 0
+    lines = read_jsonl(dest)
+    assert [line["image_path"] for line in lines] == [f"{folder}/sa_000000/sa_{i}.jpg" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "images" / "sa_000000").iterdir()) == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"]
+    assert (tmp_path / "images" / "sa_000000" / "sa_1.jpg").read_bytes() == plain  # already upright: its own bytes
+    for line, original in zip(lines, (plain, turned, png)):
+        with open(line["image_path"], "rb") as f:
+            written = f.read()
+        with Image.open(line["image_path"]) as image:
+            assert image.format == "JPEG" and image.getexif().get(0x0112, 1) == 1
+        upright = images.load_rgb(original)
+        assert images.load_rgb(written).shape == upright.shape == (rle.decode(line["segmentation"]).shape + (3,))
+        assert np.abs(images.load_rgb(written).astype(int) - upright).mean() < 4
+    assert images.load_rgb(turned).shape[:2] == (40, 30)  # the turned one really was turned
+
+
+def test_images_from_moved_shards_and_under_another_root(tmp_path, capsys):
+    out = shard_output(tmp_path, [samples.jpeg_bytes(gradient(20, 24))] * 2)
+    (tmp_path / "shards").rename(tmp_path / "moved")
+    dest, folder = str(tmp_path / "tasks.json"), str(tmp_path / "images")
+    assert cli.main(["export", out, dest, "--format", "labelstudio", "--images", folder]) == 1
+    assert "--shards" in capsys.readouterr().err
+    assert cli.main(["export", out, dest, "--format", "labelstudio", "--images", folder, "--shards", str(tmp_path / "moved"),
+                     "--image-root", "/data/local-files/?d=images"]) == 0
+    with open(dest, encoding="utf-8") as f:
+        tasks = json.load(f)
+    assert [t["data"]["image"] for t in tasks] == [f"/data/local-files/?d=images/sa_000000/sa_{i}.jpg" for i in (1, 2)]
+    assert len(list((tmp_path / "images" / "sa_000000").iterdir())) == 2
