@@ -1,11 +1,15 @@
 """The ground stage: Florence-2 ``<CAPTION_TO_PHRASE_GROUNDING>`` turns each caption's phrases into boxes.
 
-Runs transformers' native ``Florence2ForConditionalGeneration``. Captions longer than the encoder's text budget
-are split by sentence (sculpt.grounding), all chunks of all images of a batch are generated together, and the
-processor's own ``post_process_generation`` turns ``<loc_…>`` tokens into pixel boxes.
+Runs transformers' native ``Florence2ForConditionalGeneration``. Images are decoded, resized and normalised on
+the model's device (``sculpt.images.decode_on``, the processor's torchvision backend) and encoded once each;
+captions longer than the encoder's text budget are split by sentence (sculpt.grounding) and every chunk is
+generated against its image's encoding, up to ``prompts_per_call`` chunks together. The processor's own
+``post_process_generation`` turns ``<loc_…>`` tokens into pixel boxes.
 """
 
 from __future__ import annotations
+
+import threading
 
 from sculpt import grounding, images, precision, schema
 from sculpt.stage import Stage
@@ -37,6 +41,7 @@ class Grounder(Stage):
         self.device, dtype = precision.resolve(self.params["device"], self.params["dtype"])
         self.dtype = getattr(torch, dtype)
         self.processor = AutoProcessor.from_pretrained(self.params["model"])
+        self._tokenizing = threading.Lock()
         self.model = Florence2ForConditionalGeneration.from_pretrained(self.params["model"], dtype=self.dtype)
         self.model.to(self.device).eval()
         # The encoder reads the image tokens and the prompt together; what is left is the prompt's budget.
@@ -46,62 +51,75 @@ class Grounder(Stage):
 
     def count_tokens(self, text: str) -> int:
         """Tokens of the whole prompt the processor builds around a caption chunk (with <s> and </s>)."""
+        return len(self._tokenize([text])["input_ids"][0])
+
+    def _tokenize(self, chunks: list[str], image_tokens: int = 0, **kwargs):
+        """The processor's prompt layout (image tokens, <s>, task prompt, </s>) for caption chunks; the tokenizer
+        keeps padding state between calls, so the actor's threads take turns."""
         tokenizer = self.processor.tokenizer
-        prompt = self.processor.task_prompts_with_input[grounding.TASK].format(input=text.strip())
-        return len(tokenizer(tokenizer.bos_token + prompt + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+        texts = [self.processor.image_token * image_tokens + tokenizer.bos_token
+                 + self.processor.task_prompts_with_input[grounding.TASK].format(input=chunk.strip()) + tokenizer.eos_token
+                 for chunk in chunks]
+        with self._tokenizing:
+            return tokenizer(texts, add_special_tokens=False, **kwargs)
 
     def process(self, rows: list[dict]) -> None:
-        jobs = []  # (row, image, chunk)
-        found: dict[int, list[dict]] = {}
-        for row in rows:
+        work = []  # (row, image on the device, caption chunks)
+        for row, image in zip(rows, images.decode_on(self.device, [row["image_bytes"] for row in rows])):
             try:
-                image = images.load_rgb(row["image_bytes"])
+                if isinstance(image, Exception):
+                    raise image
                 chunks = grounding.split_caption(row.get("caption") or "", self.budget, self.count_tokens)
             except Exception as exc:
                 schema.mark_error(row, self.name, exc)
                 continue
-            found[id(row)] = []
-            jobs += [(row, image, chunk) for chunk in chunks]
+            row["objects"] = row["objects"] or []
+            if chunks:
+                work.append((row, image, chunks))
 
-        step = int(self.params["prompts_per_call"])
-        for i in range(0, len(jobs), step):
-            batch = jobs[i:i + step]
-            for (row, image, chunk), parsed in zip(batch, self._generate(batch)):
+        for group in grounding.pack(work, [len(chunks) for _, _, chunks in work], int(self.params["prompts_per_call"])):
+            found: dict[int, list[dict]] = {id(row): [] for row, _, _ in group}
+            for (row, image, _), chunk, parsed in self._generate(group):
                 height, width = image.shape[:2]
                 found[id(row)] += grounding.chunk_objects(
                     row["caption"], chunk, parsed["labels"], parsed["bboxes"], width, height,
                     min_box_size=float(self.params["min_box_size"]),
                 )
+            for row, _, _ in group:
+                objects = grounding.drop_duplicates(found[id(row)], float(self.params["duplicate_iou"]))
+                row["objects"] += [{**dict.fromkeys(OBJECT_FIELDS), **obj} for obj in objects]
 
-        for row in rows:
-            if id(row) not in found:
-                continue
-            objects = grounding.drop_duplicates(found[id(row)], float(self.params["duplicate_iou"]))
-            row["objects"] = (row["objects"] or []) + [{**dict.fromkeys(OBJECT_FIELDS), **obj} for obj in objects]
-
-    def _generate(self, batch) -> list[dict]:
+    def _generate(self, group):
+        """(image item, chunk, parsed phrases and boxes) for every caption chunk of the group's images."""
         import torch
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        inputs = self.processor(
-            text=[grounding.TASK + chunk.text for _, _, chunk in batch],
-            images=[image for _, image, _ in batch],
-            input_data_format="channels_last",  # never guessed: a 1- or 3-pixel-high image looks channels-first
-            padding="longest",
-            return_tensors="pt",
-        ).to(self.device, self.dtype)
-        with torch.inference_mode():
-            generated = self.model.generate(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"],
-                max_new_tokens=int(self.params["max_new_tokens"]),
-                num_beams=int(self.params["num_beams"]),
-                do_sample=False,
-            )
-        texts = self.processor.batch_decode(generated, skip_special_tokens=False)
-        return [
-            self.processor.post_process_generation(
-                text, task=grounding.TASK, image_size=(image.shape[1], image.shape[0])
-            )[grounding.TASK]
-            for text, (_, image, _) in zip(texts, batch)
-        ]
+        jobs = [(k, chunk) for k, (_, _, chunks) in enumerate(group) for chunk in chunks]
+        step = int(self.params["prompts_per_call"])
+        prompts = [self._tokenize([chunk.text for _, chunk in jobs[i:i + step]], self.processor.num_image_tokens,
+                                  padding="longest", return_tensors="pt") for i in range(0, len(jobs), step)]
+        generated = []
+        with self.device_turn, torch.inference_mode():
+            # resized and normalised where the image is; its encoding is shared by all of its caption chunks
+            pixels = self.processor.image_processor(
+                images=[image.permute(2, 0, 1) for _, image, _ in group], input_data_format="channels_first",
+                device=self.device, return_tensors="pt",
+            )["pixel_values"]
+            features = self.model.get_image_features(pixels.to(self.device, self.dtype)).pooler_output
+            for i, prompt in zip(range(0, len(jobs), step), prompts):
+                index = torch.tensor([k for k, _ in jobs[i:i + step]], device=self.device)
+                generated += list(self.model.generate(
+                    input_ids=prompt["input_ids"].to(self.device),
+                    attention_mask=prompt["attention_mask"].to(self.device),
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features[index])},
+                    max_new_tokens=int(self.params["max_new_tokens"]),
+                    num_beams=int(self.params["num_beams"]),
+                    do_sample=False,
+                ).cpu())
+        out = []
+        for (k, chunk), text in zip(jobs, self.processor.batch_decode(generated, skip_special_tokens=False)):
+            image = group[k][1]
+            parsed = self.processor.post_process_generation(
+                text, task=grounding.TASK, image_size=(image.shape[1], image.shape[0]))[grounding.TASK]
+            out.append((group[k], chunk, parsed))
+        return out

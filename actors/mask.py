@@ -128,8 +128,8 @@ class Masker(Stage):
         """``predict`` for several images: their embeddings computed as one batch, then each image's boxes."""
         import torch
 
-        with torch.inference_mode(), precision.autocast(self.device, self.dtype):
-            self.predictor.set_image_batch(pictures)
+        with self.device_turn, torch.inference_mode(), precision.autocast(self.device, self.dtype):
+            self.predictor.set_image_batch(pictures)  # the predictor holds the embeddings: one batch at a time
             logits, scores, _ = self.predictor.predict_batch(box_batch=boxes, multimask_output=False, return_logits=True)
         out = []
         for image, image_boxes, image_logits, image_scores in zip(pictures, boxes, logits, scores):

@@ -30,17 +30,23 @@ class Verifier(Stage):
         self.model = evf_sam2.load(p["model"], device=p.get("device"), dtype=p.get("dtype"), prefix=p.get("prefix"))
 
     def process(self, rows: list[dict]) -> None:
+        work = []  # (row, indices of its objects to verify)
         for row in rows:
             objects = row["objects"] or []
             todo, blank = verify.split(objects)
             for i in blank:
                 verify.reject_blank(objects[i])
-            if not todo:
-                continue
+            if todo:
+                work.append((row, todo))
+        pictures = images.decode_on(self.model.device, [row["image_bytes"] for row, _ in work])  # together: nvJPEG
+        for (row, todo), image in zip(work, pictures):
+            objects = row["objects"]
             try:
-                image = images.load_rgb(row["image_bytes"])
-                # the masks stay on the model's device; only their run lengths reach the host
-                masks = rle.encode_tensors(self.model.predict_tensor(image, [objects[i]["expression"] for i in todo]))
+                if isinstance(image, Exception):
+                    raise image
+                with self.device_turn:
+                    masks = self.model.predict_tensor(image, [objects[i]["expression"] for i in todo])
+                masks = rle.encode_tensors(masks)  # run lengths counted on the device; only they reach the host
             except Exception as exc:  # this image only; the batch's other images keep their results
                 schema.mark_error(row, self.name, exc)
                 continue

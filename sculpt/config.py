@@ -57,10 +57,11 @@ class StageConfig:
     cpus: float = 1.0  # per actor
     gpus: float = 0.0  # per actor; fractions share a GPU
     memory_gb: float = 0.0  # per actor reservation
+    batches_in_flight: int = 2  # batches per actor at once: one on the device while the next is decoded on the host
     params: dict = field(default_factory=dict)  # the stage's own settings (model id, prompts, thresholds)
 
     def __post_init__(self):
-        _at_least(self, 1, "batch_size", "actors")
+        _at_least(self, 1, "batch_size", "actors", "batches_in_flight")
         _at_least(self, 0, "cpus", "gpus", "memory_gb", integer=False)
 
 
@@ -250,7 +251,8 @@ def build_stage(cfg: StageConfig, models: ModelsConfig = ModelsConfig()) -> Stag
         cls = getattr(importlib.import_module(module), qualname)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"stage {cfg.name!r}: cannot import {target!r} ({exc})") from None
-    resources = Resources(cpus=cfg.cpus, gpus=cfg.gpus, memory_gb=cfg.memory_gb, actors=cfg.actors)
+    resources = Resources(cpus=cfg.cpus, gpus=cfg.gpus, memory_gb=cfg.memory_gb, actors=cfg.actors,
+                          batches_in_flight=cfg.batches_in_flight)
     params = dict(cfg.params)
     if cls.model_key:
         params.setdefault("model", getattr(models, cls.model_key))

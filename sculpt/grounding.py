@@ -69,6 +69,18 @@ def split_caption(caption: str, budget: int, count_tokens: Callable[[str], int])
     return chunks
 
 
+def pack(items: list, sizes: list[int], limit: int) -> list[list]:
+    """Consecutive groups of ``items`` whose ``sizes`` sum to at most ``limit``; an item over the limit alone."""
+    groups, total = [], 0
+    for item, size in zip(items, sizes):
+        if not groups or total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    return groups
+
+
 def _split_words(caption, start, end, budget, count_tokens) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     for word in _WORD.finditer(caption, start, end):

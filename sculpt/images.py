@@ -69,3 +69,49 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         return np.array(image.convert("RGB"))  # a writable array: torch refuses (and warns about) read-only ones
     except Exception as exc:
         raise ImageError(f"corrupt image data ({type(exc).__name__}: {exc})") from None
+
+
+def _plain_jpeg(data: bytes, max_pixels: int) -> bool:
+    """A JPEG that needs no turning and no colour conversion (SA-1B's kind): what nvJPEG decodes as is."""
+    try:
+        image = _open(data, max_pixels)
+    except ImageError:
+        return False
+    return image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(0x0112, 1) == 1
+
+
+def _nvjpeg(datas: list[bytes], device):
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    return [chw.permute(1, 2, 0) for chw in decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)]
+
+
+def decode_on(device, datas: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, batch_decoder=None) -> list:
+    """Each image as an upright H×W×3 uint8 torch tensor on ``device``, or the ImageError that says why not.
+
+    The plain JPEGs go to ``batch_decoder(datas, device)`` together — by default, on CUDA, nvJPEG through
+    torchvision, so that neither the decode nor the copy of the pixels to the device sits on the host. Every other
+    image, every image of a batch the batch decoder refuses, and on the CPU every image goes through ``load_rgb``.
+    """
+    import torch
+
+    device = torch.device(device)
+    if batch_decoder is None and device.type == "cuda":
+        batch_decoder = _nvjpeg
+    out: list = [None] * len(datas)
+    batched = [i for i, data in enumerate(datas) if batch_decoder and _plain_jpeg(data, max_pixels)]
+    if batched:
+        try:
+            for i, image in zip(batched, batch_decoder([datas[i] for i in batched], device)):
+                out[i] = image
+        except RuntimeError:  # one corrupt file fails the whole batch: the host decoder says which, and why
+            pass
+    for i, data in enumerate(datas):
+        if out[i] is None:
+            try:
+                out[i] = torch.from_numpy(load_rgb(data, max_pixels)).to(device)
+            except ImageError as exc:
+                out[i] = exc
+    return out

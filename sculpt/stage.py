@@ -8,7 +8,9 @@ that still fail are marked, so one bad image never takes its batch down with it.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,12 +23,15 @@ class Resources:
     gpus: float = 0.0  # GPUs each actor holds; a fraction lets several small models share one GPU
     memory_gb: float = 0.0  # heap memory each actor reserves (0: no reservation)
     actors: int = 1  # size of the stage's fixed actor pool
+    batches_in_flight: int = 2  # batches one actor works on at once; their device parts take turns (DeviceTurn)
 
     def __post_init__(self):
         if self.gpus > 1 and self.gpus != int(self.gpus):
             raise ValueError(f"gpus={self.gpus}: above 1 a stage takes whole GPUs")
         if self.actors < 1:
             raise ValueError(f"actors={self.actors}: a stage needs at least one actor")
+        if self.batches_in_flight < 1:
+            raise ValueError(f"batches_in_flight={self.batches_in_flight}: an actor works on at least one batch")
 
 
 def actor_options(resources: Resources) -> dict:
@@ -40,10 +45,42 @@ def actor_options(resources: Resources) -> dict:
 
 
 def ray_options(resources: Resources) -> dict:
-    """The Ray Data ``map_batches`` options of a stage: each actor's resources and the fixed pool size."""
+    """The Ray Data ``map_batches`` options of a stage: each actor's resources, the fixed pool size and the batches
+    each actor runs at once (in threads of its own, so one batch's host work overlaps another's device work)."""
     import ray.data
 
-    return {**actor_options(resources), "compute": ray.data.ActorPoolStrategy(size=resources.actors)}
+    n = resources.batches_in_flight
+    compute = ray.data.ActorPoolStrategy(size=resources.actors, max_concurrent_calls_per_actor=n,
+                                         enable_true_multi_threading=n > 1)
+    return {**actor_options(resources), "compute": compute}
+
+
+class DeviceTurn:
+    """The device part of a stage's batch, one batch at a time in each actor (``with stage.device_turn:``).
+
+    The actor runs ``batches_in_flight`` batches in threads; while one holds the turn, the others decode,
+    tokenise and encode on the host, so the device waits for no host step. Each thread's waiting time is counted,
+    so that a batch's recorded seconds are its own work, not its turn in line.
+    """
+
+    def __init__(self):
+        self._lock, self._local = threading.Lock(), threading.local()
+
+    def __enter__(self):
+        start = time.perf_counter()
+        self._lock.acquire()
+        self._local.waited = self.waited + time.perf_counter() - start
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+
+    @property
+    def waited(self) -> float:
+        """Seconds this thread has waited for its turn since ``restart``."""
+        return getattr(self._local, "waited", 0.0)
+
+    def restart(self) -> None:
+        self._local.waited = 0.0
 
 
 class Stage:
@@ -52,6 +89,9 @@ class Stage:
     name: str = "stage"
     model_key: str | None = None  # which entry of the config's `models` section this stage runs
     defaults: dict = {}  # the stage's params when its config leaves them out
+    # Guards the stage's model calls (see DeviceTurn); StageActor gives each actor its own. Without one, a stage
+    # called directly runs its device part unguarded.
+    device_turn = contextlib.nullcontext()
 
     def __init__(self, resources: Resources = Resources(), batch_size: int = 8, **params):
         self.resources = resources
@@ -88,10 +128,13 @@ class StageActor:
     A transient fault (``sculpt.errors``) is retried: the batch ``attempts`` times, then each image on its own as
     often; an image whose fault outlasts that carries ``transient_error`` and its unit stays uncommitted. Any
     other exception is that image's error row. Rows with an error of either kind pass through untouched.
+    Ray Data calls an actor from ``resources.batches_in_flight`` threads at once; the stage's model calls take
+    turns through ``stage.device_turn``.
     """
 
     def __init__(self, stage: Stage, attempts: int = 3, backoff_seconds: float = 2.0):
         self.stage, self.attempts, self.backoff = stage, attempts, backoff_seconds
+        stage.device_turn = DeviceTurn()
         stage.setup()
 
     def _process(self, rows: list[dict]) -> None:
@@ -105,6 +148,7 @@ class StageActor:
         rows = batch.to_pylist()
         todo = [row for row in rows if row["status"] != schema.ERROR and not row["transient_error"]]
         if todo:
+            self.stage.device_turn.restart()
             started = time.perf_counter()
             try:
                 self._process(todo)
@@ -117,7 +161,7 @@ class StageActor:
                             row["transient_error"] = f"{self.stage.name}: {errors.describe(exc)}"
                         else:
                             schema.mark_error(row, self.stage.name, exc)
-            share = (time.perf_counter() - started) / len(todo)
+            share = (time.perf_counter() - started - self.stage.device_turn.waited) / len(todo)
             for row in todo:
                 row["stage_seconds"] = (row["stage_seconds"] or []) + [{"stage": self.stage.name, "seconds": share}]
         return schema.to_table(rows)

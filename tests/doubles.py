@@ -100,3 +100,33 @@ class Faulty(Stage):
                     raise ValueError(f"injected permanent failure on {key}")
         for row in rows:
             row["caption"] = (row["caption"] or "") + f"{self.name};"
+
+
+class TakesTurns(Stage):
+    """A batch's host part (``host_seconds`` per image) and device part (``device_seconds``, a sleep that releases
+    the GIL, inside ``device_turn``). Each row's caption records how many batches the actor held at once, and how
+    many were inside the device turn at once, as the actor saw them when the row's batch ended ("held,turn")."""
+
+    name = "turns"
+
+    def setup(self):
+        import threading
+
+        self.lock, self.held, self.in_turn, self.most = threading.Lock(), 0, 0, [0, 0]
+
+    def _count(self, held=0, in_turn=0):
+        with self.lock:
+            self.held += held
+            self.in_turn += in_turn
+            self.most = [max(self.most[0], self.held), max(self.most[1], self.in_turn)]
+
+    def process(self, rows):
+        self._count(held=1)
+        time.sleep(float(self.params.get("host_seconds", 0.0)) * len(rows))
+        with self.device_turn:
+            self._count(in_turn=1)
+            time.sleep(float(self.params.get("device_seconds", 0.0)) * len(rows))
+            self._count(in_turn=-1)
+        self._count(held=-1)
+        for row in rows:
+            row["caption"] = f"{self.most[0]},{self.most[1]}"

@@ -109,7 +109,8 @@ def scripted_generate(processor, seen):
     """Stands in for model.generate: grounds the SCRIPT phrases found in each prompt, in caption order."""
     tokenizer = processor.tokenizer
 
-    def generate(input_ids, attention_mask, pixel_values, **kwargs):
+    def generate(input_ids, attention_mask, mm_encoder_outputs, **kwargs):
+        assert len(mm_encoder_outputs["image"].pooler_output) == len(input_ids)  # one image encoding per prompt
         outputs = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
@@ -169,6 +170,43 @@ def test_grounder_runs_the_real_model_and_records_bad_images(grounder):
         assert 0 <= x0 < x1 <= out[0]["width"] and 0 <= y0 < y1 <= out[0]["height"]
         assert out[0]["caption"][obj["phrase_start"]:obj["phrase_end"]] == obj["phrase"]
     assert out[1]["status"] == "error" and out[1]["error"].startswith("ground: ImageError")
+
+
+def test_grounder_encodes_each_image_once_for_all_its_chunks(tiny_models):
+    """Two images, two caption chunks each: the vision tower runs once, on both images, and every chunk's
+    generation (3 beams, the trained tiny model) equals the processor's own path, which encodes per prompt."""
+    from sculpt import images
+    from sculpt.models import kit
+
+    sentences = [kit.CAPTION[s:e] for s, e in grounding.sentence_spans(kit.CAPTION)]
+    probe = Grounder(model=tiny_models["ground"])
+    probe.setup()
+    budget = max(map(probe.count_tokens, sentences))
+    assert probe.count_tokens(kit.CAPTION) > budget  # the caption goes in as two chunks
+
+    stage = Grounder(model=tiny_models["ground"], max_caption_tokens=budget)
+    stage.setup()
+    rows = [row_for("chelsea", 0, kit.CAPTION), row_for("rocket", 1, kit.CAPTION)]
+    group = [(row, torch.from_numpy(images.load_rgb(row["image_bytes"])),
+              grounding.split_caption(kit.CAPTION, stage.budget, stage.count_tokens)) for row in rows]
+    assert [len(chunks) for _, _, chunks in group] == [2, 2]
+    encoded = []
+    hook = stage.model.model.vision_tower.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    try:
+        results = stage._generate(group)
+    finally:
+        hook.remove()
+    assert encoded == [2]  # one pass of the vision tower over the two images, not one per chunk
+
+    assert len(results) == 4 and sum(len(parsed["labels"]) for _, _, parsed in results) > 0
+    for (row, image, _), chunk, parsed in results:
+        inputs = stage.processor(text=[TASK + chunk.text], images=[image.numpy()], input_data_format="channels_last",
+                                 return_tensors="pt")
+        with torch.inference_mode():
+            reference = stage.model.generate(**inputs, max_new_tokens=1024, num_beams=3, do_sample=False)
+        text = stage.processor.batch_decode(reference, skip_special_tokens=False)[0]
+        size = (image.shape[1], image.shape[0])
+        assert parsed == stage.processor.post_process_generation(text, task=TASK, image_size=size)[TASK]
 
 
 # -- Masker ---------------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ def test_unknown_params_are_refused_and_defaults_are_in_the_fingerprint():
 class Scripted:
     """Stands in for the EVF-SAM2 predictor: the mask for an expression is looked up in a dict."""
 
+    device = "cpu"
+
     def __init__(self, masks):
         self.masks, self.calls = masks, []
 

@@ -333,19 +333,28 @@ def load_weights(model: EvfSam2, directory: str) -> None:
 # ---------------------------------------------------------------- pre/post-processing and the predictor
 
 
-def beit3_input(image: np.ndarray, size: int = 224) -> torch.Tensor:
+def _chw(image) -> torch.Tensor:
+    """1×3×H×W uint8 of an H×W×3 image: a numpy array, or a tensor on any device (which it stays on)."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+    return image.permute(2, 0, 1)[None]
+
+
+def beit3_input(image, size: int = 224) -> torch.Tensor:
     """1×3×size×size: [0, 1] floats resized bicubic without antialias (torchvision's tensor Resize with
-    antialias=None, as the reference calls it), then normalised with mean = std = 0.5."""
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255
+    antialias=None, as the reference calls it), then normalised with mean = std = 0.5. ``image``: H×W×3 uint8,
+    numpy or a tensor on the device that is to do the work."""
+    x = _chw(image).float() / 255
     x = F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=False)
     return (x - 0.5) / 0.5
 
 
-def sam2_input(image: np.ndarray, size: int = 1024) -> torch.Tensor:
-    """1×3×size×size: the uint8 image squash-resized bilinear (still uint8, as the reference), ImageNet-normalised."""
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
-    x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False).float()
-    return (x - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
+def sam2_input(image, size: int = 1024) -> torch.Tensor:
+    """1×3×size×size: the uint8 image squash-resized bilinear (still uint8, as the reference), ImageNet-normalised;
+    ``image`` as for ``beit3_input``."""
+    x = F.interpolate(_chw(image), (size, size), mode="bilinear", align_corners=False).float()
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (SAM_MEAN, SAM_STD))
+    return (x - mean) / std
 
 
 def upsample(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -411,18 +420,21 @@ class Predictor:
         self.max_tokens = model.config.beit3_config().max_text_positions - 2  # positions start at row 2
 
     @torch.inference_mode()
-    def image_features(self, image: np.ndarray) -> dict:
-        """The SAM2 image embedding of an H×W×3 uint8 RGB image (reusable across ``predict`` calls)."""
+    def image_features(self, image) -> dict:
+        """The SAM2 image embedding of an H×W×3 uint8 RGB image, numpy or a tensor (reusable across ``predict``
+        calls); resized and normalised on the model's device."""
         with precision.autocast(self.device.type, self.dtype):
-            return self.model.image_features(sam2_input(image, self.image_size).to(self.device))
+            return self.model.image_features(sam2_input(torch.as_tensor(image, device=self.device), self.image_size))
 
     def predict(self, image: np.ndarray, expressions: list[str], features: dict | None = None, chunk: int = 8) -> np.ndarray:
         return self.predict_tensor(image, expressions, features, chunk).cpu().numpy()
 
     @torch.inference_mode()
-    def predict_tensor(self, image: np.ndarray, expressions: list[str], features: dict | None = None,
+    def predict_tensor(self, image, expressions: list[str], features: dict | None = None,
                        chunk: int = 8) -> torch.Tensor:
-        """``predict``'s N×H×W bool masks as a tensor on the model's device (e.g. for ``sculpt.rle.encode_tensors``)."""
+        """``predict``'s N×H×W bool masks as a tensor on the model's device (e.g. for ``sculpt.rle.encode_tensors``);
+        ``image`` may be a tensor already there (``sculpt.images.decode_on``)."""
+        image = torch.as_tensor(image, device=self.device)
         height, width = image.shape[:2]
         if not expressions:
             return torch.zeros((0, height, width), dtype=torch.bool, device=self.device)
@@ -431,7 +443,7 @@ class Predictor:
         tokens = self.tokenizer([self.prefix + e for e in expressions], padding=True, truncation=True,
                                 max_length=self.max_tokens, return_tensors="pt")
         with precision.autocast(self.device.type, self.dtype):
-            prompts = self.model.prompts(beit3_input(image, self.beit_size).to(self.device),
+            prompts = self.model.prompts(beit3_input(image, self.beit_size),
                                          tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
             logits = self.model.decode(features, prompts)
         return torch.cat([upsample_tensor(logits[i : i + chunk], height, width) for i in range(0, len(logits), chunk)])
