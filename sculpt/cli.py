@@ -1,4 +1,5 @@
-"""The ``sculpt`` command: status OUT | report OUT | size --gpus N | samples DIR | models tiny DIR."""
+"""The ``sculpt`` command: status OUT | report OUT | export OUT DEST | preview OUT [DEST] | size --gpus N | samples DIR |
+models tiny DIR."""
 
 from __future__ import annotations
 
@@ -47,6 +48,34 @@ def report(out: str, s3: S3Options, plots: str | None) -> int:
     return 0
 
 
+def preview(args) -> int:
+    from sculpt import export
+    from sculpt import preview as gallery
+    from sculpt.storage import is_s3, join
+
+    dest = args.dest or ("sculpt-preview" if is_s3(args.output) else join(args.output, "_preview"))
+    try:
+        written = gallery.write_preview(args.output, dest, S3Options(endpoint=args.s3_endpoint), args.per_page,
+                                        args.limit, args.max_side, args.shards)
+    except export.ExportError as exc:
+        print(f"sculpt preview: {exc}", file=sys.stderr)
+        return 1
+    print(f"preview: {written['cards']} cards on {written['pages']} page(s); open {written['index']}")
+    if args.screenshot:
+        if is_s3(dest):
+            print("sculpt preview: --screenshot needs a local DEST", file=sys.stderr)
+            return 1
+        width, _, height = args.screenshot_size.partition("x")
+        try:
+            # 256 colours: a README-sized file; the pixels of tests/test_preview.py come from an unreduced one
+            path = gallery.screenshot(written["index"], args.screenshot, (int(width), int(height)), colours=256)
+        except gallery.NoBrowser as exc:
+            print(f"sculpt preview: {exc}", file=sys.stderr)
+            return 1
+        print(f"screenshot: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sculpt")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +102,17 @@ def main(argv=None) -> int:
     p.add_argument("--shards", action="append", metavar="PATH",
                    help="where the input tars are now, if not where the job read them (repeatable; for --images)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p.add_argument("--s3-endpoint")
+    p = commands.add_parser("preview", help="a static HTML gallery of the output: images, masks, boxes, expressions")
+    p.add_argument("output")
+    p.add_argument("dest", nargs="?", help="directory for the pages (default: OUT/_preview, or ./sculpt-preview for s3://)")
+    p.add_argument("--per-page", type=int, default=48, help="cards per page (default 48)")
+    p.add_argument("--limit", type=int, default=500, help="images at most, in output order (default 500; 0: all)")
+    p.add_argument("--max-side", type=int, default=512, help="longest side of a card's image in pixels (default 512)")
+    p.add_argument("--shards", action="append", metavar="PATH",
+                   help="where the input tars are now, if not where the job read them (repeatable)")
+    p.add_argument("--screenshot", metavar="PNG", help="also draw the first page with headless Chromium into PNG")
+    p.add_argument("--screenshot-size", default="1280x900", metavar="WxH")
     p.add_argument("--s3-endpoint")
     p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
     p.add_argument("--gpus", type=int, required=True)
@@ -106,6 +146,8 @@ def main(argv=None) -> int:
         which = "pairs" if args.all else "kept pairs"
         print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})"
               + (f"; {counts['image_files']} image files in {args.images}" if args.images else ""))
+    elif args.command == "preview":
+        return preview(args)
     elif args.command == "size":
         from sculpt import sizing
 

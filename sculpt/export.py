@@ -237,7 +237,7 @@ def extracting_images(pairs, directory: str, source: ShardImages, s3: S3Options,
         shards.add(row["shard"])
         yield row, row_pairs
     for shard in shards:
-        _tidy_tmp(storage.join(directory, shard, "x"), s3)
+        tidy_tmp(storage.join(directory, shard, "x"), s3)
 
 
 def _refuse_existing(dest: str, s3: S3Options, overwrite: bool) -> None:
@@ -250,7 +250,7 @@ def _refuse_existing(dest: str, s3: S3Options, overwrite: bool) -> None:
     raise ExportError(f"{dest} exists; choose another destination or pass --overwrite")
 
 
-def _tidy_tmp(uri: str, s3: S3Options) -> None:
+def tidy_tmp(uri: str, s3: S3Options) -> None:
     """Remove the empty ``_tmp`` folder that atomic writes leave beside a local file."""
     fs, path = storage.filesystem(uri, s3)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -280,7 +280,7 @@ def write_gseval(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
             for pair in row_pairs:
                 f.write(_line(gseval_record(counts["pairs"], pair)))
                 counts["pairs"] += 1
-    _tidy_tmp(dest, s3)
+    tidy_tmp(dest, s3)
     return counts
 
 
@@ -325,7 +325,7 @@ def write_coco(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
             part.seek(0)
             shutil.copyfileobj(part, f, 1 << 20)
         f.write(b"\n]}\n")
-    _tidy_tmp(dest, s3)
+    tidy_tmp(dest, s3)
     return counts
 
 
@@ -363,7 +363,7 @@ def write_hf(pairs, dest: str, s3: S3Options = S3Options(), rows_per_file: int =
             state["writer"].close()
             state["file"].__exit__(type(exc), exc, None)
         raise
-    _tidy_tmp(storage.join(dest, "x"), s3)
+    tidy_tmp(storage.join(dest, "x"), s3)
     return counts
 
 
@@ -417,7 +417,7 @@ def write_labelstudio(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
             counts["images"] += 1
             counts["pairs"] += len(row_pairs)
         f.write(b"\n]\n")
-    _tidy_tmp(dest, s3)
+    tidy_tmp(dest, s3)
     return counts
 
 
