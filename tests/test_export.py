@@ -279,7 +279,7 @@ def gradient(height, width):
     return np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) * 127 // (width + height)], -1).astype(np.uint8)
 
 
-def shard_output(root, pictures: list[bytes], objects=None) -> str:
+def shard_output(root, pictures: list[bytes], objects=None, out=None, s3=storage.S3Options()) -> str:
     """An output of one committed unit sa_000000 whose rows are the pictures of the input shard root/shards/sa_000000.tar;
     ``objects(height, width)`` gives each row's objects (default: one kept object, its top-left quarter)."""
     objects = objects or (lambda h, w: [obj((0, 0, w // 2, h // 2), 0.9, "the top left", size=(h, w))])
@@ -294,12 +294,12 @@ def shard_output(root, pictures: list[bytes], objects=None) -> str:
                                    objects=objects(h, w), shard_size=len(pictures), shard_bytes_read=1))
     samples.write_tar(str(shard_dir / "sa_000000.tar"), members)
     job = {**JOB, "inputs": [str(shard_dir)], "total_shards": 1}
-    store = OutputStore(str(root / "out"))
+    store = OutputStore(out or str(root / "out"), s3)
     store.prepare(job)
     writer = UnitWriter(store, "sa_000000", job)
     writer.add(schema.to_table(rows))
     writer.commit()
-    return str(root / "out")
+    return out or str(root / "out")
 
 
 def test_images_are_extracted_once_upright_and_records_point_at_them(tmp_path):

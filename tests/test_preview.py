@@ -110,3 +110,18 @@ def test_error_and_empty_rows_get_cards_and_a_missing_output_is_refused(tmp_path
     assert "no objects" in empty and "image not in the input shard" in empty
     assert cli.main(["preview", str(tmp_path / "nothing")]) == 1
     assert "no sculpt output" in capsys.readouterr().err
+
+
+def test_s3_output_previews_to_s3(s3_server, tmp_path):
+    import boto3
+
+    from sculpt import storage
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="preview")
+    s3 = storage.S3Options(endpoint=s3_server)
+    grey = np.full((H, W, 3), GREY, np.uint8)
+    out = shard_output(tmp_path, [samples.jpeg_bytes(grey)] * 3, two_objects, out="s3://preview/out", s3=s3)
+    assert cli.main(["preview", out, "s3://preview/gallery", "--per-page", "2", "--s3-endpoint", s3_server]) == 0
+    assert storage.list_names("s3://preview/gallery", s3) == ["index.html", "page-0002.html"]
+    page = storage.read_bytes("s3://preview/gallery/index.html", s3).decode()
+    assert page.count('class="card"') == 2 and page.count('class="mask"') == 4 and "data:image/jpeg;base64," in page
