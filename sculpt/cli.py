@@ -43,8 +43,13 @@ def report(out: str, s3: S3Options, plots: str | None) -> int:
         return 1
     total, markers = job_report.job_stats(store)
     print(job_report.render(out, job, total, len(markers)))
-    for path in job_report.plot(total, plots or ("sculpt-report" if is_s3(out) else join(out, "_report"))):
+    directory = plots or ("sculpt-report" if is_s3(out) else join(out, "_report"))
+    paths = job_report.plot(total, directory)
+    for path in paths:
         print(f"plot: {path}")
+    with open(join(directory, "index.html"), "w", encoding="utf-8") as f:
+        f.write(job_report.page(out, job, total, len(markers), paths))
+    print(f"page: {join(directory, 'index.html')} (the figures above and the plots)")
     return 0
 
 
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
     p = commands.add_parser("status", help="shards done/total, images, errors of an output path")
     p.add_argument("output")
     p.add_argument("--s3-endpoint")
-    p = commands.add_parser("report", help="the job's statistics (text) and plots (PNG)")
+    p = commands.add_parser("report", help="the job's statistics (text), plots (PNG) and one HTML page of both")
     p.add_argument("output")
     p.add_argument("--plots", help="directory for the PNG plots (default: OUT/_report, or ./sculpt-report for s3://)")
     p.add_argument("--s3-endpoint")

@@ -1,7 +1,9 @@
-"""``sculpt report OUT``: the whole job's statistics from its markers, as text and as PNG plots."""
+"""``sculpt report OUT``: the whole job's statistics from its markers, as text, PNG plots and one HTML page
+(``index.html`` beside the plots: the key figures with their units, then the plots)."""
 
 from __future__ import annotations
 
+import html
 import os
 
 from sculpt import stats
@@ -65,24 +67,71 @@ def plot(total: dict, directory: str) -> list[str]:
         keys = sorted(int(k) for k in counts)
         return keys, [counts[str(k)] for k in keys]
 
-    d = stats.derived(total)
-    figures = {
-        "iou_histogram.png": ("IoU of verifier mask vs SAM2 mask", "IoU", [i / stats.IOU_BINS for i in range(stats.IOU_BINS)],
-                              total["iou_histogram"], 1 / stats.IOU_BINS),
-        "objects_per_image.png": ("Objects per image", "objects", *keyed(total["objects_per_image"]), 0.8),
-        "expression_words.png": ("Words per referring expression", "words", *keyed(total["expression_words"]), 0.8),
-        "stage_throughput.png": ("Busy time per image, by stage (per actor)", "stage", list(total["stage_seconds"]),
+    figures = {  # name: title, x label, y label, xs, ys, bar width
+        "iou_histogram.png": ("IoU of verifier mask vs SAM2 mask", "IoU (bins of 0.1)", "objects",
+                              [i / stats.IOU_BINS for i in range(stats.IOU_BINS)], total["iou_histogram"], 1 / stats.IOU_BINS),
+        "objects_per_image.png": ("Objects per image", "objects in the image", "images",
+                                  *keyed(total["objects_per_image"]), 0.8),
+        "expression_words.png": ("Words per referring expression", "words", "expressions",
+                                 *keyed(total["expression_words"]), 0.8),
+        "stage_throughput.png": ("Busy time per image, by stage (per actor)", "stage", "ms per image",
+                                 list(total["stage_seconds"]),
                                  [1000 * s / total["stage_images"][k] for k, s in total["stage_seconds"].items()], 0.6),
     }
     paths = []
-    for name, (title, xlabel, xs, ys, width) in figures.items():
+    for name, (title, xlabel, ylabel, xs, ys, width) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(xs, ys, width=width, align="edge" if name == "iou_histogram.png" else "center")
+        bars = ax.bar(xs, ys, width=width, align="edge" if name == "iou_histogram.png" else "center")
+        ax.bar_label(bars, fmt="%.1f" if name == "stage_throughput.png" else "%d", fontsize=8)  # values, not guesses
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("count" if name != "stage_throughput.png" else "ms")
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.15)
+        if name in ("objects_per_image.png", "expression_words.png") and xs:  # counts: whole ticks, never 4.6 objects
+            ax.set_xticks(xs[:: max(1, len(xs) // 20)])
+            ax.set_xlim(min(xs) - 1, max(xs) + 1)
         fig.tight_layout()
         paths.append(os.path.join(directory, name))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+def figures(job: dict, total: dict, units: int) -> list[tuple[str, str, str]]:
+    """(what, value, unit) rows of the job's key figures."""
+    d = stats.derived(total)
+    rows = [("shards committed", f"{units} of {job.get('total_shards', '?')}", "shards"),
+            ("images", f"{total['images']}", "images"),
+            ("error rows", f"{total['errors']}", f"rows ({d['error_rate']:.1%})"),
+            ("images without objects", f"{total['empty']}", "images"),
+            ("objects", f"{total['objects']}", f"objects ({d['objects_per_image']:.2f} per image)"),
+            ("objects with errors", f"{total['object_errors']}", "objects")]
+    if d["keep_rate"] is not None:
+        rows += [("verified", f"{total['verified']}", "objects"),
+                 ("kept (IoU ≥ threshold)", f"{total['kept']}", f"objects ({d['keep_rate']:.1%} of verified)")]
+    if d["words_per_expression"] is not None:
+        rows.append(("words per expression", f"{d['words_per_expression']:.1f}", "words (mean)"))
+    for stage, rate in d["stage_images_per_second"].items():
+        busy_ms = 1000 * total["stage_seconds"][stage] / total["stage_images"][stage]
+        rows.append((f"stage {stage}", f"{rate:.2f}", f"images/s per actor ({busy_ms:.1f} ms busy per image)"))
+    return rows
+
+
+def page(out: str, job: dict, total: dict, units: int, plots: list[str]) -> str:
+    """One HTML page: the key figures, the errors by kind, and the plots (named relative to the page)."""
+    cells = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td><td>{html.escape(unit)}</td></tr>"
+                    for what, value, unit in figures(job, total, units))
+    kinds = "".join(f"<tr><td>{n}</td><td>{html.escape(kind)}</td></tr>"
+                    for kind, n in sorted(total["error_kinds"].items(), key=lambda kv: -kv[1])[:15])
+    images = "".join(f'<img src="{html.escape(os.path.basename(p))}" alt="{html.escape(os.path.basename(p))}">' for p in plots)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>sculpt report · {html.escape(out)}</title><style>
+body{{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222}} table{{border-collapse:collapse;margin:8px 0 16px}}
+th,td{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}} td:nth-child(2){{text-align:right;font-weight:600}}
+img{{width:480px;margin:0 8px 8px 0;border:1px solid #eee}}</style></head>
+<body><h2>sculpt report</h2><p>{html.escape(out)} · config {html.escape(str(job.get("fingerprint")))} ·
+prompts {html.escape(str(job.get("prompts_version")))}</p>
+<table>{cells}</table>
+{f"<h3>Errors by kind</h3><table>{kinds}</table>" if kinds else ""}
+<div>{images}</div></body></html>
+"""

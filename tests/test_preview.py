@@ -125,3 +125,19 @@ def test_s3_output_previews_to_s3(s3_server, tmp_path):
     assert storage.list_names("s3://preview/gallery", s3) == ["index.html", "page-0002.html"]
     page = storage.read_bytes("s3://preview/gallery/index.html", s3).decode()
     assert page.count('class="card"') == 2 and page.count('class="mask"') == 4 and "data:image/jpeg;base64," in page
+
+
+def test_report_page_shows_the_figures_with_units_and_the_plots(tmp_path, browser, capsys):
+    out = shard_output(tmp_path, [samples.jpeg_bytes(np.full((H, W, 3), GREY, np.uint8))] * 3, two_objects)
+    assert cli.main(["report", out]) == 0
+    page = tmp_path / "out" / "_report" / "index.html"
+    assert f"page: {page}" in capsys.readouterr().out
+    dom = preview.dump_dom(str(page))
+    figures = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]+)</td><td>[^<]*</td></tr>", dom))
+    assert len(figures) > 0
+    assert figures["images"] == "3" and figures["objects"] == "6" and figures["kept (IoU ≥ threshold)"] == "3"
+    assert "objects (50.0% of verified)" in dom and "objects (2.00 per image)" in dom
+    plots = re.findall(r'<img src="([^"]+\.png)"', dom)
+    assert len(plots) == 4 and all((page.parent / p).is_file() for p in plots)
+    shot = np.array(Image.open(preview.screenshot(str(page), str(tmp_path / "report.png"), (1100, 1400))).convert("RGB"))
+    assert pixels_near(shot, np.array([31, 119, 180]), 6) > 5000  # matplotlib's bars: the plots are drawn on the page

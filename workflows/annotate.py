@@ -92,6 +92,11 @@ def main(argv=None) -> int:
     out = summary["output"]
     print(f"Rows: {out}/*.parquet (pyarrow.dataset or pandas; sculpt.schema.decode_masks for masks). "
           f"Totals: `sculpt status {out}`; statistics and plots: `sculpt report {out}`.")
+    if not args.config and not args.input:  # the demo ends with a look at what it made
+        from sculpt import preview
+
+        written = preview.write_preview(out, os.path.join(out, "_preview"))
+        print(f"Preview: open {os.path.abspath(written['index'])} in a browser ({written['cards']} images).")
     if summary["pending"]:
         first, why = next(iter(summary["pending"].items()))
         print(f"sculpt: {len(summary['pending'])} unit(s) left pending after transient faults (first: {first}: {why}); "
