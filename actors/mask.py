@@ -1,6 +1,7 @@
 """The mask stage: SAM2 turns each grounded box into a mask (``sam2`` package, ``SAM2ImagePredictor``).
 
-The images of a batch are embedded together (``images_at_once`` at a time, ``SAM2ImagePredictor.set_image_batch``);
+Images are decoded on the model's device (``sculpt.images.decode_on``: nvJPEG on CUDA) and squashed there to
+SAM2's square input. The images of a batch are embedded together (``images_at_once`` at a time, ``SAM2ImagePredictor.set_image_batch``);
 all boxes of an image go to the mask decoder as one batched prompt. The decoder's
 low-resolution logits are brought to the image's own resolution a few masks at a time and turned into COCO RLE
 at once, so an image with many boxes never holds all its full-resolution float masks in memory. Thresholding and
@@ -91,20 +92,17 @@ class Masker(Stage):
         transforms.postprocess_masks = lambda masks, orig_hw: masks
 
     def process(self, rows: list[dict]) -> None:
-        work = []  # (image, objects with usable boxes) per image
-        for row in rows:
-            todo = [obj for obj in row["objects"] or [] if obj.get("box") is not None and obj.get("mask") is None
-                    and not obj.get("error")]
-            if not todo:
-                continue
-            try:
-                image = images.load_rgb(row["image_bytes"])
-            except images.ImageError as exc:
-                schema.mark_error(row, self.name, exc)
+        todo = {id(row): [obj for obj in row["objects"] or [] if obj.get("box") is not None and obj.get("mask") is None
+                          and not obj.get("error")] for row in rows}
+        rows = [row for row in rows if todo[id(row)]]
+        work = []  # (image on the device, objects with usable boxes) per image
+        for row, image in zip(rows, images.decode_on(self.device, [row["image_bytes"] for row in rows])):
+            if isinstance(image, Exception):
+                schema.mark_error(row, self.name, image)
                 continue
             height, width = image.shape[:2]
             ready = []
-            for obj in todo:
+            for obj in todo[id(row)]:
                 problem = box_problem(obj["box"], width, height)
                 if problem:
                     obj["error"] = f"{self.name}: {problem}"
@@ -120,21 +118,35 @@ class Masker(Stage):
                 for obj, mask, score in zip(ready, masks, scores):
                     obj.update(mask=mask, area=rle.area(mask), mask_score=float(score))
 
-    def predict(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
-        """RLE masks at the image's resolution and SAM2's predicted IoUs for N boxes (x0, y0, x1, y1 pixels)."""
+    def predict(self, image, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """RLE masks at the image's resolution and SAM2's predicted IoUs for N boxes (x0, y0, x1, y1 pixels);
+        ``image``: H×W×3 uint8, numpy or a tensor."""
         return self.predict_images([image], [boxes])[0]
 
-    def predict_images(self, pictures: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[list[dict], np.ndarray]]:
-        """``predict`` for several images: their embeddings computed as one batch, then each image's boxes."""
+    def predict_images(self, pictures: list, boxes: list[np.ndarray]) -> list[tuple[list[dict], np.ndarray]]:
+        """``predict`` for several images: their embeddings computed as one batch, then each image's boxes.
+
+        SAM2 squashes every image to its square input size; that resize is done here on the device
+        (``images.squash``), and the boxes are given in the squashed frame, which is what the predictor's own
+        normalisation (corners / image size x input size) would make of them.
+        """
         import torch
 
+        side = self.predictor.model.image_size
+        squashed, scaled, sizes = [], [], []
+        for picture, image_boxes in zip(pictures, boxes):
+            picture = torch.as_tensor(picture, device=self.device)
+            height, width = picture.shape[:2]
+            squashed.append(images.squash(picture, side).cpu().numpy())
+            scaled.append(image_boxes * np.array([side / width, side / height] * 2, dtype=np.float32))
+            sizes.append((height, width))
         with self.device_turn, torch.inference_mode(), precision.autocast(self.device, self.dtype):
-            self.predictor.set_image_batch(pictures)  # the predictor holds the embeddings: one batch at a time
-            logits, scores, _ = self.predictor.predict_batch(box_batch=boxes, multimask_output=False, return_logits=True)
+            self.predictor.set_image_batch(squashed)  # the predictor holds the embeddings: one batch at a time
+            logits, scores, _ = self.predictor.predict_batch(box_batch=scaled, multimask_output=False, return_logits=True)
         out = []
-        for image, image_boxes, image_logits, image_scores in zip(pictures, boxes, logits, scores):
+        for size, image_boxes, image_logits, image_scores in zip(sizes, boxes, logits, scores):
             n = len(image_boxes)  # the single-box case comes without its box axis
-            out.append((self._rles(image_logits.reshape(n, 1, *image_logits.shape[-2:]), image.shape[:2]),
+            out.append((self._rles(image_logits.reshape(n, 1, *image_logits.shape[-2:]), size),
                         image_scores.reshape(n, -1)[:, 0]))
         return out
 

@@ -6,18 +6,19 @@ passes over all images, then per image):
 
 - read: ``sculpt.shards.read_shard`` — tar stream, member pairing, json parse, header check + 1/8 draft decode
 - decode: ``sculpt.images.load_rgb`` — full decode to an upright RGB array
-- model inputs, as each model's own preprocessing does it on the host: SAM2 (``sam2`` SAM2Transforms, 1024
-  squash), EVF-SAM2 (``sculpt.models.evf_sam2.sam2_input`` 1024 + ``beit3_input`` 224), Florence-2
+- model inputs as the stages make them: SAM2 (``images.squash`` to 1024, then ``sam2``'s SAM2Transforms of the
+  squashed image), EVF-SAM2 (``sculpt.models.evf_sam2.sam2_input`` 1024 + ``beit3_input`` 224), Florence-2
   (transformers' CLIPImageProcessor, 768), InternVL (transformers' GotOcr2ImageProcessor, 448 tiles, max 6)
-- RLE: ``sculpt.rle.encode_many`` of 50 full-resolution masks (C-contiguous N x H x W bool, as the masker and the
-  verifier hand them over), and pycocotools' encode alone on the same masks already column-major; area + IoU:
+- RLE of 50 full-resolution masks as the masker and the verifier do it (``sculpt.rle.encode_tensors``): run lengths
+  counted by torch where the masks are (``rle.run_lengths``), then pycocotools compresses them; area + IoU:
   ``rle.area`` and ``rle.iou`` of 50
 - Arrow: ``schema.to_table`` + ``Table.to_pylist`` of rows carrying the image and 50 objects (what every stage
   actor does with its batch)
 - Parquet: ``sculpt.output.UnitWriter`` add + commit of rows with 50 objects (local disk)
 
-The total is given twice: every step once, and with the counts the code as written runs per image (each model
-stage decodes the image again, the masker and the verifier each encode 50 masks, ...).
+Each step is counted as often as the code as written runs it per image, and marked by where it runs on a GPU
+node: the device steps (decode by nvJPEG, resize and normalisation, RLE run lengths) cost GPU time there, not
+host time; on a CPU-only machine everything is host work. Both totals are printed.
 
     PYTHONPATH=. python benchmarks/host_work.py [--images 6] [--objects 50] [--repeat 3]
 """
@@ -124,45 +125,56 @@ def main() -> None:
 
     from pycocotools import mask as coco_mask
 
-    # The same masks already column-major (H x W x N Fortran): what encode_many hands pycocotools after its copy.
-    column_major = [np.asfortranarray(m.transpose(1, 2, 0), dtype=np.uint8) for m in masks]
-
-    def coco_encode_only(m):
-        coco_mask.encode(m)
+    from pycocotools import mask as coco_mask
 
     def read(_):
         for _batch in shards.read_shard(tar):
             pass
 
+    counts = [rle.run_lengths(torch.from_numpy(m)) for m in masks]
+    squashed = [images.squash(torch.from_numpy(im), 1024).numpy() for im in decoded]
+
+    def compress(image_counts):  # what pycocotools does with run lengths counted where the masks are
+        height, width = image_counts[1]
+        coco_mask.frPyObjects([{"size": [height, width], "counts": c} for c in image_counts[0]], height, width)
+
+    sized_counts = [(c, m.shape[1:]) for c, m in zip(counts, masks)]
     n = len(rows)
-    steps = [  # (step, ms per image, times per image in the pipeline as written, where)
-        ("read (tar + pairing + json + validation)", best_per_image(read, [None], args.repeat) / n, 1, "reader task"),
-        ("decode (load_rgb)", best_per_image(lambda r: images.load_rgb(r["image_bytes"]), rows, args.repeat), 5,
-         "caption + refer (VLMEngine.chat), ground, mask, verify"),
-        ("SAM2 input 1024 (SAM2Transforms)", best_per_image(sam2, decoded, args.repeat), 1, "mask"),
+    host, device = "host", "device"
+    steps = [  # (step, ms per image, times per image as wired, where, where it runs on a GPU node)
+        ("read (tar + pairing + json + validation)", best_per_image(read, [None], args.repeat) / n, 1, "reader task", host),
+        ("decode on the host (load_rgb)", best_per_image(lambda r: images.load_rgb(r["image_bytes"]), rows, args.repeat), 2,
+         "caption + refer (VLMEngine.chat)", host),
+        ("decode (decode_on: nvJPEG on CUDA)", best_per_image(lambda r: images.load_rgb(r["image_bytes"]), rows, args.repeat), 3,
+         "ground, mask, verify", device),
+        ("SAM2 squash to 1024 (images.squash)", best_per_image(lambda im: images.squash(torch.from_numpy(im), 1024), decoded,
+                                                               args.repeat), 1, "mask", device),
+        ("SAM2 input of the squashed image (SAM2Transforms)", best_per_image(sam2, squashed, args.repeat), 1,
+         "mask (sam2's predictor)", host),
         ("EVF-SAM2 inputs 1024 + 224",
-         best_per_image(lambda im: (evf_sam2.sam2_input(im), evf_sam2.beit3_input(im)), decoded, args.repeat), 1, "verify"),
+         best_per_image(lambda im: (evf_sam2.sam2_input(im), evf_sam2.beit3_input(im)), decoded, args.repeat), 1, "verify", device),
         ("Florence-2 input 768", best_per_image(lambda im: florence(im, return_tensors="pt"), decoded, args.repeat), 1,
-         "ground (once per caption chunk)"),
+         "ground (once per image)", device),
         ("InternVL tiles 6 x 448 + thumbnail", best_per_image(lambda im: internvl(im, return_tensors="pt"), decoded, args.repeat), 1,
-         "vLLM's processor (cached for refer)"),
-        (f"RLE encode {args.objects} masks (encode_many)", best_per_image(rle.encode_many, masks, args.repeat), 2, "mask, verify"),
-        ("  of which pycocotools' own encode", best_per_image(coco_encode_only, column_major, args.repeat), 0,
-         "the rest is the column-major copy"),
-        (f"area + IoU of {args.objects} RLEs", best_per_image(area_and_iou, encoded, args.repeat), 1, "mask (area), verify (IoU)"),
+         "vLLM's processor (cached for refer)", host),
+        (f"RLE run lengths of {args.objects} masks (rle.run_lengths)",
+         best_per_image(lambda m: rle.run_lengths(torch.from_numpy(m)), masks, args.repeat), 2, "mask, verify", device),
+        (f"RLE compress of {args.objects} masks' runs (pycocotools)", best_per_image(compress, sized_counts, args.repeat), 2,
+         "mask, verify", host),
+        (f"area + IoU of {args.objects} RLEs", best_per_image(area_and_iou, encoded, args.repeat), 1, "mask (area), verify (IoU)", host),
         (f"Arrow rows <-> table ({args.objects} objects + image)", best_per_image(arrow_round_trip, full_rows, args.repeat), 5,
-         "every stage actor"),
-        ("Parquet write (UnitWriter)", best_per_image(write_parquet, [None], args.repeat) / n, 1, "driver"),
+         "every stage actor", host),
+        ("Parquet write (UnitWriter)", best_per_image(write_parquet, [None], args.repeat) / n, 1, "driver", host),
     ]
-    print("\n| step | ms / image | times per image as wired | where |")
-    print("|---|---|---|---|")
-    for name, ms, times, where in steps:
-        print(f"| {name} | {ms:.1f} | {times or '(in the row above)'} | {where} |")
-    once = sum(ms for _, ms, times, _ in steps if times)
-    wired = sum(ms * times for _, ms, times, _ in steps)
-    print(f"| **total, each step once** | **{once:.0f}** | | |")
-    print(f"| **total as wired** | **{wired:.0f}** | | |")
-    print(f"\nas wired: {1000 / wired:.2f} images/s per core; decodes are {5 * steps[1][1] / wired:.0%} of it")
+    print("\n| step | ms / image | times per image as wired | where | on a GPU node |")
+    print("|---|---|---|---|---|")
+    for name, ms, times, where, runs_on in steps:
+        print(f"| {name} | {ms:.1f} | {times} | {where} | {runs_on} |")
+    cpu_only = sum(ms * times for _, ms, times, _, _ in steps)
+    gpu_node = sum(ms * times for _, ms, times, _, runs_on in steps if runs_on == host)
+    print(f"| **host work as wired, CPU only (every step on the host)** | **{cpu_only:.0f}** | | | |")
+    print(f"| **host work as wired on a GPU node (device steps off the host)** | **{gpu_node:.0f}** | | | |")
+    print(f"\nas wired on a GPU node: {1000 / gpu_node:.1f} images/s per core of host work")
     shutil.rmtree(work, ignore_errors=True)
 
 

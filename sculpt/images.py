@@ -115,3 +115,14 @@ def decode_on(device, datas: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, 
             except ImageError as exc:
                 out[i] = exc
     return out
+
+
+def squash(image, size: int):
+    """An H×W×3 uint8 tensor resized to size×size×3 uint8 (bilinear, antialiased, on the image's device): the
+    square input SAM2 takes, made where the image is, so that the model's own host transforms see a small image."""
+    import torch
+    import torch.nn.functional as F
+
+    x = image.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)

@@ -255,8 +255,12 @@ def test_early_rle_gives_the_predictors_own_masks(masker, checkpoints):
     reference = SAM2ImagePredictor(masker.stage.predictor.model)  # the stock predictor, full-resolution masks
     reference.set_image(image)
     masks, ious, _ = reference.predict(box=boxes, multimask_output=False)
-    np.testing.assert_array_equal(np.stack([rle.decode(r) for r in rles]), masks[:, 0].astype(bool))
-    np.testing.assert_allclose(scores, ious[:, 0], rtol=1e-5)
+    ours, theirs = np.stack([rle.decode(r) for r in rles]), masks[:, 0].astype(bool)
+    assert ours.shape == theirs.shape and theirs.any()
+    # The image is squashed to SAM2's input on the device and rounded to uint8 there (sam2 resizes floats): the
+    # masks may differ only in a few edge pixels.
+    assert (ours != theirs).mean() < 1e-3
+    np.testing.assert_allclose(scores, ious[:, 0], rtol=1e-3)
 
 
 def test_masker_records_bad_boxes_and_bad_images(masker):
