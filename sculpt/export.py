@@ -8,7 +8,7 @@ Every exported record names where it came from: ``shard``, ``index`` (the image'
 that shard's Parquet rows) and ``object`` (the position in the row's ``objects`` list). Images are referenced as
 ``<shard>/<image_key>.jpg`` (the tar member of that input shard), under ``image_root`` when one is given.
 ``images=DIR`` (``--images DIR``) also extracts each exported image once to ``DIR/<shard>/<image_key>.jpg``,
-upright (``write_upright``), streamed from the job's input shards (``ShardImages``); the records then point there.
+upright (``upright_jpeg``), streamed from the job's input shards (``ShardImages``); the records then point there.
 
 Formats (``FORMATS``):
 

@@ -245,7 +245,7 @@ def browse(url: str, *flags: str, timeout: float = 120) -> str:
     """Run headless Chromium on ``url`` with ``flags``; returns its stdout."""
     with tempfile.TemporaryDirectory() as profile:
         command = [chromium(), "--headless", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",
-                   "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *flags, url]
+                   "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *flags, url]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             command.insert(1, "--no-sandbox")  # Chromium refuses its sandbox to root
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
