@@ -179,7 +179,8 @@ def page_html(cards: list[str], categories: set[str], page: int, has_next: bool,
     def link(to: int, text: str) -> str:
         return f'<a class="page" data-href="{page_name(to)}" href="{page_name(to)}">{text}</a>'
 
-    links = [link(page - 1, "&larr; previous") if page > 1 else "", f"page {page}", link(page + 1, "next &rarr;") if has_next else ""]
+    links = [link(page - 1, "&larr; previous") if page > 1 else "", f"page {page}",
+             link(page + 1, "next &rarr;") if has_next else ""]
     options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in sorted(categories))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>sculpt preview · {html.escape(out)} · page {page} · {len(cards)} cards</title>
@@ -245,7 +246,8 @@ def browse(url: str, *flags: str, timeout: float = 120) -> str:
     """Run headless Chromium on ``url`` with ``flags``; returns its stdout."""
     with tempfile.TemporaryDirectory() as profile:
         command = [chromium(), "--headless", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",
-                   "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *flags, url]
+                   "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                   "--virtual-time-budget=5000", *flags, url]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             command.insert(1, "--no-sandbox")  # Chromium refuses its sandbox to root
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
