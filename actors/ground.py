@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import threading
 
-from sculpt import grounding, images, precision, schema
+from sculpt import categories, grounding, groups, images, precision, schema
 from sculpt.stage import Stage
-
-OBJECT_FIELDS = [field.name for field in schema.OBJECT_TYPE]
 
 
 class Grounder(Stage):
@@ -26,6 +24,8 @@ class Grounder(Stage):
     - ``prompts_per_call`` (16): caption chunks per ``generate`` call
     - ``min_box_size`` (1.0 px): narrower or lower boxes are dropped
     - ``duplicate_iou`` (0.9): of two boxes of one image overlapping this much, the later is dropped
+    - ``categories`` (all four): the kinds of phrase kept, of stuff, part, single, multi (``sculpt.groups.categorise``);
+      e.g. [single, multi] grounds no stuff and no parts
     - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 weights on CUDA, float32 on CPU)
 
     Why these settings: 3 beams is what Florence-2's authors run for grounding (their published examples and
@@ -40,7 +40,14 @@ class Grounder(Stage):
     name = "ground"
     model_key = "ground"
     defaults = {"num_beams": 3, "max_new_tokens": 1024, "max_caption_tokens": None, "prompts_per_call": 16,
-                "min_box_size": 1.0, "duplicate_iou": 0.9, "device": None, "dtype": None}
+                "min_box_size": 1.0, "duplicate_iou": 0.9, "categories": list(categories.NAMES.values()),
+                "device": None, "dtype": None}
+
+    def __init__(self, *args, **params):
+        super().__init__(*args, **params)
+        unknown = set(self.params["categories"]) - set(categories.NAMES.values())
+        if unknown:
+            raise ValueError(f"stage {self.name}: unknown categories {sorted(unknown)}; known: {list(categories.NAMES.values())}")
 
     def setup(self) -> None:
         import torch
@@ -95,7 +102,10 @@ class Grounder(Stage):
                 )
             for row, _, _ in group:
                 objects = grounding.drop_duplicates(found[id(row)], float(self.params["duplicate_iou"]))
-                row["objects"] += [{**dict.fromkeys(OBJECT_FIELDS), **obj} for obj in objects]
+                groups.categorise(objects)
+                wanted = set(self.params["categories"])
+                row["objects"] += [schema.new_object(**obj) for obj in objects if obj["category"] in wanted]
+                row["grounded_caption"] = groups.grounded_caption(row["objects"])
 
     def _generate(self, group):
         """(image item, chunk, parsed phrases and boxes) for every caption chunk of the group's images."""

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from sculpt import images, precision, rle, schema
+from sculpt import groups, images, precision, rle, schema
 from sculpt.stage import Stage
 
 
@@ -72,12 +72,15 @@ class Masker(Stage):
     - ``mask_threshold`` (0.0): logit threshold of SAM2's predictor
     - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
     - ``images_at_once`` (4): images whose SAM2 embeddings are computed as one batch
+    - ``groups`` (true): add a multi-object group for each phrase grounded to several masked boxes
+      (``sculpt.groups``: the union of their masks, its members listed)
     - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "mask"
     model_key = "mask"
-    defaults = {"mask_threshold": 0.0, "masks_at_once": 8, "images_at_once": 4, "device": None, "dtype": None}
+    defaults = {"mask_threshold": 0.0, "masks_at_once": 8, "images_at_once": 4, "groups": True, "device": None,
+                "dtype": None}
 
     def setup(self) -> None:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -117,6 +120,12 @@ class Masker(Stage):
             for (_, ready), (masks, scores) in zip(chunk, self.predict_images([image for image, _ in chunk], boxes)):
                 for obj, mask, score in zip(ready, masks, scores):
                     obj.update(mask=mask, area=rle.area(mask), mask_score=float(score))
+        if self.params["groups"]:
+            for row in rows:
+                made = groups.build_groups(row["objects"])
+                if made:
+                    row["objects"] += [schema.new_object(**group) for group in made]
+                    row["grounded_caption"] = groups.grounded_caption(row["objects"])
 
     def predict(self, image, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
         """RLE masks at the image's resolution and SAM2's predicted IoUs for N boxes (x0, y0, x1, y1 pixels);

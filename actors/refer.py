@@ -2,34 +2,57 @@
 
 Every request about an image carries the same image first and the caption next; only the object's phrase and
 box (in InternVL's 0..1000 convention) differ, at the end, so the engine's prefix cache serves all objects after
-the first. Unusable output is an error on that object, not on the image.
+the first. A group is asked about with all its member boxes. Unusable output is an error on that object, not on
+the image. Each image is also asked for negatives (expressions of something it does not show).
 """
 
 from __future__ import annotations
 
 from actors.vlm import VLMStage, image_key
-from sculpt import prompts
+from sculpt import prompts, rle, schema
+from sculpt.categories import NEGATIVE
 
 
 class Referrer(VLMStage):
+    """Params: ``max_tokens`` (48) per expression; ``negatives`` (1): expressions per image for something the image
+    does not show (0: none), asked with the caption and the grounded phrases, each an object of category
+    ``negative`` with an empty mask that the verify stage accepts only if its own mask is (nearly) empty."""
+
     name = "refer"
-    defaults = {"max_tokens": 48, "prompts_version": prompts.PROMPTS_VERSION}
+    defaults = {"max_tokens": 48, "negatives": 1, "prompts_version": prompts.PROMPTS_VERSION}
 
     def process(self, rows: list[dict]) -> None:
-        encoded, requests, targets = {}, [], []
+        encoded, requests, targets = {}, [], []  # targets: the object, or (row, present phrases) for negatives
+        count = int(self.params["negatives"])
         for row in rows:
-            for obj in row["objects"] or []:
+            objects = row["objects"] or []
+            for obj in objects:
                 if obj.get("mask") is None or obj.get("error"):
                     continue
                 encoded[image_key(row)] = row["image_bytes"]
-                text = prompts.refer_prompt(row["caption"], obj.get("phrase"), obj["box"], row["width"], row["height"])
+                members = [objects[i]["box"] for i in obj.get("members") or []]
+                text = prompts.refer_prompt(row["caption"], obj.get("phrase"), obj["box"], row["width"], row["height"],
+                                            member_boxes=members)
                 requests.append((image_key(row), text))
                 targets.append(obj)
+            if count and row.get("caption"):
+                encoded[image_key(row)] = row["image_bytes"]
+                present = [obj["phrase"] for obj in objects if obj.get("phrase")]
+                requests.append((image_key(row), prompts.negative_prompt(row["caption"], present, count)))
+                targets.append((row, present))
         if not requests:
             return
-        for obj, answer in zip(targets, self.ask(encoded, requests, self.params["max_tokens"])):
+        answers = self.ask(encoded, requests, max(self.params["max_tokens"], 24 * count))
+        for target, answer in zip(targets, answers):
+            if isinstance(target, tuple):
+                row, present = target
+                row["objects"] = (row["objects"] or []) + [
+                    schema.new_object(expression=e, expression_words=len(e.split()), category=NEGATIVE,
+                                      mask=rle.empty(row["height"], row["width"]), area=0)
+                    for e in prompts.clean_negatives(answer["text"], count, present)]
+                continue
             try:
-                obj["expression"] = prompts.clean_expression(answer["text"])
-                obj["expression_words"] = len(obj["expression"].split())
+                target["expression"] = prompts.clean_expression(answer["text"])
+                target["expression_words"] = len(target["expression"].split())
             except ValueError as exc:
-                obj["error"] = f"{self.name}: {exc}"
+                target["error"] = f"{self.name}: {exc}"

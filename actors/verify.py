@@ -1,5 +1,6 @@
-"""Verify stage: EVF-SAM2 segments each object from its referring expression alone; the pair is kept when
-IoU(EVF-SAM2 mask, SAM2 mask) >= ``threshold``. The IoU is recorded for every pair, kept or not."""
+"""Verify stage: EVF-SAM2 segments each object from its referring expression alone, and ``sculpt.verify`` judges
+the pair against the SAM2 mask and the image's other objects (agreement and ambiguity), or, for a negative,
+against nothing. The figures are recorded for every pair, kept or not."""
 
 from __future__ import annotations
 
@@ -10,24 +11,41 @@ from sculpt.stage import Stage
 class Verifier(Stage):
     """Params (``model``, from the config's ``models.verify``, is an EVF-SAM2 hub id or checkpoint directory):
 
-    - ``threshold`` (0.5): keep a pair when IoU >= threshold (the paper's 0.5)
-    - ``prefix``: prepended to every expression; None: "[semantic] " for -multitask checkpoints, else ""
+    - ``threshold`` (0.5): keep a pair when IoU >= threshold (the paper's 0.5) ...
+    - ``margin`` (0.1): ... and its IoU beats the verifier mask's IoU with every other object of the image
+      (``rival_iou``) by this much: a reference that fits another object nearly as well is ambiguous
+    - ``negative_area`` (0.01): keep a negative when the verifier's mask covers at most this share of the image
+    - ``semantic``: categories whose expressions get EVF-SAM2-multitask's "[semantic] " prefix (its semantic-level
+      mode); None: stuff and part for a -multitask checkpoint, none for the others
+    - ``prefix`` (""): prepended to every expression
+    - ``keep_masks`` (false): store the verifier's own mask per pair (``verifier_mask``), to audit the filter
     - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "verify"
     model_key = "verify"
-    defaults = {"threshold": verify.DEFAULT_THRESHOLD, "prefix": None, "device": None, "dtype": None}
+    defaults = {"threshold": verify.DEFAULT_THRESHOLD, "margin": verify.DEFAULT_MARGIN,
+                "negative_area": verify.DEFAULT_NEGATIVE_AREA, "semantic": None, "prefix": "", "keep_masks": False,
+                "device": None, "dtype": None}
 
     def __init__(self, *args, **params):
         super().__init__(*args, **params)
-        self.params["threshold"] = verify.check_threshold(self.params["threshold"])
+        p = self.params
+        p["threshold"] = verify.check_threshold(p["threshold"])
+        p["margin"] = verify.check_fraction("margin", p["margin"])
+        p["negative_area"] = verify.check_fraction("negative_area", p["negative_area"])
+        if p["semantic"] is None:  # resolved here, so that the markers record what ran
+            p["semantic"] = list(verify.SEMANTIC_CATEGORIES) if verify.is_multitask(p["model"]) else []
 
     def setup(self) -> None:
         from sculpt.models import evf_sam2
 
         p = self.params
-        self.model = evf_sam2.load(p["model"], device=p.get("device"), dtype=p.get("dtype"), prefix=p.get("prefix"))
+        self.model = evf_sam2.load(p["model"], device=p.get("device"), dtype=p.get("dtype"), prefix=p.get("prefix") or "")
+
+    def expression(self, obj: dict) -> str:
+        semantic = obj.get("category") in self.params["semantic"]
+        return (verify.SEMANTIC_PREFIX if semantic else "") + obj["expression"]
 
     def process(self, rows: list[dict]) -> None:
         work = []  # (row, indices of its objects to verify)
@@ -45,10 +63,12 @@ class Verifier(Stage):
                 if isinstance(image, Exception):
                     raise image
                 with self.device_turn:
-                    masks = self.model.predict_tensor(image, [objects[i]["expression"] for i in todo])
+                    masks = self.model.predict_tensor(image, [self.expression(objects[i]) for i in todo])
                 masks = rle.encode_tensors(masks)  # run lengths counted on the device; only they reach the host
             except Exception as exc:  # this image only; the batch's other images keep their results
                 schema.mark_error(row, self.name, exc)
                 continue
             for i, mask in zip(todo, masks):
-                verify.judge(objects[i], mask, self.params["threshold"])
+                verify.judge(objects, i, mask, self.params)
+                if self.params["keep_masks"]:
+                    objects[i]["verifier_mask"] = mask

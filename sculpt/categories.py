@@ -19,6 +19,8 @@ import re
 
 STUFF, PART, MULTI, SINGLE = 1, 2, 3, 4
 NAMES = {STUFF: "stuff", PART: "part", MULTI: "multi", SINGLE: "single"}
+NEGATIVE = "negative"  # the category of an expression whose target is absent (no GSEval class)
+CLASS_IDS = {name: class_id for class_id, name in NAMES.items()}
 
 STUFF_NOUNS = set("""
 sky skies cloud clouds grass lawn field fields meadow road roads street pavement sidewalk asphalt path ground floor

@@ -121,6 +121,8 @@ class UnitWriter:
         self.file = None
         self.writer = None
         self.stats = stats.empty()
+        self.verify_threshold = next((stage["params"].get("threshold") for stage in job.get("settings", {}).get("stages", [])
+                                      if stage.get("class") == "actors.verify.Verifier"), None)
         self.first_errors: dict[str, list[str]] = {}  # stage -> its first few error messages, for the error budget
         self.started = time.time()
 
@@ -133,7 +135,7 @@ class UnitWriter:
         if not all(fresh):
             table = table.filter(pa.array(fresh))
         self.seen.update(table["index"].to_pylist())
-        stats.merge(self.stats, stats.count(table))
+        stats.merge(self.stats, stats.count(table, self.verify_threshold))
         for message in pc.drop_null(table["error"]).to_pylist():
             examples = self.first_errors.setdefault(message.split(":", 1)[0], [])
             if len(examples) < 3:

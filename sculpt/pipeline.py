@@ -24,7 +24,7 @@ from sculpt.config import JobConfig
 from sculpt.output import OutputStore, UnitWriter, fingerprint
 from sculpt.stage import Stage, actor_class, ray_options
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 
 

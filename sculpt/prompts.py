@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-PROMPTS_VERSION = "gssculpt-1"
+PROMPTS_VERSION = "gssculpt-2"
 
 CAPTION_PROMPT = (
     "Describe this image in detail in one paragraph. Name every salient object and region: things (people, "
@@ -26,6 +26,23 @@ REFER_PROMPT = (
     "anything else in the image. Do not mention the box or coordinates. Answer with the expression only."
 )
 
+# A group (one phrase grounded to several boxes) is referred to as a whole: all its boxes, one expression.
+GROUP_REFER_PROMPT = (
+    "Image description: {caption}\n\n"
+    "Write one referring expression of about 16 words for all of <ref>{phrase}</ref><box>{box}</box> together. "
+    "Use what they share and where they are, so that it names exactly these and nothing else in the image. Do "
+    "not mention the boxes or coordinates. Answer with the expression only."
+)
+
+# Negatives (GroundingME, SAM 3): expressions that describe something plausible that the image does not show.
+NEGATIVE_PROMPT = (
+    "Image description: {caption}\n\n"
+    "The image shows: {present}.\n\n"
+    "Write {count} referring expression(s) of about 12 words, one per line, each for something that is NOT in "
+    "this image but plausibly could be: an absent kind of object, or a present kind with a colour, place or "
+    "state it does not have here. Answer with the expressions only."
+)
+
 MIN_EXPRESSION_WORDS = 2
 
 
@@ -36,8 +53,39 @@ def box_to_text(box, width: int, height: int) -> str:
     return "[[" + ", ".join(str(min(1000, max(0, v))) for v in scaled) + "]]"
 
 
-def refer_prompt(caption: str | None, phrase: str | None, box, width: int, height: int) -> str:
+def boxes_to_text(boxes, width: int, height: int) -> str:
+    """Several pixel boxes in InternVL's convention: ``[[x0, y0, x1, y1], [...]]``."""
+    return "[" + ", ".join(box_to_text(box, width, height)[1:-1] for box in boxes) + "]"
+
+
+def refer_prompt(caption: str | None, phrase: str | None, box, width: int, height: int, member_boxes=None) -> str:
+    """The refer prompt of one object, or of a group when ``member_boxes`` lists its members' boxes."""
+    if member_boxes:
+        return GROUP_REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the objects",
+                                         box=boxes_to_text(member_boxes, width, height))
     return REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the object", box=box_to_text(box, width, height))
+
+
+def negative_prompt(caption: str | None, present: list[str], count: int) -> str:
+    names = ", ".join(dict.fromkeys(p.strip() for p in present if p and p.strip())) or "(nothing named)"
+    return NEGATIVE_PROMPT.format(caption=caption or "(none)", present=names, count=count)
+
+
+def clean_negatives(text: str, count: int, present: list[str]) -> list[str]:
+    """Up to ``count`` usable expressions, one per line of the answer; a line naming the head noun of something
+    present is dropped (it may well be there), as are unusable and repeated lines."""
+    from sculpt.categories import head_noun
+
+    present_heads = {head_noun(p)[0] for p in present if p}
+    out: list[str] = []
+    for line in text.splitlines():
+        try:
+            expression = clean_expression(line)
+        except ValueError:
+            continue
+        if head_noun(expression)[0] not in present_heads and expression.lower() not in {e.lower() for e in out}:
+            out.append(expression)
+    return out[:count]
 
 
 _SPECIAL = re.compile(r"<\|[^|>]*\|>|</?(?:ref|box|img|quad)>|<IMG_CONTEXT>")

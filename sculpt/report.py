@@ -25,6 +25,22 @@ def images_summary(total: dict) -> str:
     return f"{total['images']} ({errors} errors" + (f"; {shards} shard(s) unreadable as a whole" if shards else "") + ")"
 
 
+def kind_figures(total: dict) -> list[tuple[str, str, str]]:
+    """(what, value, unit) rows of the kinds of pairs: kept per category, the ambiguity filter, group sizes."""
+    rows = []
+    for category, pairs in sorted(total.get("pairs_by_category", {}).items()):
+        kept = total.get("kept_by_category", {}).get(category, 0)
+        rows.append((f"{category} pairs kept", f"{kept} of {pairs}", f"pairs ({kept / pairs:.1%})"))
+    if total["verified"]:
+        rows.append(("removed as ambiguous", f"{total.get('ambiguous', 0)}",
+                     "pairs (IoU over the threshold, but another object fits nearly as well)"))
+    sizes = total.get("group_sizes", {})
+    if sizes:
+        spread = ", ".join(f"{n} of {k}" for k, n in sorted(sizes.items(), key=lambda kv: int(kv[0])))
+        rows.append(("multi-object groups", f"{sum(sizes.values())}", f"groups (by members: {spread})"))
+    return rows
+
+
 def render(out: str, job: dict, total: dict, units: int) -> str:
     d = stats.derived(total)
     lines = [
@@ -38,6 +54,7 @@ def render(out: str, job: dict, total: dict, units: int) -> str:
         peak = max(total["iou_histogram"]) or 1
         for i, n in enumerate(total["iou_histogram"]):
             lines.append(f"  IoU {i / stats.IOU_BINS:.1f}-{(i + 1) / stats.IOU_BINS:.1f}  {n:7d} {'#' * round(30 * n / peak)}")
+    lines += [f"{what:17s} {value} {unit}" for what, value, unit in kind_figures(total)]
     if d["words_per_expression"] is not None:
         lines.append(f"expressions       {sum(total['expression_words'].values())}, {d['words_per_expression']:.1f} words on average")
     for stage in total["stage_seconds"]:
@@ -108,7 +125,8 @@ def figures(job: dict, total: dict, units: int) -> list[tuple[str, str, str]]:
             ("objects with errors", f"{total['object_errors']}", "objects")]
     if d["keep_rate"] is not None:
         rows += [("verified", f"{total['verified']}", "objects"),
-                 ("kept (IoU ≥ threshold)", f"{total['kept']}", f"objects ({d['keep_rate']:.1%} of verified)")]
+                 ("kept (IoU ≥ threshold, unambiguous)", f"{total['kept']}", f"objects ({d['keep_rate']:.1%} of verified)")]
+    rows += kind_figures(total)
     if d["words_per_expression"] is not None:
         rows.append(("words per expression", f"{d['words_per_expression']:.1f}", "words (mean)"))
     for stage, rate in d["stage_images_per_second"].items():

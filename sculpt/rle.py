@@ -136,3 +136,26 @@ def iou(a: dict, b: dict) -> float:
     if list(a["size"]) != list(b["size"]):
         raise ValueError(f"masks of different sizes: {a['size']} vs {b['size']}")
     return float(coco_mask.iou([_coco(a)], [_coco(b)], [0])[0][0])
+
+
+def _text(rle: dict) -> dict:
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def union(rles: list[dict]) -> dict:
+    """The union of masks of one image (pycocotools' merge)."""
+    if len({tuple(r["size"]) for r in rles}) != 1:
+        raise ValueError(f"union needs masks of one size, got {[list(r['size']) for r in rles]}")
+    return _text(coco_mask.merge([_coco(r) for r in rles], intersect=False))
+
+
+def empty(height: int, width: int) -> dict:
+    """The RLE of an all-zero H×W mask."""
+    return _text(coco_mask.frPyObjects([{"size": [height, width], "counts": [height * width]}], height, width)[0])
+
+
+def ious(a: dict, others: list[dict]) -> list[float]:
+    """IoU of one mask with each of several masks of the same image."""
+    if not others:
+        return []
+    return [float(v) for v in coco_mask.iou([_coco(a)], [_coco(o) for o in others], [0] * len(others))[0]]

@@ -28,10 +28,20 @@ OBJECT_TYPE = pa.struct(
         ("expression", pa.string()),  # referring expression for this object
         ("expression_words", pa.int32()),
         ("iou", pa.float32()),  # IoU of the verifier's mask (from `expression` alone) with `mask`
-        ("kept", pa.bool_()),  # iou >= the verify threshold
+        # the verifier mask's highest IoU with any other object of the image (its own members and groups aside)
+        ("rival_iou", pa.float32()),
+        ("verifier_area", pa.int64()),  # pixels of the verifier's mask
+        ("verifier_mask", MASK_TYPE),  # the verifier's mask itself, with the verify stage's keep_masks
+        # kept: iou >= threshold and iou - rival_iou >= margin; a negative: verifier_area <= negative_area x image
+        ("kept", pa.bool_()),
+        ("category", pa.string()),  # stuff | part | single | multi | negative (sculpt.categories, sculpt.groups)
+        ("members", pa.list_(pa.int32())),  # a multi-object group: its members' indices in `objects`
         ("error", pa.string()),  # an object-level failure; null when fine
     ]
 )
+
+# A caption span and the objects (indices in `objects`) grounded to it
+SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("objects", pa.list_(pa.int32()))])
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -45,6 +55,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | empty | error
         ("error", pa.string()),
         ("caption", pa.string()),
+        ("grounded_caption", pa.list_(SPAN_TYPE)),  # the caption's grounded spans, in order, with their objects
         ("objects", pa.list_(OBJECT_TYPE)),
         ("source_annotations", pa.string()),  # SA-1B's own annotations as JSON, only with input.keep_source_annotations
     ]
@@ -73,6 +84,16 @@ def new_row(shard: str, index: int, image_key: str, **fields) -> dict:
         raise KeyError(f"not schema columns: {sorted(unknown)}")
     row.update(fields)
     return row
+
+
+def new_object(**fields) -> dict:
+    """An object with every field present (unset ones null)."""
+    obj = dict.fromkeys(OBJECT_TYPE.names)
+    unknown = set(fields) - set(obj)
+    if unknown:
+        raise KeyError(f"not object fields: {sorted(unknown)}")
+    obj.update(fields)
+    return obj
 
 
 def mark_error(row: dict, where: str, exc: BaseException | str) -> dict:

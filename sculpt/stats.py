@@ -33,6 +33,10 @@ def empty() -> dict:
         "objects_per_image": {},  # "n" -> images with n objects (rows not in error)
         "iou_histogram": [0] * IOU_BINS,
         "expression_words": {},  # "n" -> expressions of n words
+        "pairs_by_category": {},  # category -> verified pairs (negatives included)
+        "kept_by_category": {},  # category -> of those, kept
+        "ambiguous": 0,  # pairs whose IoU passed the threshold but not the ambiguity margin (removed by it)
+        "group_sizes": {},  # "n" -> multi-object groups of n members
         "stage_seconds": {},  # stage -> busy seconds of its actors
         "stage_images": {},  # stage -> images it processed
     }
@@ -51,8 +55,9 @@ def _add(counter: dict, key, n: int = 1) -> None:
     counter[str(key)] = counter.get(str(key), 0) + n
 
 
-def count(table: pa.Table) -> dict:
-    """Statistics of a batch of pipeline rows (transient columns still present)."""
+def count(table: pa.Table, threshold: float | None = None) -> dict:
+    """Statistics of a batch of pipeline rows (transient columns still present); ``threshold``: the verify
+    stage's IoU threshold, to count the pairs its ambiguity margin removed."""
     stats = empty()
     statuses = table["status"].to_pylist()
     stats["rows"] = table.num_rows
@@ -71,10 +76,17 @@ def count(table: pa.Table) -> dict:
             if obj.get("error"):
                 stats["object_errors"] += 1
                 _add(stats["error_kinds"], error_kind(obj["error"]))
+            if obj.get("members"):
+                _add(stats["group_sizes"], len(obj["members"]))
+            if obj.get("kept") is not None and obj.get("verifier_area") is not None:  # judged by the verifier
+                category = obj.get("category") or "unknown"
+                _add(stats["pairs_by_category"], category)
+                _add(stats["kept_by_category"], category, int(bool(obj["kept"])))
             if obj.get("iou") is not None:
                 stats["verified"] += 1
                 stats["kept"] += bool(obj.get("kept"))
                 stats["iou_histogram"][min(IOU_BINS - 1, int(obj["iou"] * IOU_BINS))] += 1
+                stats["ambiguous"] += threshold is not None and obj["iou"] >= threshold and not obj.get("kept")
             if obj.get("expression"):
                 _add(stats["expression_words"], obj.get("expression_words") or len(obj["expression"].split()))
     for timings in table["stage_seconds"].to_pylist():
@@ -105,6 +117,8 @@ def derived(stats: dict) -> dict:
     return {
         "objects_per_image": stats["objects"] / images_with_rows if images_with_rows else 0.0,
         "keep_rate": stats["kept"] / stats["verified"] if stats["verified"] else None,
+        "keep_rate_by_category": {category: stats.get("kept_by_category", {}).get(category, 0) / pairs
+                                  for category, pairs in stats.get("pairs_by_category", {}).items() if pairs},
         "words_per_expression": sum(int(n) * c for n, c in words.items()) / expressions if expressions else None,
         "error_rate": stats["errors"] / stats["rows"] if stats["rows"] else 0.0,
         "stage_images_per_second": {  # per actor: images over its busy seconds; only stages that did work

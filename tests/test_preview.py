@@ -135,7 +135,7 @@ def test_report_page_shows_the_figures_with_units_and_the_plots(tmp_path, browse
     dom = preview.dump_dom(str(page))
     figures = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]+)</td><td>[^<]*</td></tr>", dom))
     assert len(figures) > 0
-    assert figures["images"] == "3" and figures["objects"] == "6" and figures["kept (IoU ≥ threshold)"] == "3"
+    assert figures["images"] == "3" and figures["objects"] == "6" and figures["kept (IoU ≥ threshold, unambiguous)"] == "3"
     assert "objects (50.0% of verified)" in dom and "objects (2.00 per image)" in dom
     plots = re.findall(r'<img src="([^"]+\.png)"', dom)
     assert len(plots) == 4 and all((page.parent / p).is_file() for p in plots)

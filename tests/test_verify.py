@@ -16,9 +16,9 @@ def mask(shape, *cells):
     return out
 
 
-def judged(evf, sam, threshold=0.5):
+def judged(evf, sam, threshold=0.5, margin=0.1):
     obj = {"mask": rle.encode(sam), "expression": "x"}
-    verify.judge(obj, rle.encode(evf), threshold)
+    verify.judge([obj], 0, rle.encode(evf), {"threshold": threshold, "margin": margin, "negative_area": 0.01})
     return obj
 
 
@@ -41,7 +41,7 @@ def test_empty_masks_have_iou_zero_and_are_dropped():
     assert judged(empty, sam) == {**judged(empty, sam), "iou": 0.0, "kept": False}
     assert judged(sam, empty)["iou"] == 0.0
     assert judged(empty, empty) == {**judged(empty, empty), "iou": 0.0, "kept": False}
-    assert judged(empty, empty, threshold=0.0)["kept"] is True  # threshold 0 keeps everything
+    assert judged(empty, empty, threshold=0.0, margin=0.0)["kept"] is True  # threshold and margin 0 keep everything
 
 
 def test_kept_agrees_with_the_float32_iou_that_is_written():
@@ -54,6 +54,42 @@ def test_kept_agrees_with_the_float32_iou_that_is_written():
 def test_size_mismatch_is_an_object_error():
     obj = judged(np.ones((2, 2), bool), np.ones((2, 3), bool))
     assert obj["iou"] is None and obj["kept"] is False and obj["error"].startswith("verify: masks of different sizes")
+
+
+def two_dogs():
+    """Two disjoint dogs (2 px each) of a 4x4 image, and the group of both."""
+    a, b = mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (3, 2), (3, 3))
+    objects = [{"mask": rle.encode(a), "expression": "the dog on the left"},
+               {"mask": rle.encode(b), "expression": "the dog"},
+               {"mask": rle.encode(a | b), "expression": "both dogs", "members": [0, 1], "category": "multi"}]
+    return objects, a, b
+
+
+PARAMS = {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01}
+
+
+def test_a_reference_that_fits_another_object_as_well_is_ambiguous():
+    objects, a, b = two_dogs()
+    verify.judge(objects, 1, rle.encode(a | b), PARAMS)  # "the dog": the verifier draws both
+    assert objects[1]["iou"] == 0.5 and objects[1]["rival_iou"] == 0.5
+    assert objects[1]["kept"] is False  # IoU >= 0.5 would have kept it; the margin does not
+    verify.judge(objects, 0, rle.encode(a), PARAMS)  # its own dog only
+    assert (objects[0]["iou"], objects[0]["rival_iou"], objects[0]["kept"]) == (1.0, 0.0, True)
+    verify.judge(objects, 2, rle.encode(a | b), PARAMS)  # the group: its members are not its rivals
+    assert (objects[2]["iou"], objects[2]["rival_iou"], objects[2]["kept"]) == (1.0, 0.0, True)
+    verify.judge(objects, 0, rle.encode(a), {**PARAMS, "margin": 1.0})
+    assert objects[0]["kept"] is True  # 1.0 - 0.0 >= 1.0: the margin is inclusive
+    assert verify.related(objects, 0) == {0, 2} and verify.related(objects, 2) == {0, 1, 2}
+
+
+def test_a_negative_is_kept_only_when_the_verifier_draws_nearly_nothing():
+    height, width = 20, 50  # 1 % of the image: 10 pixels
+    negative = {"mask": rle.empty(height, width), "expression": "a yellow umbrella", "category": "negative"}
+    for pixels, kept in ((0, True), (10, True), (11, False), (500, False)):
+        drawn = np.zeros((height, width), bool)
+        drawn.flat[:pixels] = True
+        verify.judge([negative], 0, rle.encode(drawn), PARAMS)
+        assert (negative["verifier_area"], negative["kept"], negative["iou"]) == (pixels, kept, None)
 
 
 def test_split_picks_pairs_and_blank_expressions():
@@ -80,7 +116,9 @@ def test_unknown_params_are_refused_and_defaults_are_in_the_fingerprint():
     with pytest.raises(ValueError, match=r"unknown param\(s\) \['treshold'\]"):
         Verifier(treshold=0.5)
     stage = Verifier()
-    assert stage.params == {"model": "YxZhang/evf-sam2", "threshold": 0.5, "prefix": None, "device": None, "dtype": None}
+    assert stage.params == {"model": "YxZhang/evf-sam2", "threshold": 0.5, "margin": 0.1, "negative_area": 0.01,
+                            "semantic": [], "prefix": "", "keep_masks": False, "device": None, "dtype": None}
+    assert Verifier(model="YxZhang/evf-sam2-multitask").params["semantic"] == ["stuff", "part"]
     assert stage.model_id == "YxZhang/evf-sam2" and stage.describe()["params"]["threshold"] == 0.5
 
 
@@ -146,7 +184,7 @@ def test_stage_records_iou_for_every_pair_kept_or_not():
         row_with(image, {"phrase": "x", "mask": sam_full, "expression": "boom"}, key="b"),
         row_with(image, key="c"),  # no objects: the model is not called
     ]
-    stage = ScriptedVerifier({"whole": full, "quarter": left_quarter})
+    stage = ScriptedVerifier({"whole": full, "quarter": left_quarter}, margin=0.0)  # all masks alike: no rivalry
     actor = StageActor(stage)
     out = actor(schema.to_table(rows)).to_pylist()
     first = out[0]["objects"]
@@ -187,7 +225,7 @@ def test_stage_with_tiny_evf_sam2(tiny_checkpoint):
     objects = [{"phrase": e, "mask": rle.encode(left_quarter(shape)), "expression": e} for e in expressions]
     for threshold in (0.0, 0.5, 1.0):
         rows = [row_with(image, *[dict(o) for o in objects])]
-        out = StageActor(Verifier(model=tiny_checkpoint, threshold=threshold))(schema.to_table(rows)).to_pylist()
+        out = StageActor(Verifier(model=tiny_checkpoint, threshold=threshold, margin=0.0))(schema.to_table(rows)).to_pylist()
         got = out[0]["objects"]
         assert out[0]["status"] == "ok"
         assert all(0 <= o["iou"] <= 1 and o["kept"] == (o["iou"] >= threshold) for o in got)

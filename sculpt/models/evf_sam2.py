@@ -45,7 +45,7 @@ from torch import nn
 
 from sculpt import precision
 
-SEMANTIC_PREFIX = "[semantic] "  # multitask checkpoints: semantic-level segmentation (stuff, parts, all instances)
+from sculpt.verify import SEMANTIC_PREFIX, is_multitask  # noqa: E402
 SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
 TOKENIZER_FILE = "sentencepiece.bpe.model"
 SAM_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std on the 0-255 scale
@@ -394,7 +394,7 @@ def load_tokenizer(directory: str):
 
 def default_prefix(source: str) -> str:
     """The reference's prompt prefix: "[semantic] " for the multitask checkpoints, else none."""
-    return SEMANTIC_PREFIX if "multitask" in os.path.basename(os.path.normpath(source)).lower() else ""
+    return SEMANTIC_PREFIX if is_multitask(source) else ""
 
 
 def resolve(source: str) -> str:
