@@ -15,7 +15,8 @@ Formats (``FORMATS``):
 - ``gseval``: GroundingSuite's GSEval jsonl, one pair a line — ``idx``, ``image_path``, ``class_id``, ``label``
   (the expression), ``caption``, ``box`` (x0, y0, x1, y1 pixels), ``segmentation`` (COCO RLE, counts a string),
   plus ``shard``/``index``/``object``/``phrase``/``iou``/``kept``, which GroundingSuite's evaluator ignores.
-  ``class_id`` is always 4 ("single object"): sculpt does not classify objects as stuff/part/multi yet.
+  ``class_id`` comes from the pair's category (``sculpt.categories``; 4, single, for outputs without one).
+  Negatives (no target) go only to ``hf``, the one format with a place for a pair without a region.
 - ``coco``: one COCO instances JSON (``images``, ``annotations`` with RLE ``segmentation`` and xywh ``bbox``,
   one category ``object``) plus RefCOCO-style ``refs`` (``ref_id``, ``ann_id``, ``image_id``, ``sentences``);
   ``pycocotools.coco.COCO`` loads it. Only images with at least one exported pair are listed.
@@ -48,11 +49,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sculpt import images, rle, schema, storage
+from sculpt.categories import CLASS_IDS, NEGATIVE, SINGLE
 from sculpt.output import JOB_FILE, MARKERS
 from sculpt.storage import S3Options
 
 FORMATS = ("gseval", "coco", "hf", "labelstudio")
-SINGLE_OBJECT = 4  # GSEval's class_id: 1 stuff, 2 part, 3 multi, 4 single
 READ_COLUMNS = ["shard", "index", "image_key", "image_id", "file_name", "width", "height", "status", "error", "caption",
                 "objects"]
 LABEL = "object"  # the one label of Label Studio's brush and rectangle results
@@ -81,7 +82,10 @@ PAIR_SCHEMA = pa.schema(
         ("mask", schema.MASK_TYPE),  # COCO RLE {size: [h, w], counts: str}
         ("area", pa.int64()),
         ("iou", pa.float32()),
+        ("rival_iou", pa.float32()),  # the verifier mask's best IoU with another object (the ambiguity test)
         ("kept", pa.bool_()),
+        ("category", pa.string()),  # stuff | part | single | multi | negative
+        ("members", pa.list_(pa.int32())),  # a group's member objects (positions in the row's `objects`)
     ]
 )
 
@@ -125,12 +129,14 @@ def iter_rows(out: str, s3: S3Options = S3Options(), batch_size: int = 256):
         yield from _rows_in_index_order(pads.dataset(path, format="parquet", filesystem=fs), batch_size)
 
 
-def pairs_of(row: dict, keep_all: bool = False):
-    """(position, object) of the row's exportable pairs."""
+def pairs_of(row: dict, keep_all: bool = False, negatives: bool = False):
+    """(position, object) of the row's exportable pairs; negatives (no target) only when asked."""
     if row.get("status") != schema.OK:
         return
     for position, obj in enumerate(row.get("objects") or []):
         if obj.get("error") or not obj.get("mask") or not obj.get("expression"):
+            continue
+        if obj.get("category") == NEGATIVE and not negatives:
             continue
         if keep_all or obj.get("kept") is True:
             yield position, obj
@@ -145,15 +151,16 @@ def pair_record(row: dict, position: int, obj: dict, image_root: str = "") -> di
         "caption": row.get("caption"), "phrase": obj.get("phrase"), "expression": obj["expression"],
         "box": [float(v) for v in obj["box"]] if obj.get("box") is not None else None,
         "mask": {"size": [int(v) for v in obj["mask"]["size"]], "counts": obj["mask"]["counts"]},
-        "area": obj.get("area"), "iou": obj.get("iou"), "kept": obj.get("kept"),
+        "area": obj.get("area"), "iou": obj.get("iou"), "rival_iou": obj.get("rival_iou"), "kept": obj.get("kept"),
+        "category": obj.get("category"), "members": obj.get("members"),
     }
 
 
 def iter_pairs(out: str, s3: S3Options = S3Options(), keep_all: bool = False, batch_size: int = 256,
-               image_root: str = ""):
+               image_root: str = "", negatives: bool = False):
     """(row, pairs of the row) for every row of the output that has at least one exportable pair."""
     for row in iter_rows(out, s3, batch_size):
-        pairs = [pair_record(row, position, obj, image_root) for position, obj in pairs_of(row, keep_all)]
+        pairs = [pair_record(row, position, obj, image_root) for position, obj in pairs_of(row, keep_all, negatives)]
         if pairs:
             yield row, pairs
 
@@ -265,7 +272,8 @@ def _line(record: dict) -> bytes:
 
 def gseval_record(idx: int, pair: dict) -> dict:
     return {
-        "idx": idx, "image_path": pair["image_path"], "class_id": SINGLE_OBJECT, "label": pair["expression"],
+        "idx": idx, "image_path": pair["image_path"], "class_id": CLASS_IDS.get(pair["category"], SINGLE),
+        "label": pair["expression"],
         "caption": pair["caption"] or "", "box": pair["box"], "segmentation": pair["mask"],
         "shard": pair["shard"], "index": pair["index"], "object": pair["object"], "phrase": pair["phrase"],
         "iou": pair["iou"], "kept": pair["kept"],
@@ -444,7 +452,7 @@ def export(out: str, dest: str, fmt: str, s3: S3Options = S3Options(), keep_all:
             fs, path = storage.filesystem(storage.join(dest, name), s3)
             fs.delete_file(path)
     root = image_root if image_root is not None else (images or "")
-    pairs = iter_pairs(out, s3, keep_all, image_root=root)
+    pairs = iter_pairs(out, s3, keep_all, image_root=root, negatives=fmt == "hf")  # the one format with a place for them
     extracted: dict = {}
     if images:
         pairs = extracting_images(pairs, images, ShardImages(out, s3, shards), s3, extracted)

@@ -337,3 +337,33 @@ def test_images_from_moved_shards_and_under_another_root(tmp_path, capsys):
         tasks = json.load(f)
     assert [t["data"]["image"] for t in tasks] == [f"/data/local-files/?d=images/sa_000000/sa_{i}.jpg" for i in (1, 2)]
     assert len(list((tmp_path / "images" / "sa_000000").iterdir())) == 2
+
+
+def test_categories_become_gseval_class_ids_and_negatives_go_only_to_hf(tmp_path):
+    import datasets
+
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare(JOB)
+    objects = [obj((1, 1, 5, 6), 0.9, "the sky at the top", phrase="sky"), obj((6, 2, 15, 11), 0.9, "the cup's handle"),
+               obj((0, 0, 3, 3), 0.9, "the left cup"), obj((4, 0, 8, 3), 0.9, "the right cup"),
+               obj((0, 0, 8, 3), 0.9, "both cups"),
+               {**schema.new_object(expression="a yellow umbrella by the door", category="negative", area=0, kept=True),
+                "mask": rle.empty(H, W)}]
+    for o, category in zip(objects, ["stuff", "part", "single", "single", "multi"]):
+        o["category"] = category
+    objects[4]["members"] = [2, 3]
+    row = schema.new_row("sa_000000", 0, "sa_1", width=W, height=H, caption="c", objects=objects, shard_size=1,
+                         shard_bytes_read=1)
+    writer = UnitWriter(store, "sa_000000", JOB)
+    writer.add(schema.to_table([row]))
+    writer.commit()
+    out = str(tmp_path / "out")
+
+    export.export(out, str(tmp_path / "gs.jsonl"), "gseval")
+    records = read_jsonl(tmp_path / "gs.jsonl")
+    assert [r["class_id"] for r in records] == [1, 2, 4, 4, 3]  # stuff, part, single, single, multi; no negative
+    export.export(out, str(tmp_path / "hf"), "hf")
+    pairs = datasets.load_dataset("parquet", data_files=f"{tmp_path / 'hf'}/*.parquet", split="train")
+    assert pairs["category"] == ["stuff", "part", "single", "single", "multi", "negative"]
+    assert pairs["members"][4] == [2, 3] and pairs["box"][5] is None
+    assert not rle.decode(pairs["mask"][5]).any()  # a negative's target: nothing
