@@ -45,16 +45,20 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
 
 
 def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_models, sample_shards, tmp_path):
+    import numpy as np
+
     from actors.vlm import vlm_engines
     from sculpt import rle
+    from sculpt.models import kit
 
     overrides = [f"input.shards=[{sample_shards[1]}]", f"output.path={tmp_path / 'out'}", "vlm.max_tiles=2",
                  "vlm.max_model_len=4096", "vlm.enforce_eager=true", "stages.caption.params.max_tokens=32",
                  "stages.ground.params.max_new_tokens=64", "stages.ground.params.num_beams=1",
-                 "stages.refer.params.max_tokens=12", *(f"models.{k}={v}" for k, v in tiny_models.items())]
+                 "stages.refer.params.max_tokens=16", *(f"models.{k}={v}" for k, v in tiny_models.items())]
     cfg = config.load(None, overrides)
     stages = config.build_stages(cfg)
     assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
+    verify_params = stages[-1].params
     with vlm_engines(cfg, stages):
         summary = pipeline.run(cfg, stages)
 
@@ -69,11 +73,31 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
         if row["status"] == "error":
             assert row["error"].split(":")[0] in {"caption", "ground", "mask", "refer", "verify"}
         for obj in row["objects"]:
-            assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
             assert obj["mask"]["size"] == [row["height"], row["width"]]
             assert obj["area"] == rle.decode(obj["mask"]).sum()
             assert obj["expression_words"] == len(obj["expression"].split()) >= 2
-            assert obj["kept"] == (obj["iou"] >= 0.5)
+            if obj["category"] == "negative":
+                assert obj["area"] == 0 and obj["box"] is None and obj["iou"] is None
+                assert obj["kept"] == (obj["verifier_area"] <= verify_params["negative_area"] * row["width"] * row["height"])
+                continue
+            assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
+            assert obj["category"] in {"stuff", "part", "single", "multi"}
+            assert obj["kept"] == (obj["iou"] >= 0.5 and obj["iou"] - obj["rival_iou"] >= verify_params["margin"])
+        linked = sorted(i for span in row["grounded_caption"] or [] for i in span["objects"])
+        assert linked == [i for i, obj in enumerate(row["objects"]) if obj["category"] != "negative"]
+
+    # every kind of pair: the tiny models ground "two green plants" to two boxes (a group) and name an absent
+    # yellow umbrella (a negative)
+    groups = [(row, obj) for row in rows for obj in row["objects"] if obj["members"]]
+    negatives = [obj for obj in objects if obj["category"] == "negative"]
+    assert groups and negatives
+    assert {obj["category"] for obj in objects} >= {"single", "multi", "negative"}
+    for row, group in groups:
+        members = [row["objects"][i] for i in group["members"]]
+        assert len(members) >= 2 and all(m["phrase_start"] == group["phrase_start"] for m in members)
+        union = np.any([rle.decode(m["mask"]) for m in members], axis=0)
+        assert np.array_equal(rle.decode(group["mask"]), union) and group["expression"]
+    assert {n["expression"] for n in negatives} == {kit.NEGATIVE}
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000001.json").read_text())
     assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
     assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
@@ -86,7 +110,9 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
 
     assert cli.main(["report", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "_report").iterdir()) == [
-        "expression_words.png", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]
+        "expression_words.png", "index.html", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]
+    assert sum(job_stats["pairs_by_category"].values()) == sum(obj["verifier_area"] is not None for obj in objects)
+    assert job_stats["pairs_by_category"]["negative"] == len(negatives) and job_stats["group_sizes"]
 
 
 def engine_cores():
