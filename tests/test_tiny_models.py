@@ -1,7 +1,8 @@
 """The trained tiny checkpoints act out the kit's scene through the real model code, so objects reach every stage.
 
 Florence-2 runs through the ground stage (transformers, beam search, the processor's post-processing) in float32
-and bfloat16; InternVL runs through real vLLM (the CPU build) with dynamic tiling, one engine for the module.
+and bfloat16; InternVL through transformers' generate in float32 and bfloat16, and through real vLLM (the CPU
+build) with dynamic tiling.
 """
 
 import pytest
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 
 from actors.ground import Grounder  # noqa: E402
 from sculpt import grounding, prompts, samples, schema  # noqa: E402
-from sculpt.models.kit import CAPTION, EXPRESSION, GROUNDING  # noqa: E402
+from sculpt.models.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE  # noqa: E402
 
 # The caption's own text at each grounded span, a phrase repeated once per box of its group.
 PHRASES = ["A gray cat", "a red sofa", "Two green plants", "Two green plants", "the window"]
@@ -27,6 +28,20 @@ def photo_row(index, name, caption=CAPTION):
 def pixel_box(bins, width, height):
     """Florence-2's processor: a bin's centre, (k + 0.5) / 1000 of the side, truncated to a pixel."""
     return [float(int((k + 0.5) * side / 1000)) for k, side in zip(bins, (width, height, width, height))]
+
+
+def scene_prompts(width, height):
+    """(prompt, the trained answer, how the stage cleans it) for the caption, refer, group and negative prompts,
+    as the caption and refer stages ask them about the kit's scene."""
+    members = [pixel_box(b, width, height) for b in GROUNDING["two green plants"]]
+    return [
+        (prompts.CAPTION_PROMPT, CAPTION, prompts.clean_caption),
+        (prompts.refer_prompt(CAPTION, "a gray cat", pixel_box(GROUNDING["a gray cat"][0], width, height), width, height),
+         EXPRESSION, prompts.clean_expression),
+        (prompts.refer_prompt(CAPTION, "Two green plants", members[0], width, height, member_boxes=members),
+         GROUP_EXPRESSION, prompts.clean_expression),
+        (prompts.negative_prompt(CAPTION, PHRASES, 1), NEGATIVE, lambda text: prompts.clean_negatives(text, 1, PHRASES)[0]),
+    ]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -52,7 +67,28 @@ def test_tiny_florence2_grounds_the_scene_caption_on_every_photo(tiny_models, dt
                 assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
 
 
-def test_tiny_internvl_captions_and_refers_under_vllm(tiny_models):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_internvl_answers_the_scene_prompts_under_transformers_generate(tiny_models, dtype):
+    from PIL import Image
+    from transformers import AutoProcessor, InternVLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_models["vlm"])
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_models["vlm"], dtype=getattr(torch, dtype)).eval()
+    for name in ("astronaut", "coffee"):  # one tile; two tiles and a thumbnail
+        image = Image.fromarray(samples.photo(name))
+        for text, expected, clean in scene_prompts(*image.size):
+            turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+            chat = processor.apply_chat_template([turn], add_generation_prompt=True)
+            inputs = processor(images=[image], text=[chat], return_tensors="pt").to(model.dtype)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1]:]
+            assert new[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), (name, text[:40])
+            answer = processor.decode(new, skip_special_tokens=True)
+            assert answer == expected and clean(answer) == expected, (name, text[:40], answer)
+
+
+def test_tiny_internvl_captions_refers_and_negates_under_vllm(tiny_models):
     pytest.importorskip("vllm")
     import json
     import os
@@ -77,10 +113,17 @@ def test_tiny_internvl_captions_and_refers_under_vllm(tiny_models):
             requests.append((name, prompts.refer_prompt(CAPTION, phrase, (width * 0.1, height * 0.2, width * 0.6,
                                                                              height * 0.9), width, height)))
         requests.append(("chelsea", prompts.refer_prompt("A cat.", "the cat", (0, 0, 200, 150), 451, 300)))
+        # the group and negative prompts as the refer stage asks them, in the 24 tokens it gives one negative
+        scene = [(name, text, expected, clean)
+                 for name, size in sizes.items() for text, expected, clean in scene_prompts(*size)[2:]]
+        more = engine.chat(photos, [(name, text) for name, text, _, _ in scene], max_tokens=24)
         answers = engine.chat(photos, requests, max_tokens=48)
     finally:
         engine.shutdown()
 
+    for (name, text, expected, clean), answer in zip(scene, more):
+        assert answer["finish_reason"] == "stop", (name, text[:40], answer)
+        assert answer["text"] == clean(answer["text"]) == expected, (name, text[:40], answer)
     captions, expressions = answers[:len(photos)], answers[len(photos):]
     for answer in captions:
         assert answer["finish_reason"] == "stop" and prompts.clean_caption(answer["text"]) == CAPTION, answer

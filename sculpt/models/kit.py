@@ -5,7 +5,8 @@ the job's `models` section at them. They run through exactly the code that loads
 
 The two text models are briefly trained at kit time (seeded, a few seconds on one CPU thread) to act out one
 fixed scene, whatever the image, so every object reaches every stage: the tiny InternVL answers the caption
-prompt with ``CAPTION`` and any refer prompt with ``EXPRESSION``; the tiny Florence-2 grounds ``CAPTION`` (and
+prompt with ``CAPTION``, any refer prompt with ``EXPRESSION``, any group refer prompt with
+``GROUP_EXPRESSION`` and any negative prompt with ``NEGATIVE``; the tiny Florence-2 grounds ``CAPTION`` (and
 each of its sentences) to ``GROUNDING``'s boxes. SAM2 and EVF-SAM2 keep random weights: their masks are
 meaningless.
 """
@@ -23,6 +24,11 @@ import yaml
 # one phrase grounded to two boxes (a group).
 CAPTION = "A gray cat sits on a red sofa. Two green plants stand beside the window."
 EXPRESSION = "the gray cat on the red sofa"
+# What the trained tiny InternVL answers to any group refer prompt (refer_prompt(..., member_boxes=...)) and to
+# any negative prompt (negative_prompt(...)): one expression, so the chain makes one group expression per group
+# and one negative per image.
+GROUP_EXPRESSION = "the two green plants standing beside the window"
+NEGATIVE = "a yellow umbrella leaning against the window"
 GROUNDING = {
     "a gray cat": [(120, 310, 560, 810)],
     "a red sofa": [(30, 450, 970, 990)],

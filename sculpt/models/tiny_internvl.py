@@ -2,9 +2,9 @@
 
 The same files a real checkpoint has — config.json, model.safetensors, tokenizer, processor config, chat
 template — so vLLM and transformers load it through their real code. The tokenizer is a byte-level BPE trained
-here on a few sentences and handed to Qwen2's tokenizer class with InternVL's special tokens. 448-px tiles of
-14-px patches give 256 image tokens per tile: two whole 128-token KV blocks, so prefix caching has something to
-reuse on CPU too.
+here on a few sentences and sculpt's prompts, handed to Qwen2's tokenizer class with InternVL's special tokens.
+448-px tiles of 14-px patches give 256 image tokens per tile: two whole 128-token KV blocks, so prefix caching
+has something to reuse on CPU too.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ CORPUS = [
     "left right top bottom center background foreground behind in front of next to between",
     "Describe the image in detail. Name every object, region and part. Write one referring expression.",
     "0 1 2 3 4 5 6 7 8 9 10 100 1000 , . ! ? : ; ( ) [ ] < > / ' \" - _",
+    # kit.NEGATIVE's words as whole tokens: the refer stage gives a negative 24 tokens
+    "a yellow umbrella leaning against the wall, two plants standing beside it.",
 ]
 
 
@@ -53,7 +55,11 @@ def train_bpe(corpus: list[str], vocab_size: int) -> tuple[dict, list]:
 def _tokenizer():
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = train_bpe(CORPUS, 512)
+    from sculpt import prompts
+
+    # sculpt's prompts too: their words as whole tokens make the prompts short (half the tokens), training quick
+    templates = [prompts.CAPTION_PROMPT, prompts.REFER_PROMPT, prompts.GROUP_REFER_PROMPT, prompts.NEGATIVE_PROMPT]
+    vocab, merges = train_bpe(CORPUS + templates, 1024)
     for token in SPECIAL_TOKENS:  # Qwen layout: special tokens follow the BPE vocabulary
         vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(
@@ -67,7 +73,7 @@ def _tokenizer():
     return tokenizer
 
 
-TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 120, 4, 6e-3
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 160, 4, 6e-3  # a batch holds one example of each task
 # Phrases and words the refer prompts of the training set are about (besides the scene's own phrases).
 _OTHER_WORDS = "cat sofa window plant dog sky road grass table cup rocket flag man woman tree wall floor".split()
 
@@ -168,38 +174,88 @@ def _pictures(seed: int):
     return pictures + [Image.fromarray((noise.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in ((64, 64), (40, 90), (90, 40))]
 
 
+def _caption(rng):
+    """The caption a refer, group or negative prompt of the training set quotes: mostly the scene's."""
+    from sculpt.models.kit import CAPTION
+
+    return CAPTION if rng.random() < 0.6 else rng.choice(CORPUS + ["A cat.", None])
+
+
+def _box(rng, width: int, height: int):
+    """A pixel box anywhere in the image, its sides from 1/100 of the image's to all of it (log-uniform): small
+    boxes near a corner too, whose coordinates are all small numbers."""
+    w, h = width * 10 ** rng.uniform(-2, 0), height * 10 ** rng.uniform(-2, 0)
+    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    return x0, y0, x0 + w, y0 + h
+
+
 def _refer_text(rng, width: int, height: int) -> str:
     from sculpt import prompts
-    from sculpt.models.kit import CAPTION, GROUNDING
+    from sculpt.models.kit import GROUNDING
 
-    caption = CAPTION if rng.random() < 0.6 else rng.choice(CORPUS + ["A cat.", None])
+    caption = _caption(rng)
     phrase = rng.choice(list(GROUNDING) + ["the " + rng.choice(_OTHER_WORDS), None])
-    x0, y0 = rng.uniform(0, width * 0.8), rng.uniform(0, height * 0.8)
-    box = (x0, y0, rng.uniform(x0 + 1, width), rng.uniform(y0 + 1, height))
-    return prompts.refer_prompt(caption, phrase, box, width, height)
+    return prompts.refer_prompt(caption, phrase, _box(rng, width, height), width, height)
 
 
-def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> None:
-    """Teach the model the kit's scene: greedy decoding gives ``kit.CAPTION`` for the caption prompt and
-    ``kit.EXPRESSION`` for any refer prompt, then <|im_end|>, whatever the image and its tiling.
+def _group_text(rng, width: int, height: int) -> str:
+    """A group refer prompt: a phrase (the scene's, a plural of the corpus, or none) and 2-3 member boxes."""
+    from sculpt import prompts
+    from sculpt.models.kit import GROUNDING
+
+    caption = _caption(rng)
+    phrase = rng.choice(list(GROUNDING) + [rng.choice(["the ", "two ", ""]) + rng.choice(_OTHER_WORDS) + "s", None])
+    members = [_box(rng, width, height) for _ in range(rng.randint(2, 3))]
+    whole = tuple(f(b[i] for b in members) for i, f in enumerate((min, min, max, max)))
+    return prompts.refer_prompt(caption, phrase, whole, width, height, member_boxes=members)
+
+
+def _negative_text(rng) -> str:
+    """A negative prompt: some of the scene's phrases and the corpus's as what is present, 1-3 wanted."""
+    from sculpt import prompts
+    from sculpt.models.kit import GROUNDING
+
+    caption = _caption(rng)
+    pool = list(GROUNDING) + ["the " + word for word in _OTHER_WORDS]
+    return prompts.negative_prompt(caption, rng.sample(pool, rng.randint(1, 4)), rng.randint(1, 3))
+
+
+def _prompt_text(rng, task: str, width: int, height: int) -> str:
+    from sculpt import prompts
+
+    if task == "caption":
+        return prompts.CAPTION_PROMPT
+    if task == "refer":
+        return _refer_text(rng, width, height)
+    if task == "group":
+        return _group_text(rng, width, height)
+    return _negative_text(rng)
+
+
+def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> dict:
+    """Teach the model the kit's scene: greedy decoding gives ``kit.CAPTION`` for the caption prompt,
+    ``kit.EXPRESSION`` for any refer prompt, ``kit.GROUP_EXPRESSION`` for any group refer prompt and
+    ``kit.NEGATIVE`` for any negative prompt, then <|im_end|>, whatever the image and its tiling.
 
     Trained on real processed images (one tile, or two tiles and a thumbnail); the vision tower stays as
     initialised (its features are computed once), the projector and the language model learn. Raises
-    RuntimeError if the result does not decode the scene, in float32 or bfloat16, on images it has not seen.
+    RuntimeError if the result does not decode the scene, in float32 or bfloat16, on images it has not seen;
+    returns the worst logit margins of that check, {dtype name: {task: margin}}.
     """
     import random
 
     import torch
 
     from sculpt import prompts
-    from sculpt.models.kit import CAPTION, EXPRESSION
+    from sculpt.models.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, NEGATIVE
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tokenizer = processor.tokenizer
     pad, eos = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = {task: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-               for task, text in (("caption", CAPTION), ("refer", EXPRESSION))}
+               for task, text in (("caption", CAPTION), ("refer", EXPRESSION), ("group", GROUP_EXPRESSION),
+                                  ("negative", NEGATIVE))}
 
     by_tiles: dict[int, list] = {}  # tile count -> [(picture, projector inputs)]
     for picture in _pictures(seed):
@@ -214,13 +270,10 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> No
                          max_patches=2, min_patches=1)["input_ids"][0]
     assert list(expected) == _expand(processor, caption_ids, 3), "InternVL processor expands images differently"
 
-    def example(group):
+    def example(group, task):
         picture, features = group[rng.randrange(len(group))]
-        if rng.random() < 0.5:
-            prompt, answer = caption_ids, answers["caption"]
-        else:
-            prompt, answer = _chat_ids(processor, _refer_text(rng, *picture.size)), answers["refer"]
-        return _expand(processor, prompt, len(features)), answer, features
+        prompt = caption_ids if task == "caption" else _chat_ids(processor, _prompt_text(rng, task, *picture.size))
+        return _expand(processor, prompt, len(features)), answers[task], features
 
     for parameter in model.model.vision_tower.parameters():
         parameter.requires_grad_(False)
@@ -231,7 +284,8 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> No
     model.train()
     for step in range(steps):
         group = by_tiles[3] if step % 4 == 3 else by_tiles[1]  # one tile count per batch: little padding
-        loss = _loss(model, [example(group) for _ in range(TRAIN_BATCH)], pad)[0]
+        # every task in every batch (TRAIN_BATCH of them, in turn): each learns at the same pace
+        loss = _loss(model, [example(group, list(answers)[i % len(answers)]) for i in range(TRAIN_BATCH)], pad)[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -239,7 +293,7 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> No
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    _check(model, processor, seed, answers, caption_ids, pad)
+    return _check(model, processor, seed, answers, pad)
 
 
 def _loss(model, batch, pad: int):
@@ -270,8 +324,9 @@ def _loss(model, batch, pad: int):
 MIN_MARGIN = 1.0  # logits: the trained answer must win every step by this much, in float32 and bfloat16
 
 
-def _check(model, processor, seed, answers, caption_ids, pad) -> None:
-    """Teacher-forced check on images the training never saw, at 1 to 7 tiles, in float32 and bfloat16."""
+def _check(model, processor, seed, answers, pad) -> dict:
+    """Teacher-forced check of every task on images the training never saw, at 1 to 7 tiles, in float32 and
+    bfloat16: {dtype name: {task: worst margin}}."""
     import random
 
     import numpy as np
@@ -282,20 +337,27 @@ def _check(model, processor, seed, answers, caption_ids, pad) -> None:
     noise = np.random.RandomState(seed + 1)
     held_out = [Image.fromarray((noise.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in ((300, 500), (700, 200))]
     held_out.append(Image.fromarray(np.zeros((100, 100, 3), np.uint8)))
-    requests = [(picture, max_tiles, _chat_ids(processor, _refer_text(rng, *picture.size)))
+    requests = [(picture, max_tiles, {task: _chat_ids(processor, _prompt_text(rng, task, *picture.size))
+                                      for task in answers})
                 for picture in held_out for max_tiles in (1, 2, 6)]
+    worst = {}
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
-            margins = []
-            for picture, max_tiles, refer_ids in requests:
+            margins = {task: [] for task in answers}
+            for picture, max_tiles, prompt_ids in requests:
                 pixels = processor.image_processor(images=[picture], crop_to_patches=max_tiles > 1,
                                                    max_patches=max_tiles, min_patches=1, return_tensors="pt")["pixel_values"]
                 features = _projector_inputs(model, pixels)
-                for prompt, answer in ((caption_ids, answers["caption"]), (refer_ids, answers["refer"])):
-                    margins.append(_loss(model, [(_expand(processor, prompt, len(pixels)), answer, features)], pad)[1])
-            worst = torch.cat(margins).min().item()
-            if worst < MIN_MARGIN:
-                raise RuntimeError(f"tiny InternVL: the trained scene decodes with a logit margin of {worst:.2f} < "
-                                   f"{MIN_MARGIN} in {dtype} on unseen images (training did not converge)")
+                for task, prompt in prompt_ids.items():
+                    batch = [(_expand(processor, prompt, len(pixels)), answers[task], features)]
+                    margins[task].append(_loss(model, batch, pad)[1])
+            name = str(dtype).removeprefix("torch.")
+            worst[name] = {task: torch.cat(m).min().item() for task, m in margins.items()}
+            task, margin = min(worst[name].items(), key=lambda item: item[1])
+            if margin < MIN_MARGIN:
+                raise RuntimeError(f"tiny InternVL: the trained scene's {task} answer decodes with a logit margin "
+                                   f"of {margin:.2f} < {MIN_MARGIN} in {name} on unseen images (training did not "
+                                   "converge)")
     model.to(torch.float32)
+    return worst
