@@ -36,6 +36,9 @@ class IncompatibleOutput(RuntimeError):
     pass
 
 
+FILTER_SETTINGS = ("threshold", "margin", "negative_area", "semantic", "prefix")
+
+
 def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -121,8 +124,10 @@ class UnitWriter:
         self.file = None
         self.writer = None
         self.stats = stats.empty()
-        self.verify_threshold = next((stage["params"].get("threshold") for stage in job.get("settings", {}).get("stages", [])
-                                      if stage.get("class") == "actors.verify.Verifier"), None)
+        # the filter's settings, recorded in every marker beside the figures they produced
+        self.filter = next(({key: stage["params"].get(key) for key in FILTER_SETTINGS}
+                            for stage in job.get("settings", {}).get("stages", [])
+                            if stage.get("class") == "actors.verify.Verifier"), None)
         self.first_errors: dict[str, list[str]] = {}  # stage -> its first few error messages, for the error budget
         self.started = time.time()
 
@@ -135,7 +140,7 @@ class UnitWriter:
         if not all(fresh):
             table = table.filter(pa.array(fresh))
         self.seen.update(table["index"].to_pylist())
-        stats.merge(self.stats, stats.count(table, self.verify_threshold))
+        stats.merge(self.stats, stats.count(table, self.filter and self.filter["threshold"]))
         for message in pc.drop_null(table["error"]).to_pylist():
             examples = self.first_errors.setdefault(message.split(":", 1)[0], [])
             if len(examples) < 3:
@@ -198,6 +203,7 @@ class UnitWriter:
             "unit": self.unit,
             "fingerprint": self.job["fingerprint"],
             "model_ids": self.job["model_ids"],
+            "filter": self.filter,
             "prompts_version": self.job.get("prompts_version"),
             **self.stats,
             "input_bytes_read": self.bytes_read,

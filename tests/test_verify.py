@@ -244,3 +244,38 @@ def test_building_the_stage_imports_no_model_framework():
 
     code = "import sys, actors.verify as v; v.Verifier(); print(sorted(m for m in ('torch', 'transformers', 'sam2') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_kept_verifier_masks_let_anyone_recompute_the_filter(tmp_path):
+    """With keep_masks, SAM2's masks scored against the verifier's own masks by a GSEval-style reader (mean mask
+    IoU over idx-matched lines) give the mean of the IoUs the filter recorded."""
+    import json
+
+    from sculpt import export
+    from sculpt.output import OutputStore, UnitWriter
+    from tests.test_export import gseval_giou
+
+    image = samples.photo("chelsea")
+    shape = image.shape[:2]
+    row = row_with(image, {"phrase": "cat", "mask": rle.encode(full(shape)), "expression": "quarter"},
+                   {"phrase": "cat", "mask": rle.encode(left_quarter(shape)), "expression": "whole"})
+    out = StageActor(ScriptedVerifier({"whole": full, "quarter": left_quarter}, keep_masks=True, margin=0.0))(
+        schema.to_table([row])).to_pylist()
+    objects = out[0]["objects"]
+    assert all(o["verifier_mask"] and o["iou"] is not None for o in objects)
+    for o in objects:
+        assert o["iou"] == pytest.approx(rle.iou(o["verifier_mask"], o["mask"]), abs=1e-6)
+
+    store = OutputStore(str(tmp_path / "out"))
+    job = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p"}
+    store.prepare(job)
+    writer = UnitWriter(store, "sa_000000", job)
+    writer.add(schema.to_table([{**out[0], "shard": "sa_000000", "shard_size": 1, "shard_bytes_read": 1}]))
+    writer.commit()
+    export.export(str(tmp_path / "out"), str(tmp_path / "gt.jsonl"), "gseval", keep_all=True)
+    lines = [json.loads(line) for line in open(tmp_path / "gt.jsonl")]
+    with open(tmp_path / "verifier.jsonl", "w") as f:  # the verifier's masks as the predictions
+        for line in lines:
+            f.write(json.dumps({**line, "segmentation": objects[line["object"]]["verifier_mask"]}) + "\n")
+    giou, scored, _ = gseval_giou(str(tmp_path / "gt.jsonl"), str(tmp_path / "verifier.jsonl"))
+    assert scored == 2 and giou == pytest.approx(np.mean([o["iou"] for o in objects]), abs=1e-6)

@@ -101,6 +101,7 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000001.json").read_text())
     assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
     assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
+    assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "semantic": [], "prefix": ""}
     # every stage that saw an image timed it; the job's statistics are written and reported
     assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "refer", "verify"}
     assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
