@@ -35,9 +35,10 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
     assert [r["status"] for r in rows] == ["ok"] * 4  # the trained tiny model captions and refers every image
     for row in rows:
         assert row["caption"] == kit.CAPTION
-        (obj,) = row["objects"]
+        obj, negative = row["objects"]  # the masked object, and the negative the refer stage asked for
         assert obj["expression"] == kit.EXPRESSION and obj["error"] is None
         assert obj["expression_words"] == len(kit.EXPRESSION.split())
+        assert (negative["category"], negative["expression"], negative["area"]) == ("negative", kit.NEGATIVE, 0)
     # every refer request found its image (and caption) already in the engine's prefix cache
     assert cache["prefix_cache_hits"] >= 256 * sum(r["status"] != "error" for r in rows)
     marker = json.loads((tmp_path / "out" / "_markers" / "sa_000000.json").read_text())
