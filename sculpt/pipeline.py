@@ -325,11 +325,11 @@ def describe(summary: dict) -> list[str]:
     whole = f"[sculpt] whole output ({summary['shards']} shards): {job.get('objects_per_image', 0):.1f} objects per image"
     if job.get("keep_rate") is not None:
         whole += f", {job['keep_rate']:.0%} of verified pairs kept"
-    lines = [f"[sculpt] this run: {summary['committed_now']} unit(s) committed, {summary['images']} images "
-             f"({summary['errors']} errors) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending", whole]
     kinds = job.get("keep_rate_by_category", {})
     if kinds:
         whole += "; kept by kind: " + ", ".join(f"{kind} {rate:.0%}" for kind, rate in sorted(kinds.items()))
+    lines = [f"[sculpt] this run: {summary['committed_now']} unit(s) committed, {summary['images']} images "
+             f"({summary['errors']} errors) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending", whole]
     rates = job.get("stage_images_per_second", {})
     if rates:
         lines.append("[sculpt] images/s per actor: " + ", ".join(f"{stage} {rate:.1f}" for stage, rate in rates.items()))
