@@ -219,6 +219,7 @@ def run_sequential(cfg, stages, go: str) -> dict:
             outputs.append(time.monotonic())
             images += table.num_rows
         writer.commit()
+    todo.lease.release()
     engine.shutdown()
     return {"images": images, "end_to_end": outputs[-1] - start, "processing": outputs[-1] - setup_done,
             "start_up": {"VLM engine": engine_up - start, "stage setup()": setup_done - engine_up},

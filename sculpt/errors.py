@@ -75,10 +75,11 @@ def job_error(exc: BaseException) -> str | None:
     import yaml
 
     from sculpt.config import ConfigError
+    from sculpt.lease import OutputBusy
     from sculpt.output import IncompatibleOutput
     from sculpt.pipeline import ErrorBudgetExceeded
 
-    if isinstance(exc, (ConfigError, IncompatibleOutput, ErrorBudgetExceeded, FileNotFoundError)):
+    if isinstance(exc, (ConfigError, IncompatibleOutput, ErrorBudgetExceeded, FileNotFoundError, OutputBusy)):
         return str(exc)
     if isinstance(exc, yaml.YAMLError):
         return f"the config file is not valid YAML: {' '.join(str(exc).split())}"

@@ -85,6 +85,7 @@ class OutputStore:
             self.clear()
         for folder in (storage.TMP_DIR, f"{MARKERS}/{storage.TMP_DIR}"):  # a killed run's half-written files
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
+        storage.abort_uploads(self.uri, self.s3)  # and its unfinished S3 uploads (the caller holds the lease)
         storage.write_atomic(storage.join(self.uri, JOB_FILE), json.dumps(job, indent=1).encode(), self.s3)
         return self.committed()
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from sculpt import errors, prompts, report, schema, shards, stats, storage
 from sculpt.config import JobConfig
+from sculpt.lease import Lease
 from sculpt.output import OutputStore, UnitWriter, fingerprint
 from sculpt.stage import Stage, actor_class, ray_options
 
@@ -143,6 +144,7 @@ class Plan:
     all_shards: list[str]
     pending: list[str]  # shards to read: those without a committed unit, then those whose errors are redone
     redo: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # shard -> indices of its error rows
+    lease: Lease | None = None  # this job's hold on the output, given back when run() ends
 
 
 def plan(config: JobConfig, stages: list[Stage]) -> Plan:
@@ -152,13 +154,18 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     store = OutputStore(config.output.path, config.s3)
     all_shards = list_shards(config)
     job = {**job_record(config, stages), "inputs": config.input.shards, "total_shards": len(all_shards)}
-    committed = store.prepare(job, overwrite=config.output.overwrite)
-    pending = [uri for uri in all_shards if shards.shard_name(uri) not in committed]
-    redo = _error_rows(store, [uri for uri in all_shards if uri not in pending]) if config.output.redo_errors else {}
+    lease = Lease(store.uri, config.s3).acquire()  # before prepare() clears what a killed run left
+    try:
+        committed = store.prepare(job, overwrite=config.output.overwrite)
+        pending = [uri for uri in all_shards if shards.shard_name(uri) not in committed]
+        redo = _error_rows(store, [uri for uri in all_shards if uri not in pending]) if config.output.redo_errors else {}
+    except BaseException:
+        lease.release()
+        raise
     print(f"[sculpt] {len(all_shards)} shards: {len(all_shards) - len(pending)} already committed, {len(pending)} to do"
           + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed to redo" if config.output.redo_errors else "")
           + f"; output {store.uri} (config {job['fingerprint']})", flush=True)
-    return Plan(store, job, all_shards, pending + list(redo), redo)
+    return Plan(store, job, all_shards, pending + list(redo), redo, lease)
 
 
 def _error_rows(store: OutputStore, committed_uris: list[str]) -> dict[str, list[int]]:
@@ -185,8 +192,17 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
     """Annotate every shard not yet committed under the output path; returns a summary of this run.
 
     A unit with an image whose transient fault outlasted its retries, or whose commit failed, is left pending
-    (``summary["pending"]``, unit -> why) and the others go on; a rerun does the pending ones."""
+    (``summary["pending"]``, unit -> why) and the others go on; a rerun does the pending ones. The output's lease
+    (taken by ``plan``) is given back at the end, whatever happens."""
     todo = todo or plan(config, stages)
+    try:
+        return _annotate(config, stages, todo)
+    finally:
+        if todo.lease is not None:
+            todo.lease.release()
+
+
+def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     store, job, all_shards = todo.store, todo.job, todo.all_shards
     progress = Progress(len(all_shards), len(all_shards) - len(todo.pending), config.progress_seconds)
     markers: list[dict] = []

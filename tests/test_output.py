@@ -102,3 +102,31 @@ def test_hugging_face_datasets_loads_the_output_as_the_readme_says(tmp_path):
     loaded = datasets.load_dataset("parquet", data_files=f"{tmp_path}/*.parquet", split="train")
     assert loaded.num_rows == 6 and sorted(zip(loaded["shard"], loaded["index"])) == [
         (u, i) for u in ("sa_000001", "sa_000002") for i in range(3)]
+
+
+def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from sculpt.lease import LEASE_FILE, Lease, OutputBusy
+
+    out = str(tmp_path / "out")
+    held = Lease(out).acquire()
+    with pytest.raises(OutputBusy, match=r"held by pid \d+ on"):
+        Lease(out).acquire()
+    held.release()
+    assert not (tmp_path / "out" / LEASE_FILE).exists()
+    Lease(out).acquire().release()  # free again
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = Lease(out)
+    stale.record["pid"] = int(dead.stdout)
+    assert stale._write(None)  # a lease left by a process that has died, on this machine: taken over at once
+    taken = Lease(out).acquire()
+    assert json.loads((tmp_path / "out" / LEASE_FILE).read_text())["owner"] == taken.record["owner"]
+    taken.release()
+
+    far = Lease(out, ttl_seconds=0.0)
+    far.record["host"] = "another-host"
+    assert far._write(None)  # held elsewhere, but not renewed within its ttl: free
+    Lease(out, ttl_seconds=0.0).acquire().release()

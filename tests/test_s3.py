@@ -115,3 +115,27 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
     assert written and b"sa_000001" in written
     for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
         assert secret.encode() not in written
+
+
+def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers(local_ray, s3_server, bucket, tmp_path):
+    from sculpt.lease import LEASE_FILE, OutputBusy
+
+    client, name = bucket
+    left = client.create_multipart_upload(Bucket=name, Key="out/sa_000001.parquet")  # a killed job's upload
+    client.put_object(Bucket=name, Key="out/_markers/_tmp/sa_000001.json.0badc0ffee00", Body=b"{")  # and temp file
+    cfg, stages = s3_job(s3_server, name, tmp_path)
+
+    first = pipeline.plan(cfg, stages)  # holds the lease until its run ends
+    assert client.head_object(Bucket=name, Key=f"out/{LEASE_FILE}")
+    with pytest.raises(OutputBusy, match="another job is writing this output"):
+        pipeline.plan(cfg, stages)  # a second job on the same output is refused before it touches anything
+    assert client.list_multipart_uploads(Bucket=name, Prefix="out/").get("Uploads", []) == []  # the first cleaned up
+    summary = pipeline.run(cfg, stages, first)
+
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"])
+    assert summary["committed_now"] == 3 and f"out/{LEASE_FILE}" not in keys  # given back
+    assert not [k for k in keys if "_tmp" in k]  # units went up in one upload each: no temporary objects
+    assert left["UploadId"] and [k for k in keys if k.endswith(".parquet")] == [f"out/sa_00000{i}.parquet" for i in range(3)]
+    rows = pads.dataset(f"{name}/out", format="parquet", filesystem=storage.filesystem(f"s3://{name}", storage.S3Options(endpoint=s3_server))[0]).to_table()
+    assert rows.num_rows == 12 and len(set(zip(rows["shard"].to_pylist(), rows["index"].to_pylist()))) == 12
+    assert pipeline.run(cfg, stages)["committed_now"] == 0  # the lease is free again: a rerun plans and finds all done

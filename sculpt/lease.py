@@ -1,0 +1,128 @@
+"""One job at a time on an output: a lease file ``OUT/_lease.json`` that the running job renews.
+
+A job takes the lease before it touches the output (before it clears a killed run's temporary files and
+unfinished uploads, which would otherwise be another live job's) and gives it back when it ends. A second job
+finds the lease held and is refused with a message that says who holds it. A lease whose holder stopped renewing
+(``ttl_seconds``) is taken over, as is one held by a dead process on this same machine, at once: a driver killed
+and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
+an exclusive create locally — so two jobs racing for one output cannot both win.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from sculpt import storage
+
+LEASE_FILE = "_lease.json"
+TTL_SECONDS = 90.0  # a lease not renewed for this long is free; the holder renews at a third of it
+
+
+class OutputBusy(RuntimeError):
+    """Another job holds the output."""
+
+
+class Lease:
+    def __init__(self, out: str, s3: storage.S3Options = storage.S3Options(), ttl_seconds: float = TTL_SECONDS):
+        self.uri, self.s3, self.ttl = storage.join(out.rstrip("/"), LEASE_FILE), s3, ttl_seconds
+        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self.version = None  # the ETag (S3) or content (local) of our lease file as last written
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    # -- the conditional writes -----------------------------------------------------------------------------------
+    def _read(self) -> tuple[dict | None, str | None]:
+        if storage.is_s3(self.uri):
+            client, (bucket, key) = storage.s3_client(self.s3), storage.bucket_key(self.uri)
+            try:
+                got = client.get_object(Bucket=bucket, Key=key)
+            except client.exceptions.NoSuchKey:
+                return None, None
+            return json.loads(got["Body"].read()), got["ETag"]
+        data = storage.read_bytes(self.uri)
+        return (json.loads(data), data.decode()) if data else (None, None)
+
+    def _write(self, expected: str | None) -> bool:
+        """Write our record if the file is still as we last read it (``expected``; None: absent)."""
+        body = json.dumps({**self.record, "renewed": time.time()})
+        if storage.is_s3(self.uri):
+            import botocore.exceptions
+
+            client, (bucket, key) = storage.s3_client(self.s3), storage.bucket_key(self.uri)
+            condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+            try:
+                self.version = client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)["ETag"]
+            except botocore.exceptions.ClientError as exc:
+                if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+        path = os.path.abspath(self.uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if expected is None:
+            try:
+                with open(path, "x") as f:
+                    f.write(body)
+            except FileExistsError:
+                return False
+        else:
+            if self._read()[1] != expected:
+                return False
+            storage.write_atomic(self.uri, body.encode())
+        self.version = body
+        return True
+
+    # -- the lease ------------------------------------------------------------------------------------------------
+    def _free(self, holder: dict) -> bool:
+        if time.time() - holder.get("renewed", 0) > self.ttl:
+            return True
+        if holder.get("host") == self.record["host"]:
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True  # its process is gone
+            except PermissionError:
+                pass
+        return False
+
+    def acquire(self) -> Lease:
+        holder, version = self._read()
+        if holder is not None and not self._free(holder):
+            raise OutputBusy(_busy(self.uri, holder, self.ttl))
+        if not self._write(version):
+            holder, _ = self._read()
+            raise OutputBusy(_busy(self.uri, holder or {}, self.ttl))
+        self._renewer = threading.Thread(target=self._renew_every, args=(self.ttl / 3,), daemon=True,
+                                         name="sculpt-lease")
+        self._renewer.start()
+        return self
+
+    def _renew_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            try:
+                if not self._write(self.version):
+                    print(f"[sculpt] warning: lost the lease on {self.uri} to another job", flush=True)
+                    return
+            except Exception as exc:  # an unreachable store: try again at the next beat
+                print(f"[sculpt] warning: could not renew the lease on {self.uri}: {exc}", flush=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        holder, _ = self._read()
+        if holder and holder.get("owner") == self.record["owner"]:
+            fs, path = storage.filesystem(self.uri, self.s3)
+            fs.delete_file(path)
+
+
+def _busy(uri: str, holder: dict, ttl: float) -> str:
+    since = time.time() - holder.get("renewed", time.time())
+    return (f"another job is writing this output: {uri} is held by pid {holder.get('pid')} on "
+            f"{holder.get('host')} (renewed {since:.0f} s ago). Wait for it to finish, or, if it is dead, rerun "
+            f"after {ttl:.0f} s without renewal (or delete {uri}).")
