@@ -95,7 +95,7 @@ def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig,
     for stage in stages:
         ds = ds.map_batches(
             actor_class(stage),
-            fn_constructor_args=(stage, config.faults.attempts, config.faults.backoff_seconds),
+            fn_constructor_args=(stage, config.faults.attempts, config.faults.backoff_seconds, stage is stages[-1]),
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             **ray_options(stage.resources),
@@ -208,6 +208,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     markers: list[dict] = []
     pending: dict[str, str] = {}
     writers: dict[str, UnitWriter] = {}
+    driver_bytes = 0  # what the rows cost the driver to receive
     dataset = build_dataset(todo.pending, stages, config, todo.redo) if todo.pending else None
     try:
         for uri in todo.redo:  # a redone unit starts from its committed good rows
@@ -215,6 +216,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
             writer.resume_from(store.read_unit(writer.unit))
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow") if dataset else []:
             progress.rows(table.num_rows)
+            driver_bytes += table.nbytes
             for unit in pc.unique(table["shard"]).to_pylist():
                 if unit in pending:
                     continue  # rows still arriving for a unit already given up on
@@ -257,6 +259,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
         "input_bytes_read": sum(m["input_bytes_read"] for m in markers),
         "seconds": round(time.monotonic() - progress.start, 2),
         "first_output_seconds": round(progress.first_output or 0.0, 2),
+        "driver_bytes_per_image": round(driver_bytes / max(progress.images, 1)),
         "output": store.uri,
     }
     job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones

@@ -61,6 +61,10 @@ def test_three_stage_chain_places_actors_on_gpus_and_accounts_for_every_image(lo
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
     assert {r["caption"] for r in rows} == {"a;b;c;"}  # every stage saw every image, in order
     assert all(r["status"] == "ok" and len(r["objects"]) == 1 for r in rows)
+    # the last stage dropped the encoded images: the driver receives the annotations (here one noisy RLE mask
+    # of a few tens of KB per image) and little more
+    masks = sum(len(r["objects"][0]["mask"]["counts"]) for r in rows) / len(rows)
+    assert masks < summary["driver_bytes_per_image"] < masks + 2_000
 
     records = actor_logs(logs)
     assert sorted(r["stage"] for r in records) == ["a", "a", "b", "b", "c"]
