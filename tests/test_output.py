@@ -112,8 +112,11 @@ def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
 
     out = str(tmp_path / "out")
     held = Lease(out).acquire()
-    with pytest.raises(OutputBusy, match=r"held by pid \d+ on"):
+    with pytest.raises(OutputBusy, match=r"held by pid \d+ on") as refused:
         Lease(out).acquire()
+    from sculpt import errors
+
+    assert errors.job_error(refused.value) == str(refused.value)  # annotate.py: one `sculpt: error:` line, exit 2
     held.release()
     assert not (tmp_path / "out" / LEASE_FILE).exists()
     Lease(out).acquire().release()  # free again
