@@ -173,8 +173,9 @@ def test_grounder_runs_the_real_model_and_records_bad_images(grounder):
 
 
 def test_grounder_encodes_each_image_once_for_all_its_chunks(tiny_models):
-    """Two images, two caption chunks each: the vision tower runs once, on both images, and every chunk's
-    generation (3 beams, the trained tiny model) equals the processor's own path, which encodes per prompt."""
+    """Two images, a caption chunk per sentence each (three): the vision tower runs once, on both images, and
+    every chunk's generation (3 beams, the trained tiny model) equals the processor's own path, which encodes per
+    prompt."""
     from sculpt import images
     from sculpt.models import kit
 
@@ -182,14 +183,14 @@ def test_grounder_encodes_each_image_once_for_all_its_chunks(tiny_models):
     probe = Grounder(model=tiny_models["ground"])
     probe.setup()
     budget = max(map(probe.count_tokens, sentences))
-    assert probe.count_tokens(kit.CAPTION) > budget  # the caption goes in as two chunks
+    assert probe.count_tokens(kit.CAPTION) > budget  # the caption goes in as several chunks
 
     stage = Grounder(model=tiny_models["ground"], max_caption_tokens=budget)
     stage.setup()
     rows = [row_for("chelsea", 0, kit.CAPTION), row_for("rocket", 1, kit.CAPTION)]
     group = [(row, torch.from_numpy(images.load_rgb(row["image_bytes"])),
               grounding.split_caption(kit.CAPTION, stage.budget, stage.count_tokens)) for row in rows]
-    assert [len(chunks) for _, _, chunks in group] == [2, 2]
+    assert len(sentences) == 3 and [len(chunks) for _, _, chunks in group] == [3, 3]  # a chunk per sentence
     encoded = []
     hook = stage.model.model.vision_tower.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
     try:
@@ -198,7 +199,7 @@ def test_grounder_encodes_each_image_once_for_all_its_chunks(tiny_models):
         hook.remove()
     assert encoded == [2]  # one pass of the vision tower over the two images, not one per chunk
 
-    assert len(results) == 4 and sum(len(parsed["labels"]) for _, _, parsed in results) > 0
+    assert len(results) == 6 and sum(len(parsed["labels"]) for _, _, parsed in results) > 0
     for (row, image, _), chunk, parsed in results:
         inputs = stage.processor(text=[TASK + chunk.text], images=[image.numpy()], input_data_format="channels_last",
                                  return_tensors="pt")

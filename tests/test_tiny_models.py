@@ -15,7 +15,8 @@ from sculpt import grounding, prompts, samples, schema  # noqa: E402
 from sculpt.models.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE  # noqa: E402
 
 # The caption's own text at each grounded span, a phrase repeated once per box of its group.
-PHRASES = ["A gray cat", "a red sofa", "Two green plants", "Two green plants", "the window"]
+PHRASES = ["A gray cat", "a red sofa", "the wooden floor", "Its long tail", "Two green plants", "Two green plants",
+           "the window"]
 BINS = [box for boxes in GROUNDING.values() for box in boxes]
 
 

@@ -87,12 +87,12 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
         linked = sorted(i for span in row["grounded_caption"] or [] for i in span["objects"])
         assert linked == [i for i, obj in enumerate(row["objects"]) if obj["category"] != "negative"]
 
-    # every kind of pair: the tiny models ground "two green plants" to two boxes (a group) and name an absent
-    # yellow umbrella (a negative)
+    # every kind of pair: the tiny models ground "the wooden floor" (stuff), "its long tail" (a part), "two green
+    # plants" to two boxes (a group) and name an absent yellow umbrella (a negative)
     groups = [(row, obj) for row in rows for obj in row["objects"] if obj["members"]]
     negatives = [obj for obj in objects if obj["category"] == "negative"]
     assert groups and negatives
-    assert {obj["category"] for obj in objects} >= {"single", "multi", "negative"}
+    assert {obj["category"] for obj in objects} >= {"single", "multi", "negative", "stuff", "part"}
     for row, group in groups:
         members = [row["objects"][i] for i in group["members"]]
         assert len(members) >= 2 and all(m["phrase_start"] == group["phrase_start"] for m in members)

@@ -7,7 +7,7 @@ The two text models are briefly trained at kit time (seeded, a few seconds on on
 fixed scene, whatever the image, so every object reaches every stage: the tiny InternVL answers the caption
 prompt with ``CAPTION``, any refer prompt with ``EXPRESSION``, any group refer prompt with
 ``GROUP_EXPRESSION`` and any negative prompt with ``NEGATIVE``; the tiny Florence-2 grounds ``CAPTION`` (and
-each of its sentences) to ``GROUNDING``'s boxes. SAM2 and EVF-SAM2 keep random weights: their masks are
+each run of its sentences) to ``GROUNDING``'s boxes. SAM2 and EVF-SAM2 keep random weights: their masks are
 meaningless.
 """
 
@@ -20,9 +20,11 @@ import os
 import yaml
 
 # The scene the trained tiny models act out. Every GROUNDING phrase occurs in CAPTION, in this order; boxes are
-# Florence-2 location bins (x0, y0, x1, y1 in 0..999 of the image's width and height); "two green plants" is
-# one phrase grounded to two boxes (a group).
-CAPTION = "A gray cat sits on a red sofa. Two green plants stand beside the window."
+# Florence-2 location bins (x0, y0, x1, y1 in 0..999 of the image's width and height). The phrases cover every
+# kind (sculpt.categories): "the wooden floor" is stuff, "its long tail" a part, "two green plants" one phrase
+# grounded to two boxes (a group, multi), the rest single objects.
+CAPTION = ("A gray cat sits on a red sofa on the wooden floor. Its long tail hangs down. "
+           "Two green plants stand beside the window.")
 EXPRESSION = "the gray cat on the red sofa"
 # What the trained tiny InternVL answers to any group refer prompt (refer_prompt(..., member_boxes=...)) and to
 # any negative prompt (negative_prompt(...)): one expression, so the chain makes one group expression per group
@@ -32,6 +34,8 @@ NEGATIVE = "a yellow umbrella leaning against the window"
 GROUNDING = {
     "a gray cat": [(120, 310, 560, 810)],
     "a red sofa": [(30, 450, 970, 990)],
+    "the wooden floor": [(0, 880, 999, 999)],
+    "its long tail": [(480, 620, 600, 900)],
     "two green plants": [(600, 90, 740, 700), (790, 130, 950, 720)],
     "the window": [(480, 20, 990, 470)],
 }

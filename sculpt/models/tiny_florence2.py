@@ -9,7 +9,7 @@ The image is 64×64 pixels (2×2 vision tokens + 1 = 5 image tokens, the real mo
 text encoder has 160 positions, so a caption of a few sentences already needs splitting.
 
 The weights are briefly trained (``train_scene``) to ground the kit's scene caption (``sculpt.models.kit``) and
-each of its sentences, whatever the image; any other caption gets whatever the weights say.
+each run of its sentences, whatever the image; any other caption gets whatever the weights say.
 """
 
 from __future__ import annotations
@@ -57,8 +57,12 @@ def _tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import BartTokenizer
 
+    from sculpt.models.kit import CAPTION, GROUNDING
+
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS * 4, vocab_size=400, min_frequency=1,
+    # the scene's caption and phrases too: their words as whole tokens keep the grounding short (the ground
+    # stage's tests give it 64 new tokens) and training quick
+    bpe.train_from_iterator((_CORPUS + [CAPTION, *GROUNDING]) * 4, vocab_size=400, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # <s> <pad> </s> <unk>: BART's ids 0-3
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
@@ -130,13 +134,15 @@ def write(directory: str, seed: int = 0, train: bool = True) -> str:
 
 
 def scene_targets() -> dict[str, str]:
-    """Caption chunk -> the generation that grounds it: the caption and each of its sentences (the chunks
-    ``sculpt.grounding.split_caption`` can cut it into), their GROUNDING phrases in caption order, each phrase
-    followed by its boxes' location tokens."""
+    """Caption chunk -> the generation that grounds it: every run of consecutive sentences of the caption, the
+    whole caption first (the chunks ``sculpt.grounding.split_caption`` can cut it into), their GROUNDING phrases
+    in caption order, each phrase followed by its boxes' location tokens."""
     from sculpt import grounding
     from sculpt.models.kit import CAPTION, GROUNDING
 
-    chunks = [CAPTION] + [CAPTION[start:end] for start, end in grounding.sentence_spans(CAPTION)]
+    spans = grounding.sentence_spans(CAPTION)
+    chunks = [CAPTION[spans[first][0]:spans[first + length - 1][1]]
+              for length in range(len(spans), 0, -1) for first in range(len(spans) - length + 1)]
     targets = {}
     for chunk in chunks:
         found = sorted((chunk.lower().find(phrase), phrase) for phrase in GROUNDING if phrase in chunk.lower())

@@ -56,10 +56,12 @@ def _tokenizer():
     from transformers import Qwen2Tokenizer
 
     from sculpt import prompts
+    from sculpt.models.kit import CAPTION
 
-    # sculpt's prompts too: their words as whole tokens make the prompts short (half the tokens), training quick
+    # sculpt's prompts too: their words as whole tokens make the prompts short (half the tokens), training quick;
+    # and the scene's caption, which then fits the caption stage's 32 tokens
     templates = [prompts.CAPTION_PROMPT, prompts.REFER_PROMPT, prompts.GROUP_REFER_PROMPT, prompts.NEGATIVE_PROMPT]
-    vocab, merges = train_bpe(CORPUS + templates, 1024)
+    vocab, merges = train_bpe(CORPUS + [CAPTION] + templates, 1024)
     for token in SPECIAL_TOKENS:  # Qwen layout: special tokens follow the BPE vocabulary
         vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(
