@@ -183,7 +183,7 @@ def run_sequential(cfg, stages, go: str) -> dict:
     import pyarrow as pa
 
     from actors.vlm import VLMEngine
-    from sculpt import pipeline, schema, shards, vlm
+    from sculpt import planning, schema, shards, vlm
     from sculpt.output import UnitWriter
     from sculpt.stage import StageActor
 
@@ -206,7 +206,7 @@ def run_sequential(cfg, stages, go: str) -> dict:
     actors = [StageActor(stage) for stage in stages]  # runs each stage's setup()
     setup_done = time.monotonic()
 
-    todo = pipeline.plan(cfg, stages)
+    todo = planning.plan(cfg, stages)
     options = shards.ReadOptions(batch_images=cfg.input.batch_images, max_image_pixels=cfg.input.max_image_pixels)
     outputs, images = [], 0
     for uri in todo.pending:

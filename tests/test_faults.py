@@ -7,7 +7,7 @@ import os
 import pyarrow.dataset as pads
 import pytest
 
-from sculpt import config, pipeline
+from sculpt import config, pipeline, planning
 from sculpt.output import OutputStore
 
 
@@ -78,7 +78,7 @@ def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, t
 
     broken.unlink()  # the cause is fixed
     cfg, built = job(sample_shards, tmp_path / "out", stages, "faults.min_errors=2", "output.redo_errors=true")
-    todo = pipeline.plan(cfg, built)
+    todo = planning.plan(cfg, built)
     assert sorted(map(len, todo.redo.values())) == [1, 1] and len(todo.pending) == 2  # only the two units with errors
     summary = pipeline.run(cfg, built, todo)
     after = rows_of(tmp_path / "out")

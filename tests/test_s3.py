@@ -6,7 +6,7 @@ import boto3
 import pyarrow.dataset as pads
 import pytest
 
-from sculpt import config, pipeline, storage
+from sculpt import config, pipeline, planning, storage
 from sculpt.cli import status
 from sculpt.output import OutputStore
 from sculpt.shards import shard_name
@@ -125,10 +125,10 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
     client.put_object(Bucket=name, Key="out/_markers/_tmp/sa_000001.json.0badc0ffee00", Body=b"{")  # and temp file
     cfg, stages = s3_job(s3_server, name, tmp_path)
 
-    first = pipeline.plan(cfg, stages)  # holds the lease until its run ends
+    first = planning.plan(cfg, stages)  # holds the lease until its run ends
     assert client.head_object(Bucket=name, Key=f"out/{LEASE_FILE}")
     with pytest.raises(OutputBusy, match="another job is writing this output"):
-        pipeline.plan(cfg, stages)  # a second job on the same output is refused before it touches anything
+        planning.plan(cfg, stages)  # a second job on the same output is refused before it touches anything
     assert client.list_multipart_uploads(Bucket=name, Prefix="out/").get("Uploads", []) == []  # the first cleaned up
     summary = pipeline.run(cfg, stages, first)
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from actors.vlm import vlm_engines  # noqa: E402
 from sculpt import config as job_config  # noqa: E402
-from sculpt import errors, pipeline, samples  # noqa: E402
+from sculpt import errors, pipeline, planning, samples  # noqa: E402
 
 DEMO_DIR = "sculpt-demo"
 # The demo on a CPU machine: logical CPUs and GPUs for the five stages, small images, short answers.
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             overrides = demo_settings() + overrides
         config = job_config.load(args.config, overrides)
         stages = job_config.build_stages(config)
-        todo = pipeline.plan(config, stages)
+        todo = planning.plan(config, stages)
         if todo.pending:
             started_local_ray = pipeline.connect_ray(config)
             pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
