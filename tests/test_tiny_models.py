@@ -134,3 +134,17 @@ def test_tiny_internvl_captions_refers_and_negates_under_vllm(tiny_models):
         assert answer["finish_reason"] == "stop", answer
         expression = prompts.clean_expression(answer["text"])
         assert expression == EXPRESSION and len(expression.split()) >= prompts.MIN_EXPRESSION_WORDS
+
+
+def test_a_kit_knows_the_code_that_wrote_it(tiny_models, tmp_path):
+    import os
+
+    import yaml
+
+    from sculpt.models.kit import kit_version, written_version
+
+    kit_dir = os.path.dirname(tiny_models["vlm"])
+    assert written_version(kit_dir) == kit_version()  # the demo reuses this kit
+    assert written_version(str(tmp_path)) is None  # no kit: the demo writes one
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": tiny_models}))  # a kit from before versions
+    assert written_version(str(tmp_path)) is None  # stale: rewritten

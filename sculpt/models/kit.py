@@ -63,11 +63,34 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def kit_version() -> str:
+    """A hash of the code that writes and trains the kit (and of the prompts it learns): a kit written by other
+    code is stale."""
+    import hashlib
+
+    from sculpt import prompts
+
+    digest = hashlib.sha256()
+    for module in [__name__, prompts.__name__, *WRITERS.values()]:
+        with open(importlib.import_module(module).__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def written_version(directory: str) -> str | None:
+    """The kit_version of the kit in ``directory`` (None: none there, or one older than versions)."""
+    try:
+        with open(os.path.join(directory, "models.yaml")) as f:
+            return yaml.safe_load(f).get("kit_version")
+    except FileNotFoundError:
+        return None
+
+
 def write_tiny_models(directory: str, seed: int = 0) -> dict[str, str]:
     os.makedirs(directory, exist_ok=True)
     paths = {}
     for key, module in WRITERS.items():
         paths[key] = importlib.import_module(module).write(os.path.join(os.path.abspath(directory), key), seed)
     with open(os.path.join(directory, "models.yaml"), "w") as f:
-        yaml.safe_dump({"models": paths}, f)
+        yaml.safe_dump({"models": paths, "kit_version": kit_version()}, f)
     return paths
