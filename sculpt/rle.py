@@ -15,20 +15,23 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 
+def _text(rle: dict) -> dict:
+    """pycocotools' RLE (counts as bytes, size as numpy ints) as sculpt stores it."""
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
 def encode(mask: np.ndarray) -> dict:
     """One H×W boolean (or 0/1) mask -> ``{"size": [H, W], "counts": str}``."""
     if mask.ndim != 2:
         raise ValueError(f"encode takes one H×W mask, got shape {mask.shape}")
-    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    return _text(coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8)))
 
 
 def encode_many(masks: np.ndarray) -> list[dict]:
     """N×H×W masks -> N RLEs, in one pycocotools call."""
     if masks.ndim != 3:
         raise ValueError(f"encode_many takes N×H×W masks, got shape {masks.shape}")
-    rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
+    return [_text(r) for r in coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))]
 
 
 def encode_tensors(masks, chunk: int = 8) -> list[dict]:
@@ -45,8 +48,7 @@ def encode_tensors(masks, chunk: int = 8) -> list[dict]:
     out = []
     for i in range(0, int(masks.shape[0]), chunk):
         runs = [{"size": [height, width], "counts": counts} for counts in run_lengths(masks[i:i + chunk])]
-        out += [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
-                for r in coco_mask.frPyObjects(runs, height, width)]
+        out += [_text(r) for r in coco_mask.frPyObjects(runs, height, width)]
     return out
 
 
@@ -136,10 +138,6 @@ def iou(a: dict, b: dict) -> float:
     if list(a["size"]) != list(b["size"]):
         raise ValueError(f"masks of different sizes: {a['size']} vs {b['size']}")
     return float(coco_mask.iou([_coco(a)], [_coco(b)], [0])[0][0])
-
-
-def _text(rle: dict) -> dict:
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def union(rles: list[dict]) -> dict:
