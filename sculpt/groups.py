@@ -23,16 +23,12 @@ def categorise(objects: list[dict]) -> None:
     One instance of a phrase with several boxes ("two green plants", box 1 of 2) is a single object (or a part
     or stuff, as its phrase says); the group the mask stage builds from them is the multi-object reference.
     """
-    boxes_per_span: dict[tuple, int] = {}
-    for obj in objects:
-        if obj.get("phrase_start") is not None:
-            span = (obj["phrase_start"], obj["phrase_end"])
-            boxes_per_span[span] = boxes_per_span.get(span, 0) + 1
+    by_span = objects_by_span(objects)
     for obj in objects:
         if obj.get("category") or obj.get("phrase") is None:
             continue
         kind = category(obj["phrase"], 1)
-        if boxes_per_span.get((obj["phrase_start"], obj["phrase_end"]), 1) > 1 and kind == MULTI:
+        if len(by_span.get((obj["phrase_start"], obj["phrase_end"]), [])) > 1 and kind == MULTI:
             kind = SINGLE  # an instance of a plural phrase
         obj["category"] = NAMES[kind]
 
@@ -40,12 +36,8 @@ def categorise(objects: list[dict]) -> None:
 def build_groups(objects: list[dict]) -> list[dict]:
     """Group objects for the phrases grounded to several masked boxes (objects with errors take no part), in
     caption order; each lists its members as indices into ``objects``. Phrases already grouped get none."""
-    spans: dict[tuple, list[int]] = {}
     grouped = {(o["phrase_start"], o["phrase_end"]) for o in objects if o.get("members")}
-    for i, obj in enumerate(objects):
-        if obj.get("members") or obj.get("phrase_start") is None or not obj.get("mask") or obj.get("error"):
-            continue
-        spans.setdefault((obj["phrase_start"], obj["phrase_end"]), []).append(i)
+    spans = objects_by_span(objects, lambda o: not o.get("members") and o.get("mask") and not o.get("error"))
     groups = []
     for span, members in sorted(spans.items()):
         if len(members) < MIN_MEMBERS or span in grouped:
@@ -64,8 +56,14 @@ def build_groups(objects: list[dict]) -> list[dict]:
 
 def grounded_caption(objects: list[dict]) -> list[dict]:
     """The caption's grounded spans in order, each with the indices of the objects that name it."""
+    return [{"start": start, "end": end, "objects": indices}
+            for (start, end), indices in sorted(objects_by_span(objects).items())]
+
+
+def objects_by_span(objects: list[dict], wanted=lambda obj: True) -> dict[tuple, list[int]]:
+    """(phrase_start, phrase_end) -> indices of the ``wanted`` objects grounded to that caption span."""
     spans: dict[tuple, list[int]] = {}
     for i, obj in enumerate(objects):
-        if obj.get("phrase_start") is not None:
+        if obj.get("phrase_start") is not None and wanted(obj):
             spans.setdefault((obj["phrase_start"], obj["phrase_end"]), []).append(i)
-    return [{"start": start, "end": end, "objects": indices} for (start, end), indices in sorted(spans.items())]
+    return spans

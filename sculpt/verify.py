@@ -82,8 +82,8 @@ def judge(objects: list[dict], i: int, verifier_mask: dict, params: dict) -> Non
                        kept=obj["verifier_area"] <= params["negative_area"] * size[0] * size[1])
             return
         value = float(np.float32(rle.iou(verifier_mask, obj["mask"])))
-        others = [o["mask"] for j, o in enumerate(objects) if j not in related(objects, i) and o.get("mask")
-                  and o.get("category") != NEGATIVE]
+        own = related(objects, i)
+        others = [o["mask"] for j, o in enumerate(objects) if j not in own and o.get("mask") and o.get("category") != NEGATIVE]
         rival = float(np.float32(max(rle.ious(verifier_mask, others), default=0.0)))
     except ValueError as exc:
         obj.update(iou=None, rival_iou=None, kept=False, error=f"verify: {exc}")
