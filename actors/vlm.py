@@ -17,6 +17,9 @@ from sculpt import errors, images, vlm
 from sculpt.stage import Stage
 
 
+RESENDS = 3  # times a request vLLM answered with its retryable error is sent again, before the batch is retried
+
+
 class VLMEngine:
     """One vLLM engine (``AsyncLLM``): every caller's requests reach its continuous batching at once.
 
@@ -50,12 +53,30 @@ class VLMEngine:
         pictures = {key: Image.fromarray(images.load_rgb(data)) for key, data in encoded_images.items()}
         conversations = [conversation(pictures[key], text) for key, text in requests]
         try:
-            return self.loop.generate(self.loop.render(conversations), SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            return self.answer(conversations, SamplingParams(max_tokens=max_tokens, temperature=0.0))
         except Exception as exc:
             if self.loop.engine.errored or type(exc).__name__ == "EngineDeadError":
                 print(f"[sculpt] VLM engine died ({errors.describe(exc)}); restarting this engine actor", flush=True)
                 os._exit(1)  # an unexpected exit: Ray restarts the actor and retries the calls in flight
             raise
+
+    def answer(self, conversations: list, params) -> list[dict]:
+        """Answers to conversations, resending those vLLM finished with its retryable ``error``.
+
+        vLLM returns ``finish_reason="error"`` when its frontend and engine-core image caches drift apart (it
+        drops the image from the frontend cache and expects the client to resend); rendering again sends the
+        image data itself.
+        """
+        answers: list[dict] = [{}] * len(conversations)
+        todo = list(range(len(conversations)))
+        for _ in range(RESENDS + 1):
+            rendered = self.loop.render([conversations[i] for i in todo])
+            for i, answer in zip(todo, self.loop.generate(rendered, params)):
+                answers[i] = answer
+            todo = [i for i in todo if answers[i]["finish_reason"] == "error"]
+            if not todo:
+                return answers
+        raise errors.TransientError(f"vLLM answered {len(todo)} request(s) with its retryable error {RESENDS + 1} times")
 
     def load(self) -> dict:
         """Requests in the engine now, the most it has held at once, and how many it has answered."""

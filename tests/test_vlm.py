@@ -99,6 +99,31 @@ def test_concurrent_callers_reach_the_engine_together(engine):
     assert load["peak_in_flight"] > 2  # more than one caller's requests were in the engine at once
 
 
+def test_requests_vllm_answers_with_its_retryable_error_are_rendered_and_sent_again(engine, monkeypatch):
+    """vLLM's answer to frontend/engine image-cache drift (seen in CI): finish_reason "error", resend with data."""
+    from actors import vlm as vlm_actor
+
+    real, sent = engine.loop.generate, []
+
+    def drifting(prompts_, params):  # the engine's first answer comes back as vLLM's retryable error
+        answers = real(prompts_, params)
+        sent.append(len(prompts_))
+        if len(sent) == 1:
+            answers[0] = {**answers[0], "text": "", "finish_reason": "error"}
+        return answers
+
+    monkeypatch.setattr(engine.loop, "generate", drifting)
+    chelsea = {"chelsea": samples.jpeg_bytes(samples.photo("chelsea"))}
+    answers = engine.chat(chelsea, [("chelsea", prompts.CAPTION_PROMPT)] * 2, max_tokens=4)
+    assert sent == [2, 1]  # only the errored request went again
+    assert [a["finish_reason"] for a in answers] == ["length"] * 2 and answers[0]["text"] == answers[1]["text"] != ""
+
+    monkeypatch.setattr(engine.loop, "generate", lambda prompts_, params: [
+        {"text": "", "finish_reason": "error", "prompt_tokens": 0, "cached_tokens": 0} for _ in prompts_])
+    with pytest.raises(vlm_actor.errors.TransientError, match="retryable error"):
+        engine.chat(chelsea, [("chelsea", prompts.CAPTION_PROMPT)], max_tokens=4)
+
+
 def test_prefix_cache_counters(engine):
     stats = engine.prefix_cache()
     assert stats["prefix_cache_queries"] > 0 and stats["prefix_cache_hits"] >= 256
