@@ -110,7 +110,7 @@ def main() -> None:
     job = {"fingerprint": "bench", "model_ids": {}}
 
     def write_parquet(_):
-        table = schema.to_table([{**r, "shard_size": len(full_rows), "shard_bytes_read": 1} for r in full_rows])
+        table = schema.to_table([{**r, "unit_end": {"size": len(full_rows), "bytes_read": 1}} for r in full_rows])
         writer = UnitWriter(store, "sa_000000", job)
         writer.add(table)
         writer.commit()

@@ -77,7 +77,7 @@ def job_error(exc: BaseException) -> str | None:
     from sculpt.config import ConfigError
     from sculpt.lease import OutputBusy
     from sculpt.output import IncompatibleOutput
-    from sculpt.pipeline import ErrorBudgetExceeded
+    from sculpt.output import ErrorBudgetExceeded
 
     if isinstance(exc, (ConfigError, IncompatibleOutput, ErrorBudgetExceeded, FileNotFoundError, OutputBusy)):
         return str(exc)

@@ -1,17 +1,20 @@
-"""Output units: one Parquet file per input shard, committed atomically, a marker written last.
+"""Output units: one Parquet file per chunk of an input shard, committed atomically, a marker written last.
 
 Layout under the output path (local or s3://)::
 
-    _sculpt_job.json          the job's config fingerprint, stages and model ids (first run)
-    sa_000000.parquet          the shard's rows; appears whole or not at all
-    _markers/sa_000000.json   written after the Parquet file: counts and statistics (sculpt/stats.py),
-                               fingerprint, model ids, prompts version, timings
-    _stats.json                the whole job's statistics, rewritten at the end of each run
-    _tmp/                      in-flight writes; garbage after a kill, cleared by the next run
+    _sculpt_job.json                the job's config fingerprint, stages and model ids (first run)
+    sa_000000-00000.parquet          the rows of the shard's first chunk; appears whole or not at all
+    _markers/sa_000000-00000.json   written after the Parquet file: counts and statistics (sculpt/stats.py),
+                                     where the shard's next chunk starts (``end``), fingerprint, model ids, timings
+    _stats.json                      the whole job's statistics, rewritten at the end of each run
+    _tmp/                            in-flight writes (``parts/<unit>/``: rows written in the cluster, awaiting
+                                     their unit's commit); garbage after a kill, cleared by the next run
 
-A unit is committed when its marker exists. A rerun lists ``_markers/`` and never opens a committed shard's
-input. A unit cut off by a kill has no marker; its Parquet path is deterministic, so the rerun replaces it
-rather than adding a second copy of any row.
+Rows are written where they come out of the last stage (``write_parts``, in the cluster); the driver only sees
+receipts, and when a unit's receipts are all in it starts ``commit_unit``, which gathers the parts into the
+unit's file and writes its marker. A unit is committed when its marker exists. A rerun lists ``_markers/`` and
+never opens a committed chunk's input. A unit cut off by a kill has no marker; its Parquet path is deterministic,
+so the rerun replaces it rather than adding a second copy of any row.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -119,6 +123,7 @@ class UnitWriter:
         self.store, self.unit, self.job, self.flush_rows = store, unit, job, flush_rows
         self.seen: set[int] = set()
         self.expected: int | None = None
+        self.end: dict | None = None  # the reader's unit_end: size, and where the shard's next chunk starts
         self.bytes_read = 0
         self.buffer: list[pa.Table] = []
         self.buffered = 0
@@ -146,9 +151,10 @@ class UnitWriter:
             examples = self.first_errors.setdefault(message.split(":", 1)[0], [])
             if len(examples) < 3:
                 examples.append(message)
-        sizes = pc.drop_null(table["shard_size"])
-        if len(sizes):
-            self.expected, self.bytes_read = sizes[0].as_py(), pc.max(table["shard_bytes_read"]).as_py()
+        ends = pc.drop_null(table["unit_end"])
+        if len(ends):
+            self.end = ends[0].as_py()
+            self.expected, self.bytes_read = self.end["size"], self.end["bytes_read"]
         self.buffer.append(_finish(table))
         self.buffered += table.num_rows
         if self.buffered >= self.flush_rows:
@@ -207,6 +213,7 @@ class UnitWriter:
             "filter": self.filter,
             "prompts_version": self.job.get("prompts_version"),
             **self.stats,
+            "end": self.end,
             "input_bytes_read": self.bytes_read,
             "started": self.started,
             "committed": time.time(),
@@ -221,3 +228,64 @@ def _finish(table: pa.Table) -> pa.Table:
     status = pc.if_else(pc.and_(pc.equal(table["status"], schema.OK), no_objects), schema.EMPTY, table["status"])
     table = table.set_column(table.schema.get_field_index("status"), "status", status)
     return table.select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)
+
+
+PARTS = f"{storage.TMP_DIR}/parts"
+
+RECEIPT_SCHEMA = pa.schema([
+    ("unit", pa.string()),
+    ("part", pa.string()),  # the part file; null when the rows were not written (a transient failure)
+    ("indices", pa.list_(pa.int32())),  # the rows' indices in their shard
+    ("unit_end", schema.UNIT_END_TYPE),  # the reader's end of the unit, on the part holding its last rows
+    ("transient_error", pa.string()),  # a row's transient fault outlasted its retries: the unit stays pending
+])
+
+
+def write_parts(table: pa.Table, out: str, s3: S3Options) -> pa.Table:
+    """The write step, in the cluster: each unit's rows of this batch to a part file; one small receipt per part."""
+    fs, root = storage.filesystem(storage.join(out, PARTS), s3)
+    receipts = []
+    for unit in pc.unique(table["unit"]).to_pylist():
+        rows = table.filter(pc.equal(table["unit"], unit))
+        reasons, ends = pc.drop_null(rows["transient_error"]), pc.drop_null(rows["unit_end"])
+        receipt = {"unit": unit, "part": None, "indices": rows["index"].to_pylist(),
+                   "unit_end": ends[0].as_py() if len(ends) else None,
+                   "transient_error": reasons[0].as_py() if len(reasons) else None}
+        if receipt["transient_error"] is None:
+            receipt["part"] = f"{unit}/{uuid.uuid4().hex}.parquet"
+            fs.create_dir(f"{root}/{unit}", recursive=True)
+            pq.write_table(rows, f"{root}/{receipt['part']}", filesystem=fs, compression="zstd")
+        receipts.append(receipt)
+    return pa.Table.from_pylist(receipts, schema=RECEIPT_SCHEMA)
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """A model stage failed too many images of a unit: the job stops before writing a dataset of errors."""
+
+
+def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo: bool = False,
+                error_budget: tuple[float, int] = (1.0, 1 << 30)) -> dict:
+    """Gather a unit's part files into its Parquet file and write its marker (in the cluster); returns the marker.
+
+    ``redo``: the unit is committed already and the parts redo its error rows. Safe to run again (a retried task):
+    once the marker is written and the parts are gone, it returns that marker.
+    """
+    fs, root = storage.filesystem(storage.join(store.uri, PARTS), store.s3)
+    written = storage.read_bytes(store.marker_uri(unit), store.s3)
+    if written and not any(fs.get_file_info(f"{root}/{part}").is_file for part in parts):
+        return json.loads(written)
+    writer = UnitWriter(store, unit, job)
+    try:
+        if redo:
+            writer.resume_from(store.read_unit(unit))
+        for part in parts:
+            writer.add(pq.read_table(f"{root}/{part}", filesystem=fs, schema=schema.PIPELINE_SCHEMA))
+        over = writer.over_error_budget(*error_budget)
+        if over:
+            raise ErrorBudgetExceeded(over)
+        marker = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    storage.delete_tree(f"{storage.join(store.uri, PARTS)}/{unit}", store.s3)
+    return marker

@@ -1,15 +1,18 @@
-"""The streaming engine: shards -> reader tasks -> one fixed actor pool per stage -> per-shard commits.
+"""The streaming engine: chunks of shards -> reader tasks -> one fixed actor pool per stage -> write tasks -> commits.
 
-What to do (shards, committed units, the output's lease) is decided by ``sculpt.planning``, without Ray; this
-module runs it.
+What to do (segments of shards to read, committed units, the output's lease) is decided by ``sculpt.planning``,
+without Ray; this module runs it.
 
-Ray Data streams blocks of rows through every stage at once, with backpressure, so memory is bounded by the
-blocks in flight, not by the number of shards. The driver consumes the last stage's output and hands each row
-to the UnitWriter of its shard; when a shard's rows are all in, the unit is committed (Parquet, then marker).
+Ray Data streams blocks of rows through every stage at once, with backpressure; a job-wide ``ChunkGate`` bounds
+the chunks read but not yet through the chain, so memory and what a kill loses do not grow with the input. Rows are
+written to part files where they leave the last stage (``sculpt.output.write_parts``); the driver receives only
+receipts (unit, part file, row indices), and when a unit's receipts are all in it starts ``commit_unit`` in the
+cluster (Parquet, then marker).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -19,30 +22,52 @@ import time
 import warnings
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from sculpt import errors, report, schema, shards, stats, storage
+from sculpt import errors, output, report, shards, stats, storage
 from sculpt.config import JobConfig
-from sculpt.output import UnitWriter
 from sculpt.planning import Plan, plan
 from sculpt.stage import Stage, actor_class, ray_options
 
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 
 
-def _read(batch: pa.Table, options: shards.ReadOptions, only: dict[str, list[int]]):
-    for uri in batch["uri"].to_pylist():
-        for rows in shards.read_shard(uri, options, set(only[uri]) if uri in only else None):
-            if rows:
-                yield schema.to_table(rows)
+class ChunkGate:
+    """At most ``limit`` chunks read and not yet all through the chain, job-wide: a reader waits here before it
+    reads a chunk, the driver frees the chunk once all its rows are written (or it is given up on).
+
+    Keyed by unit, so that a reader task Ray runs again for the same chunk takes no second place. A Ray asyncio
+    actor: waiting readers cost no thread.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.held, self.peak = limit, set(), 0
+        self.changed = asyncio.Condition()
+
+    async def acquire(self, unit: str) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: unit in self.held or len(self.held) < self.limit)
+            self.held.add(unit)
+            self.peak = max(self.peak, len(self.held))
+
+    async def release(self, unit: str) -> None:
+        async with self.changed:
+            self.held.discard(unit)
+            self.changed.notify_all()
+
+    async def load(self) -> dict:
+        return {"held": len(self.held), "peak": self.peak, "limit": self.limit}
 
 
-def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig, only: dict[str, list[int]] | None = None):
-    """The streaming dataset of the shards' rows through every stage; ``only``: shard -> the indices to read."""
+def _split(row: dict) -> list[dict]:
+    return [{"segment": piece.to_json()} for piece in shards.split(shards.Segment.from_json(row["segment"]))]
+
+
+def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate):
+    """The streaming dataset of the segments' rows through every stage, written in the cluster; yields receipts."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver prints its own shard-level progress
+    ctx.enable_progress_bars = False  # the driver prints its own progress
     # sculpt's own lines tell the story; Ray Data's notes on its plan stay in Ray's log files
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray\.data\..*")
@@ -54,10 +79,11 @@ def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig,
         read_attempts=config.faults.read_attempts,
         retry_backoff=config.faults.backoff_seconds,
     )
-    ds = ray.data.from_items([{"uri": uri} for uri in shard_uris], override_num_blocks=len(shard_uris))
+    ds = ray.data.from_items([{"segment": segment.to_json()} for segment in segments], override_num_blocks=len(segments))
+    ds = ds.flat_map(_split, num_cpus=0)  # local tars: one segment per chunk, read in parallel
     ds = ds.map_batches(
-        _read,
-        fn_kwargs={"options": options, "only": only or {}},
+        _read_segments,
+        fn_kwargs={"options": options, "gate": gate},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=config.input.readers),
@@ -71,15 +97,28 @@ def build_dataset(shard_uris: list[str], stages: list[Stage], config: JobConfig,
             batch_format="pyarrow",
             **ray_options(stage.resources),
         )
-    return ds
+    return ds.map_batches(output.write_parts, fn_kwargs={"out": config.output.path, "s3": config.s3},
+                          batch_size=None, batch_format="pyarrow",
+                          compute=ray.data.TaskPoolStrategy(size=config.output.writers), num_cpus=0)
+
+
+def _read_segments(batch: pa.Table, options: shards.ReadOptions, gate):
+    import ray
+
+    from sculpt import schema
+
+    def wait_for_a_place(unit: str) -> None:
+        ray.get(gate.acquire.remote(unit))
+
+    for row in batch.to_pylist():
+        for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options, wait_for_a_place):
+            yield schema.to_table(rows)
 
 
 class Progress:
     def __init__(self, total: int, done: int, every: float, out=sys.stdout):
         self.total, self.done, self.every, self.out = total, done, every, out
-        self.todo = total - done
-        self.images = 0
-        self.images_per_shard: list[int] = []
+        self.images = self.chunks = 0
         self.first_output: float | None = None  # seconds until the first row came out of the last stage
         self.start = self.last = time.monotonic()
 
@@ -90,35 +129,31 @@ class Progress:
         if time.monotonic() - self.last >= self.every:
             self.print()
 
-    def unit(self, marker: dict) -> None:
-        self.done += 1
-        self.images_per_shard.append(marker["rows"])
+    def unit(self, marker: dict, shard_done: bool) -> None:
+        self.chunks += 1
+        self.done += shard_done
         self.print(f"committed {marker['unit']} ({marker['images']} images, {marker['errors']} errors)")
 
     def print(self, event: str = "") -> None:
         self.last = time.monotonic()
         elapsed = self.last - self.start
         rate = self.images / elapsed if elapsed > 0 else 0.0
-        eta = "?"
-        if self.images_per_shard and rate > 0:
-            mean = sum(self.images_per_shard) / len(self.images_per_shard)
-            left = max(0.0, (self.total - self.done) * mean - (self.images - sum(self.images_per_shard)))
-            eta = time.strftime("%H:%M:%S", time.gmtime(left / rate))
-        line = f"[sculpt] shards {self.done}/{self.total} | images {self.images} | {rate:.2f} img/s | ETA {eta}"
+        line = (f"[sculpt] shards {self.done}/{self.total} | chunks committed {self.chunks} | images {self.images} "
+                f"| {rate:.2f} img/s")
         print(f"{line} | {event}" if event else line, file=self.out, flush=True)
 
 
-class ErrorBudgetExceeded(RuntimeError):
-    """A model stage failed too many images of a unit: the job stops before writing a dataset of errors."""
+class _Received:
+    """A unit's receipts so far: its part files and the row indices they hold."""
 
-
-def _transient_failure(table: pa.Table) -> str | None:
-    reasons = pc.drop_null(table["transient_error"])
-    return reasons[0].as_py() if len(reasons) else None
+    def __init__(self):
+        self.parts: list[str] = []
+        self.seen: set[int] = set()
+        self.expected: int | None = None
 
 
 def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dict:
-    """Annotate every shard not yet committed under the output path; returns a summary of this run.
+    """Annotate every chunk not yet committed under the output path; returns a summary of this run.
 
     A unit with an image whose transient fault outlasted its retries, or whose commit failed, is left pending
     (``summary["pending"]``, unit -> why) and the others go on; a rerun does the pending ones. The output's lease
@@ -132,54 +167,79 @@ def run(config: JobConfig, stages: list[Stage], todo: Plan | None = None) -> dic
 
 
 def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
-    store, job, all_shards = todo.store, todo.job, todo.all_shards
-    progress = Progress(len(all_shards), len(all_shards) - len(todo.pending), config.progress_seconds)
+    store, job = todo.store, todo.job
+    progress = Progress(len(todo.all_shards), sum(todo.shard_done(shards.shard_name(u), todo.committed)
+                                                  for u in todo.all_shards), config.progress_seconds)
+    committed = set(todo.committed)
     markers: list[dict] = []
     pending: dict[str, str] = {}
-    writers: dict[str, UnitWriter] = {}
-    driver_bytes = 0  # what the rows cost the driver to receive
-    dataset = build_dataset(todo.pending, stages, config, todo.redo) if todo.pending else None
-    try:
-        for uri in todo.redo:  # a redone unit starts from its committed good rows
-            writer = writers[shards.shard_name(uri)] = UnitWriter(store, shards.shard_name(uri), job)
-            writer.resume_from(store.read_unit(writer.unit))
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow") if dataset else []:
-            progress.rows(table.num_rows)
-            driver_bytes += table.nbytes
-            for unit in pc.unique(table["shard"]).to_pylist():
-                if unit in pending:
-                    continue  # rows still arriving for a unit already given up on
-                part = table.filter(pc.equal(table["shard"], unit))
-                why = _transient_failure(part)
-                if why is None:
-                    writer = writers.setdefault(unit, UnitWriter(store, unit, job))
-                    try:
-                        writer.add(part)
-                        if not writer.complete:
-                            continue
-                        over = writer.over_error_budget(config.faults.max_error_share, config.faults.min_errors)
-                        if over:
-                            raise ErrorBudgetExceeded(over)
-                        markers.append(writer.commit())
-                        del writers[unit]
-                        progress.unit(markers[-1])
+    driver_bytes = 0  # what the receipts cost the driver to receive
+    if todo.segments:
+        import ray
+
+        gate = ray.remote(ChunkGate).options(num_cpus=0).remote(config.input.chunks_in_flight or 2 * config.input.readers)
+        commit = ray.remote(output.commit_unit).options(num_cpus=0)
+        budget = (config.faults.max_error_share, config.faults.min_errors)
+        received: dict[str, _Received] = {}
+        commits: dict = {}  # commit task -> its unit
+
+        def settle(wait: bool) -> None:
+            """Take in the commits that have finished (all of them with ``wait``)."""
+            done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=None if wait else 0)
+            for ref in done:
+                unit = commits.pop(ref)
+                try:
+                    marker = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause
+                    if not isinstance(cause, OSError) or cause.errno == errno.ENOSPC:
+                        raise cause from None  # a full disk or an error budget stops the job with one line
+                    pending[unit] = f"write: {errors.describe(cause)}"  # the output store, past its own retries
+                    progress.print(f"left {unit} pending: {pending[unit]}")
+                    continue
+                markers.append(marker)
+                committed.add(unit)
+                shard = shards.parse_unit(unit)[0]
+                if marker["end"]["last"]:
+                    todo.last_chunks[shard] = shards.parse_unit(unit)[1]
+                progress.unit(marker, todo.shard_done(shard, committed))
+
+        try:
+            for receipts in build_dataset(todo.segments, stages, config, gate).iter_batches(batch_size=None,
+                                                                                           batch_format="pyarrow"):
+                driver_bytes += receipts.nbytes
+                for receipt in receipts.to_pylist():
+                    unit = receipt["unit"]
+                    if unit in pending:
+                        continue  # rows still arriving for a unit already given up on
+                    if receipt["transient_error"]:
+                        received.pop(unit, None)
+                        pending[unit] = receipt["transient_error"]
+                        gate.release.remote(unit)
+                        progress.print(f"left {unit} pending: {pending[unit]}")
                         continue
-                    except OSError as exc:  # the output store, past its own retries
-                        if exc.errno == errno.ENOSPC:
-                            raise  # no unit can be written: the job stops with one line (sculpt.errors.job_error)
-                        why = f"write: {errors.describe(exc)}"
-                if unit in writers:
-                    writers.pop(unit).abort()
-                pending[unit] = why
-                progress.print(f"left {unit} pending: {why}")
-        if writers:
-            missing = {unit: f"{len(w.seen)}/{w.expected}" for unit, w in writers.items()}
-            raise RuntimeError(f"the pipeline ended with incomplete shards (rows seen/expected): {missing}")
-    finally:
-        for writer in writers.values():
-            writer.abort()
+                    got = received.setdefault(unit, _Received())
+                    fresh = set(receipt["indices"]) - got.seen
+                    got.parts.append(receipt["part"])
+                    got.seen |= fresh
+                    progress.rows(len(fresh))
+                    if receipt["unit_end"]:
+                        got.expected = len(todo.redo[unit]) if unit in todo.redo else receipt["unit_end"]["size"]
+                    if got.expected is not None and len(got.seen) >= got.expected:
+                        commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget)] = unit
+                        del received[unit]
+                        gate.release.remote(unit)
+                settle(wait=False)
+            settle(wait=True)
+        finally:
+            for ref in commits:
+                ray.cancel(ref)
+            ray.kill(gate)
+        if received:
+            missing = {unit: f"{len(got.seen)}/{got.expected}" for unit, got in received.items()}
+            raise RuntimeError(f"the pipeline ended with incomplete units (rows seen/expected): {missing}")
     summary = {
-        "shards": len(all_shards),
+        "shards": len(todo.all_shards),
         "committed_now": len(markers),
         "pending": pending,
         "images": sum(m["images"] for m in markers),

@@ -8,6 +8,8 @@ cluster is touched; ``sculpt.pipeline`` runs the plan.
 from __future__ import annotations
 
 import dataclasses
+import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.compute as pc
 
@@ -25,7 +27,8 @@ def job_record(config: JobConfig, stages: list[Stage]) -> dict:
     settings = {
         "schema_version": SCHEMA_VERSION,
         "stages": [stage.describe() for stage in stages],
-        "input": {"max_image_pixels": config.input.max_image_pixels, "keep_source_annotations": config.input.keep_source_annotations},
+        "input": {"max_image_pixels": config.input.max_image_pixels, "keep_source_annotations": config.input.keep_source_annotations,
+                  "chunk_images": config.input.chunk_images},
     }
     if any(stage.model_key == "vlm" for stage in stages):
         vlm = dataclasses.asdict(config.vlm)
@@ -55,38 +58,94 @@ class Plan:
     store: OutputStore
     job: dict
     all_shards: list[str]
-    pending: list[str]  # shards to read: those without a committed unit, then those whose errors are redone
-    redo: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # shard -> indices of its error rows
+    segments: list[shards.Segment]  # what to read: each shard's unfinished chunks, then the chunks whose errors are redone
+    redo: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # unit -> indices of its error rows
     lease: Lease | None = None  # this job's hold on the output, given back when run() ends
+    committed: set[str] = dataclasses.field(default_factory=set)  # units committed before this run
+    last_chunks: dict[str, int] = dataclasses.field(default_factory=dict)  # shard -> its last chunk, where committed
+
+    def shard_done(self, shard: str, committed: set[str]) -> bool:
+        """Every chunk of the shard, up to its last, is among ``committed``."""
+        last = self.last_chunks.get(shard)
+        return last is not None and all(shards.unit_name(shard, c) in committed for c in range(last + 1))
 
 
 def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     """List the shards, check the output against this config (refusing another one) and find what is left.
 
-    Needs no Ray: a resume that has nothing left, or a refused config, is known before any cluster is touched."""
+    Needs no Ray: a resume that has nothing left, or a refused config, is known before any cluster is touched.
+    A shard's chunks are found from their markers: a resume starts each unfinished run of chunks where the chunk
+    before it ended, and reads no committed chunk."""
     store = OutputStore(config.output.path, config.s3)
     all_shards = list_shards(config)
     job = {**job_record(config, stages), "inputs": config.input.shards, "total_shards": len(all_shards)}
     lease = Lease(store.uri, config.s3).acquire()  # before prepare() clears what a killed run left
     try:
         committed = store.prepare(job, overwrite=config.output.overwrite)
-        pending = [uri for uri in all_shards if shards.shard_name(uri) not in committed]
-        redo = _error_rows(store, [uri for uri in all_shards if uri not in pending]) if config.output.redo_errors else {}
+        by_shard: dict[str, set[int]] = {}
+        for unit in committed:
+            shard, chunk = shards.parse_unit(unit)
+            by_shard.setdefault(shard, set()).add(chunk)
+        with ThreadPoolExecutor(16) as pool:
+            found = list(pool.map(lambda uri: _unfinished(store, uri, by_shard.get(shards.shard_name(uri), set()),
+                                                          config.input.chunk_images), all_shards))
+        segments = [segment for shard_segments, _ in found for segment in shard_segments]
+        last_chunks = {shards.shard_name(uri): last for uri, (_, last) in zip(all_shards, found) if last is not None}
+        redo = _error_rows(store, committed) if config.output.redo_errors else {}
     except BaseException:
         lease.release()
         raise
-    print(f"[sculpt] {len(all_shards)} shards: {len(all_shards) - len(pending)} already committed, {len(pending)} to do"
-          + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed to redo" if config.output.redo_errors else "")
+    shards_done = sum(1 for shard_segments, _ in found if not shard_segments)
+    print(f"[sculpt] {len(all_shards)} shards: {shards_done} done, {len(committed)} chunks committed, "
+          f"{len(segments)} run(s) of chunks to read"
+          + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed chunks to redo" if config.output.redo_errors else "")
           + f"; output {store.uri} (config {job['fingerprint']})", flush=True)
-    return Plan(store, job, all_shards, pending + list(redo), redo, lease)
+    uris = {shards.shard_name(uri): uri for uri in all_shards}
+    for unit, indices in redo.items():
+        shard, chunk = shards.parse_unit(unit)
+        end = _marker(store, shard, chunk)["end"]
+        segments.append(shards.Segment(uris[shard], config.input.chunk_images, _start(store, shard, chunk), chunk + 1,
+                                       None if end["last"] else end["next_offset"], {chunk: indices}))
+    return Plan(store, job, all_shards, segments, redo, lease, committed, last_chunks)
 
 
-def _error_rows(store: OutputStore, committed_uris: list[str]) -> dict[str, list[int]]:
-    """Committed shard -> indices of its image-level error rows (read from the output, not the input)."""
-    errored = {m["unit"] for m in store.markers() if m["errors"]}
+def _unfinished(store: OutputStore, uri: str, chunks: set[int], chunk_images: int) -> tuple[list[shards.Segment], int | None]:
+    """The runs of a shard's chunks not yet committed, each starting where its committed predecessor ended, and the
+    shard's last chunk if it is committed."""
+    if not chunks:
+        return [shards.Segment(uri, chunk_images)], None
+    shard, top = shards.shard_name(uri), max(chunks)
+    segments, chunk = [], 0
+    while chunk <= top:
+        if chunk in chunks:
+            chunk += 1
+            continue
+        stop = min(c for c in chunks if c > chunk)
+        segments.append(shards.Segment(uri, chunk_images, _start(store, shard, chunk), stop,
+                                       _marker(store, shard, stop)["end"]["offset"]))
+        chunk = stop
+    end = _marker(store, shard, top)["end"]
+    if not end["last"]:
+        segments.append(shards.Segment(uri, chunk_images, _start(store, shard, top + 1, end)))
+    return segments, top if end["last"] else None
+
+
+def _marker(store: OutputStore, shard: str, chunk: int) -> dict:
+    return json.loads(storage.read_bytes(store.marker_uri(shards.unit_name(shard, chunk)), store.s3))
+
+
+def _start(store: OutputStore, shard: str, chunk: int, end: dict | None = None) -> shards.Position:
+    """Where a chunk begins: the tar's start, or where its predecessor's marker says."""
+    if chunk == 0:
+        return shards.Position()
+    end = end or _marker(store, shard, chunk - 1)["end"]
+    return shards.Position(chunk, end["next_offset"], end["next_members"], end["next_index"])
+
+
+def _error_rows(store: OutputStore, committed: set[str]) -> dict[str, list[int]]:
+    """Committed unit -> indices of its image-level error rows (read from the output, not the input)."""
     redo = {}
-    for uri in committed_uris:
-        if shards.shard_name(uri) in errored:
-            table = store.read_unit(shards.shard_name(uri), columns=["index", "status"])
-            redo[uri] = table.filter(pc.equal(table["status"], schema.ERROR))["index"].to_pylist()
-    return {uri: indices for uri, indices in redo.items() if indices}
+    for unit in sorted(m["unit"] for m in store.markers() if m["errors"] and m["unit"] in committed):
+        table = store.read_unit(unit, columns=["index", "status"])
+        redo[unit] = table.filter(pc.equal(table["status"], schema.ERROR))["index"].to_pylist()
+    return {unit: indices for unit, indices in redo.items() if indices}

@@ -45,7 +45,7 @@ SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("objects", p
 
 OUTPUT_SCHEMA = pa.schema(
     [
-        ("shard", pa.string()),  # output unit name, the shard file's stem (e.g. sa_000123)
+        ("shard", pa.string()),  # the shard file's stem (e.g. sa_000123)
         ("index", pa.int32()),  # position of the image in its shard
         ("image_key", pa.string()),  # tar member stem, e.g. sa_223750; empty for a shard-level error
         ("image_id", pa.int64()),  # SA-1B image_id from the json; null when unknown
@@ -61,10 +61,21 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
+# What a reader knows once it has read a unit (a chunk of a shard) to its end: its size, and where the next begins
+UNIT_END_TYPE = pa.struct([
+    ("size", pa.int32()),  # rows the unit yields
+    ("bytes_read", pa.int64()),  # input bytes read for it
+    ("offset", pa.int64()),  # tar offset of its first member
+    ("next_offset", pa.int64()),  # tar offset of the next chunk's first member (uncompressed tars seek here)
+    ("next_members", pa.int64()),  # tar members before the next chunk (compressed tars skip these)
+    ("next_index", pa.int32()),  # the next chunk's first image index
+    ("last", pa.bool_()),  # this unit ends the shard
+])
+
 TRANSIENT_FIELDS = [
     pa.field("image_bytes", pa.binary()),  # the encoded image as it came from the tar
-    pa.field("shard_size", pa.int32()),  # rows the shard yields: set on the rows of its last batch only
-    pa.field("shard_bytes_read", pa.int64()),  # input bytes read for the shard: likewise
+    pa.field("unit", pa.string()),  # the output unit (a chunk of the shard) the row belongs to, e.g. sa_000123-00002
+    pa.field("unit_end", UNIT_END_TYPE),  # set on the rows of a unit's last batch only
     # set when a transient fault outlasted its retries (sculpt/errors.py): the row's unit is not committed
     pa.field("transient_error", pa.string()),
     # each stage's busy time spent on this row (its batch's time over the batch's rows), for run statistics

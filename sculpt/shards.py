@@ -13,10 +13,12 @@ import re
 import tarfile
 import time
 from collections.abc import Iterator
+import dataclasses
+import io
 from dataclasses import dataclass
 
 from sculpt import errors, images, schema
-from sculpt.storage import S3Options, filesystem
+from sculpt.storage import S3Options, filesystem, is_s3
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 READ_BUFFER = 8 << 20  # one ranged GET per 8 MiB on S3, not per tar record
@@ -58,15 +60,31 @@ class _CountingReader:
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def _open_at(uri: str, offset: int, s3) -> tuple[object, int]:
-    """(buffered stream positioned at ``offset``, file size): one ranged read per READ_BUFFER bytes on S3."""
-    import pyarrow as pa
+class _Range(io.RawIOBase):
+    """A file's bytes from where it stands up to ``end`` (None: its end), not one byte further, even buffered."""
 
+    def __init__(self, raw, end: int | None):
+        self.raw, self.left = raw, None if end is None else max(0, end - raw.tell())
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        size = len(buffer) if self.left is None else min(len(buffer), self.left)
+        data = self.raw.read(size) if size else b""
+        buffer[: len(data)] = data
+        if self.left is not None:
+            self.left -= len(data)
+        return len(data)
+
+
+def _open_at(uri: str, offset: int, s3, end: int | None = None) -> tuple[object, int]:
+    """(buffered stream of the bytes from ``offset`` to ``end``, file size): one ranged read per READ_BUFFER on S3."""
     fs, path = filesystem(uri, s3)
     raw = fs.open_input_file(path)
     size = raw.size()
     raw.seek(offset)
-    return pa.BufferedInputStream(raw, buffer_size=READ_BUFFER), size
+    return io.BufferedReader(_Range(raw, end), buffer_size=READ_BUFFER), size
 
 
 def _padded(size: int) -> int:
@@ -92,8 +110,8 @@ def image_id_of(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _image_row(unit: str, index: int, key: str, parts: dict, options: ReadOptions) -> dict:
-    row = schema.new_row(unit, index, posixpath.basename(key), file_name=posixpath.basename(key) + ".jpg",
+def _image_row(shard: str, unit: str, index: int, key: str, parts: dict, options: ReadOptions) -> dict:
+    row = schema.new_row(shard, index, posixpath.basename(key), unit=unit, file_name=posixpath.basename(key) + ".jpg",
                          image_id=image_id_of(key))
     if "image" not in parts:
         return schema.mark_error(row, "read", f"{key}.json has no image beside it in the shard")
@@ -119,38 +137,108 @@ def _image_row(unit: str, index: int, key: str, parts: dict, options: ReadOption
     return row
 
 
-def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | None = None) -> Iterator[list[dict]]:
-    """Yield the shard's rows in batches; the rows of the last batch carry ``shard_size`` and ``shard_bytes_read``.
+@dataclass(frozen=True)
+class Segment:
+    """Where a reader starts in a shard and where it stops: consecutive chunks of it.
 
-    ``only``: yield just the images at these indices (a redo of a committed unit's error rows).
+    A chunk is the output unit: ``chunk_images`` images (a few more when an image's members straddle the cut),
+    ``{shard}-{chunk:05d}``. Chunk 0 starts at the tar's beginning; every later one where its predecessor's marker
+    says (``Position``), so a resume seeks there (a ranged read on S3) and never reads a committed chunk's bytes.
+    """
+
+    uri: str
+    chunk_images: int = 1000
+    start: "Position" = None  # where the first chunk to read begins; None: the tar's beginning, chunk 0
+    stop: int | None = None  # chunk to stop before (the next committed one); None: read to the shard's end
+    stop_offset: int | None = None  # where that chunk begins (uncompressed tars): no byte from there on is read
+    only: dict[int, list[int]] | None = None  # chunk -> the indices to read (a redo of error rows); others skipped
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "only": {str(k): v for k, v in (self.only or {}).items()} or None})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Segment":
+        fields = json.loads(text)
+        only = {int(k): v for k, v in fields.pop("only").items()} if fields["only"] else None
+        start = Position(**fields.pop("start")) if fields["start"] else None
+        return cls(**{k: v for k, v in fields.items() if k not in ("only", "start")}, start=start, only=only)
+
+
+@dataclass(frozen=True)
+class Position:
+    """The start of a chunk: its number, the tar offset of its first member, the members and images before it."""
+
+    chunk: int = 0
+    offset: int = 0  # uncompressed tars: a reader seeks here
+    members: int = 0  # compressed tars: a reader streams from the beginning and skips this many members
+    index: int = 0  # the chunk's first image's index in the shard
+
+
+def unit_name(shard: str, chunk: int) -> str:
+    return f"{shard}-{chunk:05d}"
+
+
+def parse_unit(unit: str) -> tuple[str, int]:
+    """('sa_000000', 3) for 'sa_000000-00003'."""
+    shard, chunk = unit.rsplit("-", 1)
+    return shard, int(chunk)
+
+
+def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | None = None) -> Iterator[list[dict]]:
+    """The whole shard as one unit (tools and tests); the pipeline reads ``Segment``s with ``read_segment``."""
+    yield from read_segment(Segment(uri, chunk_images=1 << 62, only=None if only is None else {0: sorted(only)}), options)
+
+
+def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_chunk=None) -> Iterator[list[dict]]:
+    """Yield the segment's rows in batches, one unit (chunk) at a time; a chunk's last batch carries its ``unit_end``.
+
+    ``before_chunk(unit)`` is called before a chunk's first byte is read (the job's bound on chunks in flight).
 
     A storage fault (connection reset, throttling that outlasts the S3 client's own retries) reopens the tar
     where the last whole member ended (a ranged read; compressed tars start over and skip what was read), up to
     ``options.read_attempts`` times. A shard still unreadable then yields one row whose ``transient_error`` says
-    why: its unit is not committed and stays pending. A tar that is itself cut short is data: its images up to
+    why: its chunk is not committed and stays pending. A tar that is itself cut short is data: its images up to
     the cut are kept and the rest become error rows.
     """
-    unit = shard_name(uri)
+    uri, start = segment.uri, segment.start or Position()
+    shard = shard_name(uri)
+    compressed = not uri.endswith(".tar")
     rows: list[dict] = []
     pending: dict[str, dict] = {}  # member key -> {"image": bytes, "json": bytes}, until both have arrived
     shard_error = None
-    count = 0
-    bytes_read = 0
-    resume_at = 0  # tar offset after the last whole member (uncompressed tars), where a reopened stream starts
-    members_done = 0  # members consumed so far (compressed tars skip these after a reopen)
-    compressed = not uri.endswith(".tar")
+    chunk, first, count = start.chunk, start.index, start.index  # this chunk, its first image's index, images so far
+    resume_at, members_done = start.offset, start.members  # where a reopened stream starts; members consumed
+    bytes_read = chunk_bytes = 0  # bytes read in all; at this chunk's start
+    chunk_offset = start.offset
+    only = segment.only or {}
 
     def add(key: str) -> None:
         nonlocal count
         parts = pending.pop(key)
-        if only is None or count in only:
-            rows.append(_image_row(unit, count, key, parts, options))
+        if chunk not in only or count in only[chunk]:
+            rows.append(_image_row(shard, unit_name(shard, chunk), count, key, parts, options))
         count += 1
 
+    def end_chunk(last: bool, read: int) -> list[dict]:
+        nonlocal chunk, first, chunk_bytes, chunk_offset
+        if not rows and count == first:  # a shard (or what is left of one) without images: one row says so
+            rows.append(schema.mark_error(schema.new_row(shard, first, "", unit=unit_name(shard, chunk)), "read",
+                                          shard_error or f"shard {uri} holds no images"))
+        end = {"size": max(count - first, 1), "bytes_read": read - chunk_bytes, "offset": chunk_offset, "next_offset": resume_at,
+               "next_members": members_done, "next_index": max(count, first + 1), "last": last}
+        for row in rows:
+            row["unit_end"] = end
+        done = rows[:]
+        rows.clear()
+        chunk, first, chunk_bytes, chunk_offset = chunk + 1, count, read, resume_at
+        return done
+
+    if before_chunk:
+        before_chunk(unit_name(shard, chunk))
     for attempt in range(options.read_attempts):
         reader = None
         try:
-            stream, size = _open_at(uri, 0 if compressed else resume_at, options.s3)
+            stream, size = _open_at(uri, 0 if compressed else resume_at, options.s3, None if compressed else segment.stop_offset)
             if not compressed and resume_at and resume_at >= size:
                 break
             base, skip = (0, members_done) if compressed else (resume_at, 0)
@@ -161,6 +249,12 @@ def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | 
                         skip -= 1
                         continue
                     parsed = _member_key(member.name) if member.isfile() else None
+                    if parsed is not None and count - first >= segment.chunk_images and not pending:
+                        yield end_chunk(False, bytes_read + reader.bytes_read)  # this member starts the next chunk
+                        if chunk == segment.stop:
+                            return
+                        if before_chunk:
+                            before_chunk(unit_name(shard, chunk))
                     if parsed is not None:
                         key, kind = parsed
                         try:
@@ -174,7 +268,7 @@ def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | 
                     resume_at = base + member.offset_data + _padded(member.size)
                     if parsed is not None and "image" in pending[key] and "json" in pending[key]:
                         add(key)
-                        if len(rows) > options.batch_images:  # keep one back: the last batch must carry the totals
+                        if len(rows) > options.batch_images:  # keep one back: the chunk's last batch carries its end
                             yield rows[:-1]
                             del rows[:-1]
             break
@@ -188,7 +282,8 @@ def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | 
             if attempt == options.read_attempts - 1:
                 failure = (f"read: shard {uri} still failed after {options.read_attempts} attempts, {count} images in "
                            f"({errors.describe(exc)})")
-                yield [schema.new_row(unit, -1, "", status=schema.ERROR, error=failure, transient_error=failure)]
+                yield [schema.new_row(shard, -1, "", unit=unit_name(shard, chunk), status=schema.ERROR, error=failure,
+                                      transient_error=failure)]
                 return
             time.sleep(options.retry_backoff * 2**attempt)
         finally:
@@ -198,9 +293,41 @@ def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | 
             pending[key]["broken"] = shard_error
             pending[key].setdefault("image" if "json" in pending[key] else "json", None)
         add(key)
-    if not rows and count == 0:
-        rows.append(schema.mark_error(schema.new_row(unit, 0, ""), "read", shard_error or f"shard {uri} holds no images"))
-        count = 1
-    for row in rows:
-        row["shard_size"], row["shard_bytes_read"] = count, bytes_read
-    yield rows
+    # a segment that ends where a committed chunk begins does not end the shard
+    yield end_chunk(segment.stop_offset is None or compressed or bool(shard_error), bytes_read)
+
+
+def split(segment: Segment) -> list[Segment]:
+    """The segment as one segment per chunk, so that its chunks are read in parallel — where the input allows.
+
+    A local uncompressed tar's member headers are found by seeking from header to header (no image byte read),
+    which tells where each chunk begins. Compressed tars, S3 objects (a ranged read per header would cost more
+    than it saves) and tars that end early stay one segment, read in order.
+    """
+    if is_s3(segment.uri) or not segment.uri.endswith(".tar") or segment.only:
+        return [segment]
+    start = segment.start or Position()
+    starts, first, count, members = [start], start.index, start.index, start.members
+    pending: dict[str, set[str]] = {}  # as the reader pairs members: key -> kinds seen
+    try:
+        with open(segment.uri, "rb") as f:
+            f.seek(start.offset)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    parsed = _member_key(member.name) if member.isfile() else None
+                    if parsed is not None:
+                        if count - first >= segment.chunk_images and not pending:
+                            if len(starts) == (segment.stop or 1 << 62) - start.chunk:
+                                break
+                            first = count
+                            starts.append(Position(start.chunk + len(starts), member.offset, members, count))
+                        key, kind = parsed
+                        pending.setdefault(key, set()).add(kind)
+                        if len(pending[key]) == 2:
+                            del pending[key]
+                            count += 1
+                    members += 1
+    except (OSError, tarfile.TarError, EOFError):
+        return [segment]  # the reader meets the same fault and accounts for it
+    ends = [(p.chunk, p.offset) for p in starts[1:]] + [(segment.stop, segment.stop_offset)]
+    return [Segment(segment.uri, segment.chunk_images, p, *end) for p, end in zip(starts, ends)]

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from sculpt import images, rle
+from sculpt.output import OutputStore
 from sculpt.stage import Stage
 
 
@@ -130,3 +131,16 @@ class TakesTurns(Stage):
         self._count(held=-1)
         for row in rows:
             row["caption"] = f"{self.most[0]},{self.most[1]}"
+
+
+class FailingStore(OutputStore):
+    """An output store whose writes of one unit's data file raise ``OSError(code)`` (runs where commits run)."""
+
+    def __init__(self, uri: str, unit: str, code: int):
+        super().__init__(uri)
+        self.unit, self.code = unit, code
+
+    def data_uri(self, unit: str) -> str:
+        if unit == self.unit:
+            raise OSError(self.code, f"{os.strerror(self.code)} (injected)")
+        return super().data_uri(unit)

@@ -41,7 +41,7 @@ def unit_rows(unit):
                        objects=[obj((3, 3, 9, 9), 0.1, "a shadow")])
     rows = [a, b, c, d, e]
     for row in rows:
-        row["shard_size"], row["shard_bytes_read"] = len(rows), 10
+        row["unit_end"] = {"size": len(rows), "bytes_read": 10}
     return rows
 
 
@@ -291,7 +291,7 @@ def shard_output(root, pictures: list[bytes], objects=None, out=None, s3=storage
         h, w = upright.shape[:2]
         members += [(f"./sa_{i + 1}.jpg", data), (f"./sa_{i + 1}.json", samples.sa1b_json(i + 1, upright))]
         rows.append(schema.new_row("sa_000000", i, f"sa_{i + 1}", image_id=i + 1, width=w, height=h, caption="a picture",
-                                   objects=objects(h, w), shard_size=len(pictures), shard_bytes_read=1))
+                                   objects=objects(h, w), unit_end={"size": len(pictures), "bytes_read": 1}))
     samples.write_tar(str(shard_dir / "sa_000000.tar"), members)
     job = {**JOB, "inputs": [str(shard_dir)], "total_shards": 1}
     store = OutputStore(out or str(root / "out"), s3)
@@ -352,8 +352,7 @@ def test_categories_become_gseval_class_ids_and_negatives_go_only_to_hf(tmp_path
     for o, category in zip(objects, ["stuff", "part", "single", "single", "multi"]):
         o["category"] = category
     objects[4]["members"] = [2, 3]
-    row = schema.new_row("sa_000000", 0, "sa_1", width=W, height=H, caption="c", objects=objects, shard_size=1,
-                         shard_bytes_read=1)
+    row = schema.new_row("sa_000000", 0, "sa_1", width=W, height=H, caption="c", objects=objects, unit_end={"size": 1, "bytes_read": 1})
     writer = UnitWriter(store, "sa_000000", JOB)
     writer.add(schema.to_table([row]))
     writer.commit()

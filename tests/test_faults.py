@@ -7,7 +7,7 @@ import os
 import pyarrow.dataset as pads
 import pytest
 
-from sculpt import config, pipeline, planning
+from sculpt import config, output, pipeline, planning
 from sculpt.output import OutputStore
 
 
@@ -39,15 +39,16 @@ def test_out_of_memory_is_retried_and_never_written(local_ray, sample_shards, tm
 def test_a_fault_that_outlasts_its_retries_leaves_the_unit_pending_and_a_rerun_finishes_it(local_ray, sample_shards, tmp_path):
     flag = tmp_path / "fault-on"
     flag.write_text("")
-    unit = os.path.basename(sample_shards[1])[: -len(".tar")]
-    cfg, stages = job(sample_shards, tmp_path / "out", [faulty(fault_file=str(flag), fault_shards=[unit])],
+    shard = os.path.basename(sample_shards[1])[: -len(".tar")]
+    unit = f"{shard}-00000"
+    cfg, stages = job(sample_shards, tmp_path / "out", [faulty(fault_file=str(flag), fault_shards=[shard])],
                       "faults.attempts=2")
     summary = pipeline.run(cfg, stages)
     assert list(summary["pending"]) == [unit] and "ConnectionResetError" in summary["pending"][unit]
     assert summary["committed_now"] == 2
     store = OutputStore(str(tmp_path / "out"))
     assert unit not in store.committed() and not os.path.exists(store.data_uri(unit))  # nothing short, nothing partial
-    assert {r["shard"] for r in rows_of(tmp_path / "out")} == store.committed()
+    assert {r["shard"] + "-00000" for r in rows_of(tmp_path / "out")} == store.committed()  # one chunk per shard
 
     flag.unlink()  # the fault is gone: the same command finishes the job, each image exactly once
     summary = pipeline.run(cfg, stages)
@@ -61,7 +62,7 @@ def test_a_stage_failing_most_images_stops_the_job_before_it_commits(local_ray, 
     broken = tmp_path / "broken"
     broken.write_text("sa_1 sa_2 sa_3 sa_4 sa_5 sa_6 sa_7 sa_8 sa_9 sa_10 sa_11 sa_12")
     cfg, stages = job(sample_shards[:1], tmp_path / "out", [faulty(broken_file=str(broken))])
-    with pytest.raises(pipeline.ErrorBudgetExceeded, match=r"(?s)stage faulty failed 4 of 4 images .* injected permanent"):
+    with pytest.raises(output.ErrorBudgetExceeded, match=r"(?s)stage faulty failed 4 of 4 images .* injected permanent"):
         pipeline.run(cfg, stages)
     assert OutputStore(str(tmp_path / "out")).committed() == set()
 
@@ -79,7 +80,7 @@ def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, t
     broken.unlink()  # the cause is fixed
     cfg, built = job(sample_shards, tmp_path / "out", stages, "faults.min_errors=2", "output.redo_errors=true")
     todo = planning.plan(cfg, built)
-    assert sorted(map(len, todo.redo.values())) == [1, 1] and len(todo.pending) == 2  # only the two units with errors
+    assert sorted(map(len, todo.redo.values())) == [1, 1] and len(todo.segments) == 2  # only the two units with errors
     summary = pipeline.run(cfg, built, todo)
     after = rows_of(tmp_path / "out")
     assert summary["committed_now"] == 2 and summary["errors"] == 0
@@ -126,35 +127,26 @@ def test_a_bad_yaml_file_is_one_line(tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(local_ray, sample_shards, tmp_path,
-                                                                                 monkeypatch):
+def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(local_ray, sample_shards, tmp_path):
     import errno
 
     from sculpt import errors
-    from sculpt.output import UnitWriter
+    from tests.doubles import FailingStore
 
-    real_commit = UnitWriter.commit
-    unit = os.path.basename(sample_shards[0])[: -len(".tar")]
-
-    def commit(self):
-        if self.unit == unit:
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        return real_commit(self)
-
-    monkeypatch.setattr(UnitWriter, "commit", commit)
+    unit = os.path.basename(sample_shards[0])[: -len(".tar")] + "-00000"
     out = tmp_path / "out"
     (out / "_markers" / "_tmp").mkdir(parents=True)
     (out / "_markers" / "_tmp" / "stale.json.1234").write_text("{")  # a killed run's half-written marker
     cfg, stages = job(sample_shards, out, [faulty()])
-    summary = pipeline.run(cfg, stages)
+    todo = planning.plan(cfg, stages)
+    todo.store = FailingStore(str(out), unit, errno.EIO)  # commits run in the cluster: the store travels there
+    summary = pipeline.run(cfg, stages, todo)
     assert list(summary["pending"]) == [unit] and summary["pending"][unit].startswith("write: OSError")
     assert summary["committed_now"] == 2 and unit not in OutputStore(str(out)).committed()
     assert not list((out / "_markers" / "_tmp").glob("stale*")) and not list((out / "_tmp").glob(f"{unit}*"))
 
-    def full(self):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(UnitWriter, "commit", full)
+    todo = planning.plan(cfg, stages)
+    todo.store = FailingStore(str(out), unit, errno.ENOSPC)
     with pytest.raises(OSError) as caught:
-        pipeline.run(cfg, stages)
+        pipeline.run(cfg, stages, todo)
     assert errors.job_error(caught.value).startswith("no space left on the output's disk")

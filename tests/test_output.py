@@ -15,7 +15,7 @@ def rows(unit, indices, size=None):
     out = []
     for i in indices:
         row = schema.new_row(unit, i, f"sa_{i}", image_bytes=b"x", width=4, height=3)
-        row["shard_size"], row["shard_bytes_read"] = (size, 100) if size else (None, None)
+        row["unit_end"] = {"size": size, "bytes_read": 100} if size else None
         out.append(row)
     return schema.to_table(out)
 
@@ -57,7 +57,7 @@ def test_error_counts_by_stage(tmp_path):
     schema.mark_error(table_rows[0], "read", "bad jpeg")
     schema.mark_error(table_rows[1], "caption", ValueError("boom"))
     for r in table_rows:
-        r["shard_size"], r["shard_bytes_read"] = 3, 10
+        r["unit_end"] = {"size": 3, "bytes_read": 10}
     writer = UnitWriter(store, "u", JOB)
     writer.add(schema.to_table(table_rows))
     marker = writer.commit()

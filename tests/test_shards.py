@@ -19,8 +19,8 @@ def test_sample_shard_streams_in_batches_and_the_last_batch_carries_totals(sampl
     assert [len(b) for b in batches] == [3, 1]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     assert all(r["status"] == schema.OK and r["image_bytes"] for r in rows)
-    assert all(r["shard_size"] is None for r in batches[0]) and batches[-1][0]["shard_size"] == 4
-    assert 0 < batches[-1][0]["shard_bytes_read"] <= __import__("os").path.getsize(sample_shards[0])
+    assert all(r["unit_end"] is None for r in batches[0]) and batches[-1][0]["unit_end"]["size"] == 4
+    assert 0 < batches[-1][0]["unit_end"]["bytes_read"] <= __import__("os").path.getsize(sample_shards[0])
     assert rows[0]["shard"] == "sa_000000" and rows[0]["image_key"] == "sa_1" and rows[0]["image_id"] == 1
     assert (rows[0]["width"], rows[0]["height"]) == (512, 512)
     assert rows[0]["source_annotations"] is None  # SA-1B's masks are not carried unless asked
@@ -55,7 +55,7 @@ def test_bad_members_become_error_rows_and_reading_goes_on(tmp_path):
     _, rows = rows_of(path, batch_images=2)
     by_key = {r["image_key"]: r for r in rows}
     assert sorted(by_key) == [f"sa_{i}" for i in range(1, 9)]  # every image once, nothing dropped
-    assert [r["index"] for r in rows] == list(range(8)) and rows[-1]["shard_size"] == 8
+    assert [r["index"] for r in rows] == list(range(8)) and rows[-1]["unit_end"]["size"] == 8
     assert by_key["sa_1"]["status"] == by_key["sa_8"]["status"] == schema.OK
     expected = {
         "sa_2": "not a readable image",
@@ -88,7 +88,7 @@ def test_truncated_tar_keeps_the_images_before_the_cut(tmp_path):
     _, rows = rows_of(cut)
     assert [r["status"] for r in rows] == [schema.OK, schema.OK, schema.ERROR]
     assert rows[2]["image_key"] == "sa_3" and "cut off" in rows[2]["error"]
-    assert rows[-1]["shard_size"] == 3
+    assert rows[-1]["unit_end"]["size"] == 3
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100])
@@ -97,7 +97,7 @@ def test_unreadable_or_empty_shard_is_one_error_row(tmp_path, content):
     path.write_bytes(content)
     _, rows = rows_of(path)
     assert len(rows) == 1 and rows[0]["status"] == schema.ERROR and rows[0]["image_key"] == ""
-    assert rows[0]["shard_size"] == 1
+    assert rows[0]["unit_end"]["size"] == 1
 
 
 def test_missing_shard_is_one_error_row(tmp_path):
@@ -138,9 +138,9 @@ class FlakyOpen:
         self.faults, self.after, self.offsets = faults, after, []
         self.real = shards._open_at
 
-    def __call__(self, uri, offset, s3):
+    def __call__(self, uri, offset, s3, end=None):
         self.offsets.append(offset)
-        stream, size = self.real(uri, offset, s3)
+        stream, size = self.real(uri, offset, s3, end)
         if len(self.offsets) > self.faults:
             return stream, size
         budget = [self.after]
@@ -173,7 +173,7 @@ def test_a_reset_mid_tar_reopens_where_it_broke_and_loses_nothing(tmp_path, monk
     assert [r["image_key"] for r in rows] == [r["image_key"] for r in clean] == [f"sa_{i}" for i in range(1, 7)]
     assert [r["status"] for r in rows] == [schema.OK] * 6 and not any(r["transient_error"] for r in rows)
     assert [r["image_bytes"] for r in rows] == [r["image_bytes"] for r in clean]
-    assert rows[-1]["shard_size"] == 6
+    assert rows[-1]["unit_end"]["size"] == 6
 
 
 def test_a_compressed_tar_starts_over_and_skips_what_it_read(tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_a_compressed_tar_starts_over_and_skips_what_it_read(tmp_path, monkeypat
     monkeypatch.setattr(shards, "_open_at", flaky)
     _, rows = rows_of(gz, read_attempts=2, retry_backoff=0)
     assert flaky.offsets == [0, 0]
-    assert [r["image_key"] for r in rows] == [f"sa_{i}" for i in range(1, 7)] and rows[-1]["shard_size"] == 6
+    assert [r["image_key"] for r in rows] == [f"sa_{i}" for i in range(1, 7)] and rows[-1]["unit_end"]["size"] == 6
 
 
 def test_a_shard_that_keeps_failing_is_left_pending_not_cut_short(tmp_path, monkeypatch):
@@ -196,7 +196,7 @@ def test_a_shard_that_keeps_failing_is_left_pending_not_cut_short(tmp_path, monk
     failed = [r for r in rows if r["transient_error"]]
     assert len(failed) == 1 and "still failed after 3 attempts" in failed[0]["transient_error"]
     assert "ConnectionResetError" in failed[0]["transient_error"]
-    assert all(r["shard_size"] is None for r in rows)  # no row claims the shard is complete
+    assert all(r["unit_end"] is None for r in rows)  # no row claims the shard is complete
 
 
 def test_error_rows_keep_the_image_id_their_member_name_gives(tmp_path):
@@ -209,3 +209,60 @@ def test_error_rows_keep_the_image_id_their_member_name_gives(tmp_path):
     assert all(r["status"] == schema.ERROR for r in rows)
     assert by_key["sa_79"]["error"] == "read: not a readable image: the image file is empty (0 bytes)"
     assert shards.image_id_of("photos/IMG_1.jpg") is None
+
+
+def chunk_rows(segment, **options):
+    rows = [row for batch in shards.read_segment(segment, ReadOptions(**options)) for row in batch]
+    assert rows, "the segment yielded no rows"
+    return rows
+
+
+def test_a_shard_is_read_in_chunks_and_each_chunk_says_where_the_next_begins(tmp_path):
+    path = six_image_shard(tmp_path)
+    rows = chunk_rows(shards.Segment(str(path), chunk_images=4), batch_images=2)
+    assert [(r["unit"], r["index"]) for r in rows] == [("sa_000007-00000", i) for i in range(4)] + [
+        ("sa_000007-00001", 4), ("sa_000007-00001", 5)]
+    ends = [r["unit_end"] for r in rows if r["unit_end"]]
+    first, second = ends[0], ends[-1]  # every row of a chunk's last batch carries its end
+    assert first["size"] == 4 and not first["last"] and first["next_index"] == 4 and first["offset"] == 0
+    assert second["size"] == 2 and second["last"] and second["offset"] == first["next_offset"]
+    # The second chunk alone, from where the first chunk's end says: the same rows, no byte before it read.
+    data = path.read_bytes()
+    path.write_bytes(b"\0garbage" * (first["next_offset"] // 8) + data[first["next_offset"]:])
+    start = shards.Position(1, first["next_offset"], first["next_members"], first["next_index"])
+    again = chunk_rows(shards.Segment(str(path), chunk_images=4, start=start))
+    assert [(r["unit"], r["index"], r["image_bytes"]) for r in again] == [
+        (r["unit"], r["index"], r["image_bytes"]) for r in rows[4:]]
+    assert again[-1]["unit_end"]["bytes_read"] <= len(data) - first["next_offset"]
+
+
+def test_split_finds_every_chunk_start_without_reading_images_and_chunks_read_alone_match(tmp_path):
+    path = six_image_shard(tmp_path)
+    whole = chunk_rows(shards.Segment(str(path), chunk_images=2))
+    pieces = shards.split(shards.Segment(str(path), chunk_images=2))
+    assert [p.start.chunk for p in pieces] == [0, 1, 2] and [p.stop for p in pieces] == [1, 2, None]
+    ends = list({r["unit"]: r["unit_end"] for r in whole if r["unit_end"]}.values())
+    assert [p.start.offset for p in pieces[1:]] == [e["next_offset"] for e in ends[:-1]]
+    data = path.read_bytes()
+    for piece in pieces:  # a chunk read alone touches only its own bytes: garbage all around it changes nothing
+        lo, hi = piece.start.offset, piece.stop_offset or len(data)
+        path.write_bytes(b"\xff" * lo + data[lo:hi] + b"\xff" * (len(data) - hi))
+        alone = chunk_rows(piece)
+        assert [(r["index"], r["image_bytes"]) for r in alone] == [
+            (r["index"], r["image_bytes"]) for r in whole if r["unit"] == shards.unit_name("sa_000007", piece.start.chunk)]
+        assert alone[-1]["unit_end"]["last"] == (piece.stop is None)
+    path.write_bytes(data)
+    compressed = tmp_path / "sa_000008.tar.gz"
+    compressed.write_bytes(__import__("gzip").compress(data))
+    assert shards.split(shards.Segment(str(compressed), chunk_images=2)) == [shards.Segment(str(compressed), chunk_images=2)]
+
+
+def test_a_chunk_does_not_cut_an_image_from_its_metadata(tmp_path):
+    ok = helpers.encoded(helpers.photo())
+    path = tmp_path / "sa_000009.tar"
+    json_first = [m for i in range(1, 5) for m in reversed(helpers.pair(i, ok))]  # sa_i.json before sa_i.jpg
+    samples.write_tar(str(path), json_first)
+    rows = chunk_rows(shards.Segment(str(path), chunk_images=2))
+    assert [r["status"] for r in rows] == [schema.OK] * 4
+    assert [r["unit"][-1] for r in rows] == ["0", "0", "1", "1"]
+    assert [p.start.index for p in shards.split(shards.Segment(str(path), chunk_images=2))] == [0, 2]

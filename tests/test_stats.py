@@ -24,7 +24,7 @@ def rows():
     for row in (a, b, d):
         row["stage_seconds"] = [{"stage": "caption", "seconds": 0.5}, {"stage": "verify", "seconds": 0.25}]
     for row in (a, b, c, d):
-        row["shard_size"], row["shard_bytes_read"] = 4, 100
+        row["unit_end"] = {"size": 4, "bytes_read": 100}
     return [a, b, c, d]
 
 
@@ -87,7 +87,7 @@ def test_status_and_report_count_images_alike_and_idle_stages_get_no_rate(tmp_pa
     writer.commit()
     unreadable = UnitWriter(store, "v", JOB)  # a shard unreadable as a whole: one row, no image
     row = schema.mark_error(schema.new_row("v", 0, ""), "read", "shard v.tar is unreadable")
-    row["shard_size"], row["shard_bytes_read"] = 1, 0
+    row["unit_end"] = {"size": 1, "bytes_read": 0}
     unreadable.add(schema.to_table([row]))
     unreadable.commit()
 

@@ -270,7 +270,7 @@ def test_kept_verifier_masks_let_anyone_recompute_the_filter(tmp_path):
     job = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p"}
     store.prepare(job)
     writer = UnitWriter(store, "sa_000000", job)
-    writer.add(schema.to_table([{**out[0], "shard": "sa_000000", "shard_size": 1, "shard_bytes_read": 1}]))
+    writer.add(schema.to_table([{**out[0], "shard": "sa_000000", "unit_end": {"size": 1, "bytes_read": 1}}]))
     writer.commit()
     export.export(str(tmp_path / "out"), str(tmp_path / "gt.jsonl"), "gseval", keep_all=True)
     lines = [json.loads(line) for line in open(tmp_path / "gt.jsonl")]
