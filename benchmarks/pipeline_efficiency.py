@@ -78,10 +78,13 @@ class MemorySampler(threading.Thread):
             time.sleep(0.3)
 
 
-def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1) -> dict:
+def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1, extra: list[str] = ()) -> dict:
+    from actors.vlm import vlm_engines
+    from tests.doubles import TimedEngine
+
     out = os.path.join(work, f"out-{gpus}-{time.time_ns()}")
     cfg = config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(stages)}",
-                             "input.readers=2", "input.batch_images=8", "progress_seconds=1000"])
+                             "input.readers=2", "input.batch_images=8", "progress_seconds=1000", *extra])
     runtime_env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     cluster = None
     if nodes == 1:
@@ -90,7 +93,7 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: in
     else:  # simulated nodes: one raylet and object store each, GPUs split evenly
         from ray.cluster_utils import Cluster
 
-        node = {"num_cpus": 32 // nodes, "num_gpus": gpus // nodes, "object_store_memory": (2 << 30) // nodes}
+        node = {"num_cpus": 64 // nodes, "num_gpus": gpus // nodes, "object_store_memory": (2 << 30) // nodes}
         cluster = Cluster(initialize_head=True, head_node_args=node)
         for _ in range(nodes - 1):
             cluster.add_node(**node)
@@ -98,8 +101,9 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: in
     sampler = MemorySampler()
     sampler.start()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result
-            summary = pipeline.run(cfg, [config.build_stage(s) for s in cfg.stages])
+        built = [config.build_stage(s) for s in cfg.stages]
+        with contextlib.redirect_stdout(sys.stderr), vlm_engines(cfg, built, engine_class=TimedEngine):
+            summary = pipeline.run(cfg, built)  # stdout carries the JSON result
         markers = sorted(OutputStore(out).markers(), key=lambda m: m["committed"])
     finally:
         sampler.stop.set()
@@ -112,13 +116,15 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: in
     window = markers[last]["committed"] - markers[first]["committed"]
     steady = sum(m["rows"] for m in markers[first + 1 : last + 1]) / window
     return {**summary, "steady_images_per_s": steady, "driver_peak_mb": sampler.driver_peak / 2**20,
+            "driver_cpu_s": sum(psutil.Process().cpu_times()[:2]),
             "driver_uss_peak_mb": sampler.driver_uss_peak / 2**20,
             "ray_peak_mb": sampler.ray_peak / 2**20}
 
 
-def run_isolated(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1) -> dict:
+def run_isolated(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1, extra: list[str] = ()) -> dict:
     """run_case in a fresh interpreter, so that one case's leftovers never count in the next one's peak."""
-    case = json.dumps({"shard_dir": shard_dir, "gpus": gpus, "stages": stages, "work": work, "nodes": nodes})
+    case = json.dumps({"shard_dir": shard_dir, "gpus": gpus, "stages": stages, "work": work, "nodes": nodes,
+                       "extra": list(extra)})
     done = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"benchmark case failed:\n{done.stderr[-3000:]}")
@@ -129,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not for the record)")
-    parser.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
+    parser.add_argument("--only", choices=["throughput", "memory", "cluster", "driver"], help="run one part")
     parser.add_argument("--nodes", type=int, default=1, help="simulated nodes (ray.cluster_utils.Cluster) for throughput")
     args = parser.parse_args()
     if args.case:
@@ -139,10 +145,14 @@ def main() -> None:
     per_shard = 20
     seconds = 0.4
 
-    if args.only != "memory":
+    if args.only in (None, "throughput"):
         throughput(work, per_shard, seconds, args.quick, args.nodes)
-    if args.only != "throughput":
+    if args.only in (None, "memory"):
         memory(work, per_shard, args.quick)
+    if args.only in (None, "cluster"):
+        cluster(work, args.quick)
+    if args.only in (None, "driver"):
+        driver(work, args.quick)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -175,6 +185,51 @@ def memory(work, per_shard, quick):
               f"{r['steady_images_per_s']:.1f} |", flush=True)
     for key in ("driver_peak_mb", "driver_uss_peak_mb", "ray_peak_mb"):
         print(f"{key}: 10x / 1x = {results[10][key] / results[1][key]:.3f}")
+
+
+def cluster(work, quick):
+    """4 simulated nodes, 32 logical GPUs, the VLM engine pool in the loop (stand-in engines), chunked units."""
+    engines = {"replicas": 12, "slots": 4, "seconds": 2.4}  # 12 engines x 4 slots / 2.4 s = 20 captions/s
+    stages = [
+        {"name": "caption", "actors": 4, "cpus": 0.25, "batch_size": 8},  # the real Captioner, asking the pool
+        {"name": "ground", "class": "tests.doubles:HoldGpu", "actors": 8, "gpus": 1, "cpus": 0.25, "batch_size": 4,
+         "params": {"seconds_per_image": 0.32}},
+        {"name": "mask", "class": "tests.doubles:HoldGpu", "actors": 4, "gpus": 1, "cpus": 0.25, "batch_size": 4,
+         "params": {"seconds_per_image": 0.12}},
+        {"name": "verify", "class": "tests.doubles:HoldGpu", "actors": 8, "gpus": 1, "cpus": 0.25, "batch_size": 4,
+         "params": {"seconds_per_image": 0.32}}]
+    limit = min(engines["replicas"] * engines["slots"] / engines["seconds"], bound(stages[1:]))
+    extra = [f"vlm.replicas={engines['replicas']}", "vlm.cpus=0.25", "models.vlm=stand-in",
+             f"vlm.engine_kwargs={json.dumps({'seconds': engines['seconds'], 'slots': engines['slots']})}",
+             "input.chunk_images=10", "input.readers=4"]
+    images = int(limit * (20 if quick else 60))
+    shard_dir = os.path.join(work, "in-cluster")
+    samples.make_sample_shards(shard_dir, shards=images // 40, images_per_shard=40)
+    r = run_isolated(shard_dir, 32, stages, work, nodes=4, extra=extra)
+    print("\n## 4 simulated nodes, 32 logical GPUs, VLM engine pool in the loop, chunks of 10 images")
+    print("| logical GPUs | images | chunks | bound img/s | achieved img/s (steady) | efficiency | driver bytes/image | end-to-end s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| 32 (4 × 8) | {r['images']} | {r['committed_now']} | {limit:.1f} | {r['steady_images_per_s']:.2f} | "
+          f"{r['steady_images_per_s'] / limit:.3f} | {r['driver_bytes_per_image']} | {r['seconds']:.1f} |", flush=True)
+
+
+def driver(work, quick):
+    """The driver's CPU time and memory from 100 to 1,000 shards (short service times: the driver's own work)."""
+    print("\n## Driver CPU and memory, 100 vs 1,000 shards (4 images each, chunks of 2)")
+    print("| shards | chunks | driver CPU s | driver CPU ms per chunk | driver peak PSS MB | driver peak USS MB |")
+    print("|---|---|---|---|---|---|")
+    results = {}
+    for shards in (100, 1000) if not quick else (20, 200):
+        shard_dir = os.path.join(work, f"driver-{shards}")
+        samples.make_sample_shards(shard_dir, shards=shards, images_per_shard=4, scale=0.25)
+        r = results[shards] = run_isolated(shard_dir, 4, chain(1, 0.001), work, extra=["input.chunk_images=2"])
+        print(f"| {shards} | {r['committed_now']} | {r['driver_cpu_s']:.1f} | {1000 * r['driver_cpu_s'] / r['committed_now']:.2f} | "
+              f"{r['driver_peak_mb']:.0f} | {r['driver_uss_peak_mb']:.0f} |", flush=True)
+    small, large = sorted(results)
+    for key in ("driver_peak_mb", "driver_uss_peak_mb"):
+        print(f"{key}: {large} / {small} shards = {results[large][key] / results[small][key]:.3f}")
+    per_chunk = [results[n]["driver_cpu_s"] / results[n]["committed_now"] for n in (small, large)]
+    print(f"driver CPU per chunk: {large} / {small} shards = {per_chunk[1] / per_chunk[0]:.3f}")
 
 
 if __name__ == "__main__":

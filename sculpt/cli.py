@@ -9,25 +9,27 @@ import sys
 from sculpt.storage import S3Options
 
 
-def status(out: str, s3: S3Options) -> str:
-    """Shards done/total, images and errors of an output path."""
+def status(out: str, s3: S3Options, by_shard: bool = False) -> str:
+    """Shards done/total, chunks, images and errors of an output path; ``by_shard``: a line per shard begun."""
     from sculpt import report
-    from sculpt.output import OutputStore
+    from sculpt.output import OutputStore, shard_progress, shards_line
 
     store = OutputStore(out, s3)
     job = store.job()
     if job is None:
         return f"{out}: no sculpt output here"
     total, markers = report.job_stats(store)
-    shards = job.get("total_shards")
     lines = [
         f"output   {out} (config {job['fingerprint']})",
-        f"shards   {len(markers)}/{shards if shards is not None else '?'} committed",
+        f"shards   {shards_line(job, markers)}",
         f"images   {report.images_summary(total)}",
         f"objects  {total['objects']} ({total['kept']} kept)",
     ]
     if total["errors_by_stage"]:
         lines.append("errors   " + ", ".join(f"{stage}: {n}" for stage, n in sorted(total["errors_by_stage"].items())))
+    if by_shard:
+        lines += [f"  {shard}  {'done' if p['done'] else 'part-way'}: {p['chunks']} chunk(s), {p['images']} images"
+                  for shard, p in shard_progress(markers).items()]
     return "\n".join(lines)
 
 
@@ -42,13 +44,13 @@ def report(out: str, s3: S3Options, plots: str | None) -> int:
         print(f"{out}: no sculpt output here")
         return 1
     total, markers = job_report.job_stats(store)
-    print(job_report.render(out, job, total, len(markers)))
+    print(job_report.render(out, job, total, markers))
     directory = plots or ("sculpt-report" if is_s3(out) else join(out, "_report"))
     paths = job_report.plot(total, directory)
     for path in paths:
         print(f"plot: {path}")
     with open(join(directory, "index.html"), "w", encoding="utf-8") as f:
-        f.write(job_report.page(out, job, total, len(markers), paths))
+        f.write(job_report.page(out, job, total, markers, paths))
     print(f"page: {join(directory, 'index.html')} (the figures above and the plots)")
     return 0
 
@@ -84,8 +86,9 @@ def preview(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sculpt")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("status", help="shards done/total, images, errors of an output path")
+    p = commands.add_parser("status", help="shards done/total, chunks, images, errors of an output path")
     p.add_argument("output")
+    p.add_argument("--shards", action="store_true", help="also a line per shard begun: done or part-way, its chunks")
     p.add_argument("--s3-endpoint")
     p = commands.add_parser("report", help="the job's statistics (text), plots (PNG) and one HTML page of both")
     p.add_argument("output")
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "status":
-        print(status(args.output, S3Options(endpoint=args.s3_endpoint)))
+        print(status(args.output, S3Options(endpoint=args.s3_endpoint), by_shard=args.shards))
     elif args.command == "report":
         return report(args.output, S3Options(endpoint=args.s3_endpoint), args.plots)
     elif args.command == "export":

@@ -32,19 +32,14 @@ class InputConfig:
     shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
     readers: int = 2  # chunks read at the same time (each a streaming task holding one CPU)
     batch_images: int = 16  # images per block a reader hands on
-    # images per output unit (a chunk of a shard: its own Parquet file and marker); a kill loses at most the
-    # chunks in flight, and a resume starts each shard at its first unfinished chunk
+    # images per output unit (a chunk of a shard: its own Parquet file and marker); a kill loses the chunks in
+    # flight, and a resume starts each shard at its first unfinished chunk
     chunk_images: int = 1000
-    # chunks read but not yet all through the chain, job-wide (bounds read-ahead, memory and what a kill loses);
-    # None: twice `readers`
-    chunks_in_flight: int | None = None
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
 
     def __post_init__(self):
         _at_least(self, 1, "readers", "batch_images", "chunk_images", "max_image_pixels")
-        if self.chunks_in_flight is not None:
-            _at_least(self, 1, "chunks_in_flight")
 
 
 @dataclass

@@ -253,7 +253,8 @@ def write_parts(table: pa.Table, out: str, s3: S3Options) -> pa.Table:
                    "transient_error": reasons[0].as_py() if len(reasons) else None}
         if receipt["transient_error"] is None:
             receipt["part"] = f"{unit}/{uuid.uuid4().hex}.parquet"
-            fs.create_dir(f"{root}/{unit}", recursive=True)
+            if not storage.is_s3(out):  # S3 has no folders (a marker object would outlive the unit)
+                fs.create_dir(f"{root}/{unit}", recursive=True)
             pq.write_table(rows, f"{root}/{receipt['part']}", filesystem=fs, compression="zstd")
         receipts.append(receipt)
     return pa.Table.from_pylist(receipts, schema=RECEIPT_SCHEMA)
@@ -289,3 +290,26 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
         raise
     storage.delete_tree(f"{storage.join(store.uri, PARTS)}/{unit}", store.s3)
     return marker
+
+
+def shard_progress(markers: list[dict]) -> dict[str, dict]:
+    """Shard -> its committed chunks, their images, and whether it is done (every chunk up to its last)."""
+    from sculpt.shards import parse_unit
+
+    found: dict[str, dict] = {}
+    for marker in markers:
+        shard, chunk = parse_unit(marker["unit"])
+        entry = found.setdefault(shard, {"chunks": set(), "images": 0, "last": None})
+        entry["chunks"].add(chunk)
+        entry["images"] += marker["images"]
+        if (marker.get("end") or {}).get("last"):
+            entry["last"] = chunk
+    return {shard: {"chunks": len(e["chunks"]), "images": e["images"],
+                    "done": e["last"] is not None and e["chunks"] == set(range(e["last"] + 1))}
+            for shard, e in sorted(found.items())}
+
+
+def shards_line(job: dict, markers: list[dict]) -> str:
+    """'2/3 done (7 chunks committed)'."""
+    done = sum(p["done"] for p in shard_progress(markers).values())
+    return f"{done}/{job.get('total_shards', '?')} done ({len(markers)} chunks committed)"

@@ -3,8 +3,8 @@
 What to do (segments of shards to read, committed units, the output's lease) is decided by ``sculpt.planning``,
 without Ray; this module runs it.
 
-Ray Data streams blocks of rows through every stage at once, with backpressure; a job-wide ``ChunkGate`` bounds
-the chunks read but not yet through the chain, so memory and what a kill loses do not grow with the input. Rows are
+Ray Data streams blocks of rows through every stage at once, with backpressure (memory stays bounded by the
+blocks in flight); a job-wide ``ChunkMeter`` counts the chunks read but not yet through the chain. Rows are
 written to part files where they leave the last stage (``sculpt.output.write_parts``); the driver receives only
 receipts (unit, part file, row indices), and when a unit's receipts are all in it starts ``commit_unit`` in the
 cluster (Parquet, then marker).
@@ -31,38 +31,34 @@ from sculpt.stage import Stage, actor_class, ray_options
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 
 
-class ChunkGate:
-    """At most ``limit`` chunks read and not yet all through the chain, job-wide: a reader waits here before it
-    reads a chunk, the driver frees the chunk once all its rows are written (or it is given up on).
+class ChunkMeter:
+    """Counts the chunks read and not yet all through the chain, job-wide (the summary's peak): a reader takes a
+    place before it reads a chunk, the driver frees it once all the chunk's rows are written or it is given up on.
 
-    Keyed by unit, so that a reader task Ray runs again for the same chunk takes no second place. A Ray asyncio
-    actor: waiting readers cost no thread.
+    It counts and never makes a reader wait: Ray Data gathers a task's output into blocks, and a reader waiting
+    here for other chunks to drain deadlocked the pipeline (measured; see docs/BENCHMARKS.md, "Kill cost").
+    Keyed by unit, so that a task Ray runs again takes no second place.
     """
 
-    def __init__(self, limit: int):
-        self.limit, self.held, self.peak = limit, set(), 0
-        self.changed = asyncio.Condition()
+    def __init__(self):
+        self.held, self.peak = set(), 0
 
-    async def acquire(self, unit: str) -> None:
-        async with self.changed:
-            await self.changed.wait_for(lambda: unit in self.held or len(self.held) < self.limit)
-            self.held.add(unit)
-            self.peak = max(self.peak, len(self.held))
+    def take(self, unit: str) -> None:
+        self.held.add(unit)
+        self.peak = max(self.peak, len(self.held))
 
-    async def release(self, unit: str) -> None:
-        async with self.changed:
-            self.held.discard(unit)
-            self.changed.notify_all()
+    def release(self, unit: str) -> None:
+        self.held.discard(unit)
 
-    async def load(self) -> dict:
-        return {"held": len(self.held), "peak": self.peak, "limit": self.limit}
+    def load(self) -> dict:
+        return {"held": len(self.held), "peak": self.peak}
 
 
 def _split(row: dict) -> list[dict]:
     return [{"segment": piece.to_json()} for piece in shards.split(shards.Segment.from_json(row["segment"]))]
 
 
-def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate):
+def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, meter):
     """The streaming dataset of the segments' rows through every stage, written in the cluster; yields receipts."""
     import ray.data
 
@@ -80,10 +76,11 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
         retry_backoff=config.faults.backoff_seconds,
     )
     ds = ray.data.from_items([{"segment": segment.to_json()} for segment in segments], override_num_blocks=len(segments))
-    ds = ds.flat_map(_split, num_cpus=0)  # local tars: one segment per chunk, read in parallel
+    # local tars: one segment per chunk, each its own block, so that chunks are read in parallel tasks
+    ds = ds.flat_map(_split, num_cpus=0).repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
         _read_segments,
-        fn_kwargs={"options": options, "gate": gate},
+        fn_kwargs={"options": options, "meter": meter},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=config.input.readers),
@@ -102,16 +99,14 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
                           compute=ray.data.TaskPoolStrategy(size=config.output.writers), num_cpus=0)
 
 
-def _read_segments(batch: pa.Table, options: shards.ReadOptions, gate):
+def _read_segments(batch: pa.Table, options: shards.ReadOptions, meter):
     import ray
 
     from sculpt import schema
 
-    def wait_for_a_place(unit: str) -> None:
-        ray.get(gate.acquire.remote(unit))
-
     for row in batch.to_pylist():
-        for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options, wait_for_a_place):
+        for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options,
+                                        lambda unit: ray.get(meter.take.remote(unit))):
             yield schema.to_table(rows)
 
 
@@ -174,13 +169,15 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     markers: list[dict] = []
     pending: dict[str, str] = {}
     driver_bytes = 0  # what the receipts cost the driver to receive
+    chunks_peak = 0  # the most chunks in flight at once
     if todo.segments:
         import ray
 
-        gate = ray.remote(ChunkGate).options(num_cpus=0).remote(config.input.chunks_in_flight or 2 * config.input.readers)
+        meter = ray.remote(ChunkMeter).options(num_cpus=0).remote()
         commit = ray.remote(output.commit_unit).options(num_cpus=0)
         budget = (config.faults.max_error_share, config.faults.min_errors)
         received: dict[str, _Received] = {}
+        finished: set[str] = set()  # units whose rows are all in: later receipts for them are repeats
         commits: dict = {}  # commit task -> its unit
 
         def settle(wait: bool) -> None:
@@ -205,17 +202,18 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                 progress.unit(marker, todo.shard_done(shard, committed))
 
         try:
-            for receipts in build_dataset(todo.segments, stages, config, gate).iter_batches(batch_size=None,
+            for receipts in build_dataset(todo.segments, stages, config, meter).iter_batches(batch_size=None,
                                                                                            batch_format="pyarrow"):
                 driver_bytes += receipts.nbytes
                 for receipt in receipts.to_pylist():
                     unit = receipt["unit"]
-                    if unit in pending:
-                        continue  # rows still arriving for a unit already given up on
+                    if unit in pending or unit in finished:
+                        meter.release.remote(unit)  # a task Ray ran again may have taken its place anew
+                        continue  # rows still arriving for a unit given up on, or again for one complete
                     if receipt["transient_error"]:
                         received.pop(unit, None)
                         pending[unit] = receipt["transient_error"]
-                        gate.release.remote(unit)
+                        meter.release.remote(unit)
                         progress.print(f"left {unit} pending: {pending[unit]}")
                         continue
                     got = received.setdefault(unit, _Received())
@@ -228,13 +226,15 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     if got.expected is not None and len(got.seen) >= got.expected:
                         commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget)] = unit
                         del received[unit]
-                        gate.release.remote(unit)
+                        finished.add(unit)
+                        meter.release.remote(unit)
                 settle(wait=False)
             settle(wait=True)
+            chunks_peak = ray.get(meter.load.remote())["peak"]
         finally:
             for ref in commits:
                 ray.cancel(ref)
-            ray.kill(gate)
+            ray.kill(meter)
         if received:
             missing = {unit: f"{len(got.seen)}/{got.expected}" for unit, got in received.items()}
             raise RuntimeError(f"the pipeline ended with incomplete units (rows seen/expected): {missing}")
@@ -249,6 +249,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
         "seconds": round(time.monotonic() - progress.start, 2),
         "first_output_seconds": round(progress.first_output or 0.0, 2),
         "driver_bytes_per_image": round(driver_bytes / max(progress.images, 1)),
+        "chunks_in_flight_peak": chunks_peak,
         "output": store.uri,
     }
     job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones

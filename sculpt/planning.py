@@ -19,7 +19,7 @@ from sculpt.lease import Lease
 from sculpt.output import OutputStore, fingerprint
 from sculpt.stage import Stage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: units are chunks of shards
 
 
 def job_record(config: JobConfig, stages: list[Stage]) -> dict:

@@ -7,7 +7,7 @@ import html
 import os
 
 from sculpt import stats
-from sculpt.output import OutputStore
+from sculpt.output import OutputStore, shards_line
 
 
 def job_stats(store: OutputStore) -> tuple[dict, list[dict]]:
@@ -41,11 +41,11 @@ def kind_figures(total: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def render(out: str, job: dict, total: dict, units: int) -> str:
+def render(out: str, job: dict, total: dict, markers: list[dict]) -> str:
     d = stats.derived(total)
     lines = [
         f"output            {out} (config {job['fingerprint']}, prompts {job.get('prompts_version')})",
-        f"shards            {units}/{job.get('total_shards', '?')} committed",
+        f"shards            {shards_line(job, markers)}",
         f"images            {images_summary(total)}; {total['empty']} without objects",
         f"objects           {total['objects']} ({d['objects_per_image']:.2f} per image; {total['object_errors']} with errors)",
     ]
@@ -114,10 +114,10 @@ def plot(total: dict, directory: str) -> list[str]:
     return paths
 
 
-def figures(job: dict, total: dict, units: int) -> list[tuple[str, str, str]]:
+def figures(job: dict, total: dict, markers: list[dict]) -> list[tuple[str, str, str]]:
     """(what, value, unit) rows of the job's key figures."""
     d = stats.derived(total)
-    rows = [("shards committed", f"{units} of {job.get('total_shards', '?')}", "shards"),
+    rows = [("shards", shards_line(job, markers), "shards"),
             ("images", f"{total['images']}", "images"),
             ("error rows", f"{total['errors']}", f"rows ({d['error_rate']:.1%})"),
             ("images without objects", f"{total['empty']}", "images"),
@@ -135,10 +135,10 @@ def figures(job: dict, total: dict, units: int) -> list[tuple[str, str, str]]:
     return rows
 
 
-def page(out: str, job: dict, total: dict, units: int, plots: list[str]) -> str:
+def page(out: str, job: dict, total: dict, markers: list[dict], plots: list[str]) -> str:
     """One HTML page: the key figures, the errors by kind, and the plots (named relative to the page)."""
     cells = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td><td>{html.escape(unit)}</td></tr>"
-                    for what, value, unit in figures(job, total, units))
+                    for what, value, unit in figures(job, total, markers))
     kinds = "".join(f"<tr><td>{n}</td><td>{html.escape(kind)}</td></tr>"
                     for kind, n in sorted(total["error_kinds"].items(), key=lambda kv: -kv[1])[:15])
     images = "".join(f'<img src="{html.escape(os.path.basename(p))}" alt="{html.escape(os.path.basename(p))}">' for p in plots)

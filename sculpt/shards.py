@@ -179,9 +179,9 @@ def unit_name(shard: str, chunk: int) -> str:
 
 
 def parse_unit(unit: str) -> tuple[str, int]:
-    """('sa_000000', 3) for 'sa_000000-00003'."""
-    shard, chunk = unit.rsplit("-", 1)
-    return shard, int(chunk)
+    """('sa_000000', 3) for 'sa_000000-00003'; a name without a chunk number is a whole shard, its chunk 0."""
+    match = re.fullmatch(r"(.+)-(\d{5,})", unit)
+    return (match.group(1), int(match.group(2))) if match else (unit, 0)
 
 
 def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | None = None) -> Iterator[list[dict]]:
@@ -192,7 +192,7 @@ def read_shard(uri: str, options: ReadOptions = ReadOptions(), only: set[int] | 
 def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_chunk=None) -> Iterator[list[dict]]:
     """Yield the segment's rows in batches, one unit (chunk) at a time; a chunk's last batch carries its ``unit_end``.
 
-    ``before_chunk(unit)`` is called before a chunk's first byte is read (the job's bound on chunks in flight).
+    ``before_chunk(unit)`` is called before a chunk's first byte is read (the job's count of chunks in flight).
 
     A storage fault (connection reset, throttling that outlasts the S3 client's own retries) reopens the tar
     where the last whole member ended (a ranged read; compressed tars start over and skip what was read), up to

@@ -180,9 +180,18 @@ TMP_DIR = "_tmp"
 
 
 def delete_tree(uri: str, s3: S3Options = S3Options()) -> None:
+    """Delete a folder and everything under it; on S3 the objects under the prefix, and nothing else (pyarrow's
+    delete_dir would leave an empty "directory" object for the parent behind)."""
+    if is_s3(uri):
+        client, (bucket, prefix) = s3_client(s3), bucket_key(uri.rstrip("/") + "/")
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        return
     fs, path = filesystem(uri, s3)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)  # with the folder itself: on S3 no empty "directory" object stays behind
+        fs.delete_dir(path)
 
 
 def list_names(uri: str, s3: S3Options = S3Options(), suffix: str = "") -> list[str]:

@@ -45,6 +45,9 @@ class HoldGpu(Stage):
             if row["image_key"] in self.params.get("fail_keys", ()):
                 raise RuntimeError(f"injected failure on {row['image_key']}")
             row["caption"] = (row["caption"] or "") + f"{self.name};"
+        if self.params.get("work_log"):  # one line per image worked on (benchmarks count the work a kill loses)
+            with open(os.path.join(self.params["work_log"], f"{os.getpid()}.txt"), "a") as f:
+                f.write("".join(f"{row['shard']}/{row['index']}\n" for row in rows))
 
 
 class ThresholdMasker(Stage):
@@ -144,3 +147,30 @@ class FailingStore(OutputStore):
         if unit == self.unit:
             raise OSError(self.code, f"{os.strerror(self.code)} (injected)")
         return super().data_uri(unit)
+
+
+class TimedEngine:
+    """Stands in for actors.vlm.VLMEngine with a service time: ``slots`` requests at once, ``seconds`` each.
+
+    Like vLLM's continuous batching, requests from all callers share the slots (the actor is threaded); a
+    caption comes back for every request. Its timing comes in ``engine_kwargs`` (``seconds``, ``slots``).
+    """
+
+    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
+        import threading
+
+        self.seconds, self.slots = float(engine_kwargs["seconds"]), threading.Semaphore(int(engine_kwargs["slots"]))
+
+    def ready(self):
+        return True
+
+    def chat(self, encoded_images, requests, max_tokens):
+        from concurrent.futures import ThreadPoolExecutor
+
+        def answer(_):
+            with self.slots:
+                time.sleep(self.seconds)
+            return {"text": "A cat sits on a sofa.", "finish_reason": "stop", "prompt_tokens": 1, "cached_tokens": 0}
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            return list(pool.map(answer, requests))

@@ -22,10 +22,10 @@ def bucket(s3_server, sample_shards, request):
     return client, name
 
 
-def s3_job(endpoint, bucket, tmp_path):
+def s3_job(endpoint, bucket, tmp_path, *extra):
     stage = {"name": "hold", "class": "tests.doubles:HoldGpu", "gpus": 0.5, "params": {"log_dir": str(tmp_path)}}
     overrides = [f"input.shards=[s3://{bucket}/sa1b/]", f"output.path=s3://{bucket}/out", f"s3.endpoint={endpoint}",
-                 f"stages={json.dumps([stage])}", "input.batch_images=2"]
+                 f"stages={json.dumps([stage])}", "input.batch_images=2", *extra]
     cfg = config.load(None, overrides)
     return cfg, [config.build_stage(s) for s in cfg.stages]
 
@@ -39,35 +39,47 @@ def test_listing_globs_and_prefixes(s3_server, bucket):
         storage.list_files(f"s3://{name}/nothing/", s3)
 
 
-def test_s3_in_s3_out_and_resume_reads_no_committed_input(local_ray, s3_server, bucket, sample_shards, tmp_path):
+def test_s3_in_s3_out_and_a_resume_mid_shard_reads_no_byte_of_committed_chunks(local_ray, s3_server, bucket, tmp_path):
     client, name = bucket
-    cfg, stages = s3_job(s3_server, name, tmp_path)
+    cfg, stages = s3_job(s3_server, name, tmp_path, "input.chunk_images=2")  # each 4-image shard: two chunks
     first = pipeline.run(cfg, stages)
-    assert first["committed_now"] == 3 and first["images"] == 12
+    assert first["committed_now"] == 6 and first["images"] == 12
     total_input = sum(o["Size"] for o in client.list_objects_v2(Bucket=name, Prefix="sa1b/")["Contents"])
     assert 0 < first["input_bytes_read"] <= total_input
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
-    assert {"out/sa_000000.parquet", "out/_markers/sa_000000.json", "out/_sculpt_job.json"} <= keys
-    # temporaries are moved, not left behind (pyarrow keeps an empty "out/_tmp/" directory marker)
-    assert not [k for k in keys if k.startswith("out/_tmp/") and k != "out/_tmp/"]
+    assert {"out/sa_000000-00000.parquet", "out/_markers/sa_000000-00001.json", "out/_sculpt_job.json"} <= keys
+    assert not [k for k in keys if "_tmp" in k]  # part files and temporaries are gone
     store = OutputStore(f"s3://{name}/out", cfg.s3)
-    before = store.markers()
+    before = {m["unit"]: m for m in store.markers()}
 
-    # Committed inputs become garbage (reading one would show as errors); a lost marker means that unit redoes.
-    for shard in ("sa_000000", "sa_000002"):
-        client.put_object(Bucket=name, Key=f"sa1b/{shard}.tar", Body=b"\0garbage" * 100)
-    client.delete_object(Bucket=name, Key="out/_markers/sa_000001.json")
+    # Lost markers: shard 1 redoes its second chunk, shard 2 its first (a read that must stop where chunk 1
+    # begins). Every chunk that stays committed becomes garbage in place, in S3: reading a byte of it would show.
+    redo = {"sa_000001-00001", "sa_000002-00000"}
+    for shard in ("sa_000000", "sa_000001", "sa_000002"):
+        body = bytearray(client.get_object(Bucket=name, Key=f"sa1b/{shard}.tar")["Body"].read())
+        for unit, marker in before.items():
+            if unit.startswith(shard) and unit not in redo:
+                start, end = marker["end"]["offset"], marker["end"]["next_offset"]
+                body[start:end] = b"\xff" * (end - start)
+        client.put_object(Bucket=name, Key=f"sa1b/{shard}.tar", Body=bytes(body))
+    for unit in redo:
+        client.delete_object(Bucket=name, Key=f"out/_markers/{unit}.json")
     second = pipeline.run(cfg, stages)
 
-    assert second["committed_now"] == 1 and second["errors"] == 0
-    assert second["input_bytes_read"] <= client.head_object(Bucket=name, Key="sa1b/sa_000001.tar")["ContentLength"]
+    assert second["committed_now"] == 2 and second["errors"] == 0
+    sizes = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=name, Prefix="sa1b/")["Contents"]}
+    redo_bytes = sum((sizes[f"sa1b/{u[:-6]}.tar"] if before[u]["end"]["last"] else before[u]["end"]["next_offset"])
+                     - before[u]["end"]["offset"] for u in redo)  # a shard's last chunk: to the tar's end
+    assert 0 < second["input_bytes_read"] <= redo_bytes
     fs, path = storage.filesystem(f"s3://{name}/out", cfg.s3)
     rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
     after = {m["unit"]: m for m in store.markers()}
-    assert [after[m["unit"]] for m in before if m["unit"] != "sa_000001"] == [m for m in before if m["unit"] != "sa_000001"]
-    assert "shards   3/3 committed" in status(f"s3://{name}/out", cfg.s3)
+    assert {u: after[u] for u in before if u not in redo} == {u: m for u, m in before.items() if u not in redo}
+    assert {u: after[u]["end"] for u in redo} == {u: before[u]["end"] | {"bytes_read": after[u]["end"]["bytes_read"]}
+                                                 for u in redo}
+    assert "shards   3/3 done (6 chunks committed)" in status(f"s3://{name}/out", cfg.s3)
 
 
 def all_output_bytes(client, name):
@@ -99,7 +111,7 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
 
     # A shard whose every read is cut off: after faults.read_attempts it is left pending, never committed short.
-    client.delete_object(Bucket=name, Key="out/_markers/sa_000002.json")
+    client.delete_object(Bucket=name, Key="out/_markers/sa_000002-00000.json")
     proxy = FaultProxy(s3_server, match=f"/{name}/sa1b/sa_000002.tar", cuts=99)
     try:
         cfg.s3 = storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1)
@@ -107,8 +119,9 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
         second = pipeline.run(cfg, stages)
     finally:
         proxy.close()
-    assert list(second["pending"]) == ["sa_000002"] and "still failed after 2 attempts" in second["pending"]["sa_000002"]
-    assert "out/_markers/sa_000002.json" not in {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
+    assert list(second["pending"]) == ["sa_000002-00000"]
+    assert "still failed after 2 attempts" in second["pending"]["sa_000002-00000"]
+    assert "out/_markers/sa_000002-00000.json" not in {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
 
     # Credentials never reach an output file (job file, markers, statistics, Parquet) or the job's output.
     written = all_output_bytes(client, name) + "".join(capfd.readouterr()).encode()
@@ -121,8 +134,8 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
     from sculpt.lease import LEASE_FILE, OutputBusy
 
     client, name = bucket
-    left = client.create_multipart_upload(Bucket=name, Key="out/sa_000001.parquet")  # a killed job's upload
-    client.put_object(Bucket=name, Key="out/_markers/_tmp/sa_000001.json.0badc0ffee00", Body=b"{")  # and temp file
+    left = client.create_multipart_upload(Bucket=name, Key="out/sa_000001-00000.parquet")  # a killed job's upload
+    client.put_object(Bucket=name, Key="out/_markers/_tmp/sa_000001-00000.json.0badc0ffee00", Body=b"{")  # and temp file
     cfg, stages = s3_job(s3_server, name, tmp_path)
 
     first = planning.plan(cfg, stages)  # holds the lease until its run ends
@@ -135,7 +148,7 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"])
     assert summary["committed_now"] == 3 and f"out/{LEASE_FILE}" not in keys  # given back
     assert not [k for k in keys if "_tmp" in k]  # units went up in one upload each: no temporary objects
-    assert left["UploadId"] and [k for k in keys if k.endswith(".parquet")] == [f"out/sa_00000{i}.parquet" for i in range(3)]
+    assert left["UploadId"] and [k for k in keys if k.endswith(".parquet")] == [f"out/sa_00000{i}-00000.parquet" for i in range(3)]
     rows = pads.dataset(f"{name}/out", format="parquet", filesystem=storage.filesystem(f"s3://{name}", storage.S3Options(endpoint=s3_server))[0]).to_table()
     assert rows.num_rows == 12 and len(set(zip(rows["shard"].to_pylist(), rows["index"].to_pylist()))) == 12
     assert pipeline.run(cfg, stages)["committed_now"] == 0  # the lease is free again: a rerun plans and finds all done

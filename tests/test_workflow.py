@@ -109,7 +109,7 @@ def test_killed_stage_actor_is_replaced_and_output_is_exact(local_ray, sample_sh
     logs = tmp_path / "logs"
     logs.mkdir()
     stages = [hold("a", logs, 0.5), hold("b", logs, 0.5, seconds=0.4, batch_size=1)]
-    cfg, built = job(sample_shards, tmp_path / "out", stages)
+    cfg, built = job(sample_shards, tmp_path / "out", stages, "input.chunk_images=3")  # chunks of 3 and of 1
     killed = []
 
     def kill_b_once_it_works():
@@ -132,47 +132,53 @@ def test_killed_stage_actor_is_replaced_and_output_is_exact(local_ray, sample_sh
     rows = output_rows(tmp_path / "out")
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
     assert summary["images"] == 12 and all(r["caption"] == "a;b;" and r["status"] == "empty" for r in rows)
+    assert sorted(OutputStore(str(tmp_path / "out")).committed()) == [f"sa_00000{s}-0000{c}" for s in range(3) for c in (0, 1)]
 
 
 def _annotate(args, **kwargs):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "workflows", "annotate.py"), *args], cwd=ROOT, **kwargs)
 
 
-def test_killed_driver_then_rerun_completes_without_reading_committed_shards(local_ray, tmp_path):
+def test_killed_driver_mid_shard_then_rerun_reads_no_byte_of_committed_chunks(local_ray, tmp_path):
     shard_dir = tmp_path / "in"
-    paths = samples.make_sample_shards(str(shard_dir), shards=6, images_per_shard=3)
+    paths = samples.make_sample_shards(str(shard_dir), shards=3, images_per_shard=6)
     out = tmp_path / "out"
     logs = tmp_path / "logs"
     logs.mkdir()
     stage = hold("slow", logs, 1, seconds=0.3, batch_size=1)
+    chunked = ["input.chunk_images=2", "input.readers=1"]
     args = ["--input", str(shard_dir), "--output", str(out), "--set", f"stages={json.dumps([stage])}",
-            "--set", "input.readers=1", "--set", "ray.num_cpus=4", "--set", "ray.num_gpus=1"]
+            "--set", "ray.num_cpus=4", "--set", "ray.num_gpus=1", *[a for c in chunked for a in ("--set", c)]]
     driver = _annotate(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = OutputStore(str(out))
     deadline = time.time() + 180
-    while time.time() < deadline and not store.committed() and driver.poll() is None:
+    while time.time() < deadline and len(store.committed()) < 2 and driver.poll() is None:
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
-    committed = store.committed()
-    assert 1 <= len(committed) < 6, "the kill should land mid-run"
     before = {m["unit"]: m for m in store.markers()}
-    # Committed shards must never be opened again: make their input garbage; reading it would show.
-    for path in paths:
-        if os.path.basename(path)[:-4] in committed:
-            open(path, "wb").write(b"\0garbage" * 1000)
+    assert 2 <= len(before) < 9, "the kill should land mid-run"
+    assert any(not m["end"]["last"] for m in before.values())  # a shard cut off between its chunks
+    # Committed chunks must never be read again: their bytes become garbage in place; reading one would show.
+    committed_bytes = 0
+    for unit, marker in before.items():
+        path = shard_dir / f"{unit.rsplit('-', 1)[0]}.tar"
+        start, end = marker["end"]["offset"], marker["end"]["next_offset"]
+        with open(path, "r+b") as f:
+            f.seek(start)
+            f.write(b"\xff" * (end - start))
+        committed_bytes += end - start
 
-    cfg, built = job([shard_dir], out, [stage])
+    cfg, built = job([shard_dir], out, [stage], *chunked)
     summary = pipeline.run(cfg, built)
 
     rows = output_rows(out)
-    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(6) for i in range(3)]
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(6)]
     assert all(r["status"] == "empty" and r["caption"] == "slow;" for r in rows)
-    assert {m["unit"]: m for m in store.markers() if m["unit"] in committed} == before
-    pending_bytes = sum(os.path.getsize(p) for p in paths if os.path.basename(p)[:-4] not in committed)
-    assert summary["committed_now"] == 6 - len(committed)
-    assert 0 < summary["input_bytes_read"] <= pending_bytes
-    assert "shards   6/6 committed" in status(str(out), config.S3Options())
+    assert {m["unit"]: m for m in store.markers() if m["unit"] in before} == before
+    assert summary["committed_now"] == 9 - len(before)
+    assert 0 < summary["input_bytes_read"] <= sum(os.path.getsize(p) for p in paths) - committed_bytes
+    assert "shards   3/3 done (9 chunks committed)" in status(str(out), config.S3Options())
 
 
 def test_rerun_with_another_config_is_refused_unless_overwrite(local_ray, sample_shards, tmp_path):
@@ -186,3 +192,16 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(local_ray, sample
     _, err = refused.communicate(timeout=120)
     assert refused.returncode == 2
     assert "different config" in err and "stages[0].params.x: None in the output, 1 now" in err and "--overwrite" in err
+
+
+def test_chunks_of_one_shard_are_read_in_parallel_and_every_image_is_committed_once(local_ray, tmp_path):
+    paths = samples.make_sample_shards(str(tmp_path / "in"), shards=2, images_per_shard=5)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cfg, built = job(paths, tmp_path / "out", [hold("a", logs, 0.5, seconds=0.05, batch_size=1)],
+                     "input.chunk_images=1", "input.readers=2")
+    summary = pipeline.run(cfg, built)
+    rows = output_rows(tmp_path / "out")
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(5)]
+    assert summary["committed_now"] == 10 and 1 <= summary["chunks_in_flight_peak"] <= 10
+    assert summary["input_bytes_read"] <= sum(os.path.getsize(p) for p in paths)  # each chunk's own bytes, once

@@ -1,0 +1,93 @@
+"""Model work a kill loses, against chunk size: the driver is SIGKILLed mid-run and the images a model stage had
+finished but no committed chunk holds are counted.
+
+The real workflow (``workflows/annotate.py`` as a subprocess: local Ray, one logical GPU) runs one stand-in
+model stage (``tests.doubles:HoldGpu``, a fixed service time per image, logging every image it finishes) over
+local sample shards. Once a quarter of the images are done, the driver's process group is killed. Lost work =
+images the stage finished minus images in chunks committed by then. Then the same command resumes, and the
+output is checked: every image exactly once.
+
+    .venv/bin/python benchmarks/kill_cost.py [--shards 4 --images 60 --seconds 0.05 --chunks 5,20,60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pyarrow.dataset as pads  # noqa: E402
+
+from sculpt import samples  # noqa: E402
+from sculpt.output import OutputStore  # noqa: E402
+
+
+def worked(log_dir: str) -> set[str]:
+    return {line for path in glob.glob(os.path.join(log_dir, "*.txt")) for line in open(path).read().split()}
+
+
+def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, readers: int) -> dict:
+    out, logs = os.path.join(work, f"out-{chunk}"), os.path.join(work, f"logs-{chunk}")
+    os.makedirs(logs)
+    stage = {"name": "model", "class": "tests.doubles:HoldGpu", "gpus": 1, "batch_size": 4,
+             "params": {"seconds_per_image": seconds, "work_log": logs}}
+    args = [sys.executable, os.path.join(ROOT, "workflows", "annotate.py"), "--input", shard_dir, "--output", out,
+            "--set", f"stages={json.dumps([stage])}", "--set", f"input.chunk_images={chunk}",
+            "--set", f"input.readers={readers}", "--set", "input.batch_images=4", "--set", "ray.num_cpus=4",
+            "--set", "ray.num_gpus=1"]
+    driver = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while len(worked(logs)) < total // 4 and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = worked(logs)
+    markers = OutputStore(out).markers()
+    committed = sum(m["images"] for m in markers)
+    lost = len(done) - committed
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    rows = pads.dataset(out, format="parquet").to_table(columns=["shard", "index"]).to_pylist()
+    exact = len(rows) == total and len({(r["shard"], r["index"]) for r in rows}) == total
+    return {"chunk": chunk, "worked": len(done), "committed": committed, "chunks": len(markers), "lost": lost,
+            "exact": exact and resumed.returncode == 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--images", type=int, default=60, help="images per shard")
+    parser.add_argument("--seconds", type=float, default=0.05, help="the stand-in stage's service time per image")
+    parser.add_argument("--readers", type=int, default=2)
+    parser.add_argument("--chunks", default="5,20,60", help="chunk sizes (input.chunk_images) to compare")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="sculpt-kill-")
+    try:
+        shard_dir = os.path.join(work, "in")
+        samples.make_sample_shards(shard_dir, shards=args.shards, images_per_shard=args.images, scale=0.25)
+        total = args.shards * args.images
+        print(f"{args.shards} shards x {args.images} images, {args.seconds} s per image, {args.readers} readers, "
+              f"killed once {total // 4} images are worked on")
+        print("| chunk images | worked on at the kill | in committed chunks | chunks committed | model work lost (images) "
+              "| lost / chunk | resume exact |")
+        print("|---|---|---|---|---|---|---|")
+        for chunk in (int(c) for c in args.chunks.split(",")):
+            r = case(shard_dir, work, chunk, args.seconds, total, args.readers)
+            print(f"| {chunk} | {r['worked']} | {r['committed']} | {r['chunks']} | {r['lost']} | "
+                  f"{r['lost'] / chunk:.2f} | {'yes' if r['exact'] else 'NO'} |", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
