@@ -12,7 +12,6 @@ cluster (Parquet, then marker).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
 import logging

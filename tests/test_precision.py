@@ -6,7 +6,6 @@ these are looser than real weights would need): mask IoU >= 0.9 per mask, SAM2 s
 decoder logits within 5 % of their range.
 """
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

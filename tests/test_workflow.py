@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import threading
 import time
 
 import pyarrow.dataset as pads
-import pytest
 
 from sculpt import config, pipeline, samples
 from sculpt.cli import status
