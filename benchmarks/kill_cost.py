@@ -3,7 +3,7 @@ finished but no committed chunk holds are counted.
 
 The real workflow (``workflows/annotate.py`` as a subprocess: local Ray, one logical GPU) runs one stand-in
 model stage (``tests.doubles:HoldGpu``, a fixed service time per image, logging every image it finishes) over
-local sample shards. Once a quarter of the images are done, the driver's process group is killed. Lost work =
+local sample shards. Once half of the images are worked on, the driver's process group is killed. Lost work =
 images the stage finished minus images in chunks committed by then. Then the same command resumes, and the
 output is checked: every image exactly once.
 
@@ -38,7 +38,7 @@ def worked(log_dir: str) -> set[str]:
     return {line for path in glob.glob(os.path.join(log_dir, "*.txt")) for line in open(path).read().split()}
 
 
-def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, readers: int) -> dict:
+def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, readers: int, kill_at: int) -> dict:
     out, logs = os.path.join(work, f"out-{chunk}"), os.path.join(work, f"logs-{chunk}")
     os.makedirs(logs)
     stage = {"name": "model", "class": "tests.doubles:HoldGpu", "gpus": 1, "batch_size": 4,
@@ -48,7 +48,7 @@ def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, read
             "--set", f"input.readers={readers}", "--set", "input.batch_images=4", "--set", "ray.num_cpus=4",
             "--set", "ray.num_gpus=1"]
     driver = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while len(worked(logs)) < total // 4 and driver.poll() is None:
+    while len(worked(logs)) < kill_at and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -69,20 +69,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60, help="images per shard")
     parser.add_argument("--seconds", type=float, default=0.05, help="the stand-in stage's service time per image")
     parser.add_argument("--readers", type=int, default=2)
-    parser.add_argument("--chunks", default="5,20,60", help="chunk sizes (input.chunk_images) to compare")
+    parser.add_argument("--chunks", default="5,10,20,40", help="chunk sizes (input.chunk_images) to compare")
+    parser.add_argument("--kill-at", type=float, default=0.5, help="kill once this share of the images is worked on")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="sculpt-kill-")
     try:
         shard_dir = os.path.join(work, "in")
         samples.make_sample_shards(shard_dir, shards=args.shards, images_per_shard=args.images, scale=0.25)
         total = args.shards * args.images
+        kill_at = int(args.kill_at * total)
         print(f"{args.shards} shards x {args.images} images, {args.seconds} s per image, {args.readers} readers, "
-              f"killed once {total // 4} images are worked on")
+              f"killed once {kill_at} images are worked on")
         print("| chunk images | worked on at the kill | in committed chunks | chunks committed | model work lost (images) "
               "| lost / chunk | resume exact |")
         print("|---|---|---|---|---|---|---|")
         for chunk in (int(c) for c in args.chunks.split(",")):
-            r = case(shard_dir, work, chunk, args.seconds, total, args.readers)
+            r = case(shard_dir, work, chunk, args.seconds, total, args.readers, kill_at)
             print(f"| {chunk} | {r['worked']} | {r['committed']} | {r['chunks']} | {r['lost']} | "
                   f"{r['lost'] / chunk:.2f} | {'yes' if r['exact'] else 'NO'} |", flush=True)
     finally:
