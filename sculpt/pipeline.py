@@ -195,9 +195,9 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     continue
                 markers.append(marker)
                 committed.add(unit)
-                shard = shards.parse_unit(unit)[0]
+                shard, chunk = shards.parse_unit(unit)
                 if marker["end"]["last"]:
-                    todo.last_chunks[shard] = shards.parse_unit(unit)[1]
+                    todo.last_chunks[shard] = chunk
                 progress.unit(marker, todo.shard_done(shard, committed))
 
         try:
