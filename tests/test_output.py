@@ -14,7 +14,7 @@ JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"mo
 def rows(unit, indices, size=None):
     out = []
     for i in indices:
-        row = schema.new_row(unit, i, f"sa_{i}", image_bytes=b"x", width=4, height=3)
+        row = schema.new_row(unit.split("-")[0], i, f"sa_{i}", image_bytes=b"x", width=4, height=3, unit=unit)
         row["unit_end"] = {"size": size, "bytes_read": 100} if size else None
         out.append(row)
     return schema.to_table(out)
@@ -90,18 +90,25 @@ def test_rerun_with_another_config_is_refused_then_overwritten(tmp_path):
     assert store.job()["fingerprint"] == "f2"
 
 
-def test_hugging_face_datasets_loads_the_output_as_the_readme_says(tmp_path):
+def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_files(tmp_path):
+    """Mid-run: one unit committed, another's rows in part files, a third's half-gathered in _tmp. pyarrow over OUT
+    and Hugging Face `datasets` over the data files (as the README says) see the committed rows, each once."""
     datasets = pytest.importorskip("datasets")
+    from sculpt.output import commit_unit, write_parts
+
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
-    for unit in ("sa_000001", "sa_000002"):
-        writer = UnitWriter(store, unit, JOB)
-        writer.add(rows(unit, [0, 1, 2], size=3))
-        writer.commit()
-    assert os.listdir(tmp_path / "_markers")  # bookkeeping files lie beside the data
-    loaded = datasets.load_dataset("parquet", data_files=f"{tmp_path}/*.parquet", split="train")
-    assert loaded.num_rows == 6 and sorted(zip(loaded["shard"], loaded["index"])) == [
-        (u, i) for u in ("sa_000001", "sa_000002") for i in range(3)]
+    (receipt,) = write_parts(rows("sa_000001-00000", [0, 1, 2], size=3), store.uri, store.s3).to_pylist()
+    commit_unit(store, "sa_000001-00000", JOB, [receipt["part"]])
+    write_parts(rows("sa_000002-00000", [0, 1], size=3), store.uri, store.s3)  # awaiting its last row
+    half = UnitWriter(store, "sa_000003-00000", JOB, flush_rows=1)
+    half.add(rows("sa_000003-00000", [0, 1]))  # a commit cut off while gathering
+    assert list((tmp_path / "_tmp" / "parts").glob("sa_000002-00000/*.parquet")) and list((tmp_path / "_tmp").rglob("sa_000003*"))
+    expected = [("sa_000001", i) for i in range(3)]
+    seen = {"pyarrow": pads.dataset(str(tmp_path), format="parquet").to_table(columns=["shard", "index"]).to_pydict(),
+            "datasets files": datasets.load_dataset("parquet", data_files=f"{tmp_path}/*.parquet", split="train").to_dict()}
+    for reader, table in seen.items():
+        assert sorted(zip(table["shard"], table["index"])) == expected, reader
 
 
 def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
