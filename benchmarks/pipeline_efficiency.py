@@ -203,7 +203,7 @@ def cluster(work, quick):
     limit = min(engines["replicas"] * engines["slots"] / engines["seconds"], bound(stages[1:]))
     extra = [f"vlm.replicas={engines['replicas']}", "vlm.cpus=0.25", "models.vlm=stand-in",
              f"vlm.engine_kwargs={json.dumps({'seconds': engines['seconds'], 'slots': engines['slots']})}",
-             "input.chunk_images=10", "input.readers=4"]
+             "input.chunk_images=10", "input.chunks_in_flight=32", "input.readers=4"]
     images = int(limit * (20 if quick else 60))
     shard_dir = os.path.join(work, "in-cluster")
     samples.make_sample_shards(shard_dir, shards=images // 40, images_per_shard=40)

@@ -35,11 +35,18 @@ class InputConfig:
     # images per output unit (a chunk of a shard: its own Parquet file and marker); a kill loses the chunks in
     # flight, and a resume starts each shard at its first unfinished chunk
     chunk_images: int = 1000
+    # chunks read and not yet written, job-wide: a kill loses at most these (plus, for a shard read in order from
+    # S3 or a compressed tar, what its reader has read past them). None: the least that is safe, one more than the
+    # sum of every stage's batch_size - 1 (JobConfig.least_chunks_in_flight); the chain needs about its images/s
+    # times its seconds per image in flight to keep every stage busy
+    chunks_in_flight: int | None = None
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
 
     def __post_init__(self):
         _at_least(self, 1, "readers", "batch_images", "chunk_images", "max_image_pixels")
+        if self.chunks_in_flight is not None:
+            _at_least(self, 1, "chunks_in_flight")
 
 
 @dataclass
@@ -148,6 +155,24 @@ class JobConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     stages: list[StageConfig] = field(default_factory=lambda: default_stages())  # run in this order
     progress_seconds: float = 10.0  # how often the driver prints progress
+
+    def __post_init__(self):
+        wanted, least = self.input.chunks_in_flight, self.least_chunks_in_flight
+        if wanted is not None and wanted < least:
+            raise ConfigError(f"input.chunks_in_flight={wanted}: the stages' batches can hold back {least - 1} chunks' "
+                              f"last rows; set it to at least {least}, or lower the stages' batch_size")
+
+    @property
+    def least_chunks_in_flight(self) -> int:
+        """Ray Data holds up to ``batch_size - 1`` rows before each stage until a full batch comes, and those may be
+        as many chunks' last rows, which free no place; with one place more than all stages can hold, some chunk
+        always moves (a bound of 1 before a batch of 4 stopped the pipeline: measured)."""
+        return 1 + sum(stage.batch_size - 1 for stage in self.stages)
+
+    @property
+    def chunk_limit(self) -> int:
+        """The most chunks read and not yet written at once (``input.chunks_in_flight``, or the least that is safe)."""
+        return self.input.chunks_in_flight or self.least_chunks_in_flight
 
 
 # Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.

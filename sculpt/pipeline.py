@@ -4,7 +4,7 @@ What to do (segments of shards to read, committed units, the output's lease) is 
 without Ray; this module runs it.
 
 Ray Data streams blocks of rows through every stage at once, with backpressure (memory stays bounded by the
-blocks in flight); a job-wide ``ChunkMeter`` counts the chunks read but not yet through the chain. Rows are
+blocks in flight); a job-wide ``ChunkGate`` bounds the chunks read but not yet through the chain. Rows are
 written to part files where they leave the last stage (``sculpt.output.write_parts``); the driver receives only
 receipts (unit, part file, row indices), and when a unit's receipts are all in it starts ``commit_unit`` in the
 cluster (Parquet, then marker).
@@ -30,26 +30,38 @@ from sculpt.stage import Stage, actor_class, ray_options
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 
 
-class ChunkMeter:
-    """Counts the chunks read and not yet all through the chain, job-wide (the summary's peak): a reader takes a
-    place before it reads a chunk, the driver frees it once all the chunk's rows are written or it is given up on.
+class ChunkGate:
+    """At most ``limit`` chunks read and not yet all written, job-wide (``JobConfig.chunk_limit``): a reader takes
+    a place before it reads a chunk's first byte, the driver frees it once all the chunk's rows are written or the
+    chunk is given up on. What a kill can cost is so bounded, whatever the stages' queues hold.
 
-    It counts and never makes a reader wait: Ray Data gathers a task's output into blocks, and a reader waiting
-    here for other chunks to drain deadlocked the pipeline (measured; see docs/BENCHMARKS.md, "Kill cost").
-    Keyed by unit, so that a task Ray runs again takes no second place.
+    A reader waits for a place only while no chunk of its own is in flight: Ray Data gathers a task's batches into
+    blocks, so rows of that chunk may sit unsent in the waiting task, and the place they would free would never
+    come (measured: a deadlock). A local tar is read one chunk per task, and each waits its turn; a shard read in
+    order (S3, compressed) goes past the limit by the chunks its task reads before the earlier ones are written.
+    Keyed by unit, so that a task Ray runs again takes no second place. An asyncio actor: a waiting reader never
+    keeps a release from running.
     """
 
-    def __init__(self):
-        self.held, self.peak = set(), 0
+    def __init__(self, limit: int):
+        import asyncio
 
-    def take(self, unit: str) -> None:
-        self.held.add(unit)
-        self.peak = max(self.peak, len(self.held))
+        self.limit, self.held, self.peak = limit, {}, 0  # held: unit -> the reader task reading it
+        self.freed = asyncio.Condition()
 
-    def release(self, unit: str) -> None:
-        self.held.discard(unit)
+    async def take(self, unit: str, reader: str) -> None:
+        async with self.freed:
+            if unit not in self.held:
+                await self.freed.wait_for(lambda: len(self.held) < self.limit or reader in self.held.values())
+            self.held[unit] = reader
+            self.peak = max(self.peak, len(self.held))
 
-    def load(self) -> dict:
+    async def release(self, unit: str) -> None:
+        async with self.freed:
+            self.held.pop(unit, None)
+            self.freed.notify_all()
+
+    async def load(self) -> dict:
         return {"held": len(self.held), "peak": self.peak}
 
 
@@ -57,7 +69,7 @@ def _split(row: dict) -> list[dict]:
     return [{"segment": piece.to_json()} for piece in shards.split(shards.Segment.from_json(row["segment"]))]
 
 
-def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, meter):
+def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate):
     """The streaming dataset of the segments' rows through every stage, written in the cluster; yields receipts."""
     import ray.data
 
@@ -79,7 +91,7 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
     ds = ds.flat_map(_split, num_cpus=0).repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
         _read_segments,
-        fn_kwargs={"options": options, "meter": meter},
+        fn_kwargs={"options": options, "gate": gate},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=config.input.readers),
@@ -98,14 +110,15 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
                           compute=ray.data.TaskPoolStrategy(size=config.output.writers), num_cpus=0)
 
 
-def _read_segments(batch: pa.Table, options: shards.ReadOptions, meter):
+def _read_segments(batch: pa.Table, options: shards.ReadOptions, gate):
     import ray
 
     from sculpt import schema
 
+    reader = ray.get_runtime_context().get_task_id()  # one output buffer per task, whatever batches it is given
     for row in batch.to_pylist():
         for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options,
-                                        lambda unit: ray.get(meter.take.remote(unit))):
+                                        lambda unit: ray.get(gate.take.remote(unit, reader))):
             yield schema.to_table(rows)
 
 
@@ -172,7 +185,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     if todo.segments:
         import ray
 
-        meter = ray.remote(ChunkMeter).options(num_cpus=0).remote()
+        gate = ray.remote(ChunkGate).options(num_cpus=0).remote(config.chunk_limit)
         commit = ray.remote(output.commit_unit).options(num_cpus=0)
         budget = (config.faults.max_error_share, config.faults.min_errors)
         received: dict[str, _Received] = {}
@@ -201,18 +214,21 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                 progress.unit(marker, todo.shard_done(shard, committed))
 
         try:
-            for receipts in build_dataset(todo.segments, stages, config, meter).iter_batches(batch_size=None,
-                                                                                           batch_format="pyarrow"):
+            # prefetch_batches=0: with a window, Ray Data holds each receipt back until the next one comes, and the
+            # last receipts in flight would free the places that let the next chunk be read (a deadlock)
+            receipts_stream = build_dataset(todo.segments, stages, config, gate).iter_batches(
+                batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+            for receipts in receipts_stream:
                 driver_bytes += receipts.nbytes
                 for receipt in receipts.to_pylist():
                     unit = receipt["unit"]
                     if unit in pending or unit in finished:
-                        meter.release.remote(unit)  # a task Ray ran again may have taken its place anew
+                        gate.release.remote(unit)  # a task Ray ran again may have taken its place anew
                         continue  # rows still arriving for a unit given up on, or again for one complete
                     if receipt["transient_error"]:
                         received.pop(unit, None)
                         pending[unit] = receipt["transient_error"]
-                        meter.release.remote(unit)
+                        gate.release.remote(unit)
                         progress.print(f"left {unit} pending: {pending[unit]}")
                         continue
                     got = received.setdefault(unit, _Received())
@@ -226,14 +242,14 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                         commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget)] = unit
                         del received[unit]
                         finished.add(unit)
-                        meter.release.remote(unit)
+                        gate.release.remote(unit)
                 settle(wait=False)
             settle(wait=True)
-            chunks_peak = ray.get(meter.load.remote())["peak"]
+            chunks_peak = ray.get(gate.load.remote())["peak"]
         finally:
             for ref in commits:
                 ray.cancel(ref)
-            ray.kill(meter)
+            ray.kill(gate)
         if received:
             missing = {unit: f"{len(got.seen)}/{got.expected}" for unit, got in received.items()}
             raise RuntimeError(f"the pipeline ended with incomplete units (rows seen/expected): {missing}")

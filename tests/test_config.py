@@ -81,6 +81,8 @@ def test_stage_failure_marks_only_the_failing_image():
     ("stages.ground.batch_size=0", "stages[1]: batch_size=0: must be an integer >= 1"),
     ("stages.mask.gpus=-0.5", "stages[2]: gpus=-0.5: must be a number >= 0"),
     ("vlm.replicas=0", "vlm: replicas=0: must be an integer >= 1"),
+    ("input.chunks_in_flight=31", "config: input.chunks_in_flight=31: the stages' batches can hold back 31 chunks' last rows; "
+                                  "set it to at least 32"),
     ("faults.max_error_share=1.5", "faults: max_error_share=1.5: a share, between 0 and 1"),
     ("s3.endpoint=minio.internal:9000", "s3: endpoint='minio.internal:9000' has no scheme: write http://minio.internal:9000"),
 ])
