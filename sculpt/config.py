@@ -166,7 +166,7 @@ class JobConfig:
     def least_chunks_in_flight(self) -> int:
         """Ray Data holds up to ``batch_size - 1`` rows before each stage until a full batch comes, and those may be
         as many chunks' last rows, which free no place; with one place more than all stages can hold, some chunk
-        always moves (a bound of 1 before a batch of 4 stopped the pipeline: measured)."""
+        always moves (chunks of 1 image, a bound of 1 and a batch of 4 stopped the pipeline: measured)."""
         return 1 + sum(stage.batch_size - 1 for stage in self.stages)
 
     @property
@@ -185,7 +185,7 @@ BUILTIN_STAGES: dict[str, str] = {
 }
 # Per-stage defaults of the built-in stages (anything a stage's config leaves out). The VLM stages' actors only
 # wait on the engine pool, so each keeps 8 batches in flight: with 2, requests waiting on a busy engine left others
-# idle (4 nodes: 0.40 of the engines' bound, 0.92 with 8; docs/BENCHMARKS.md).
+# idle (4 nodes: 0.40 of the engines' bound, 0.88-0.92 with 8; docs/BENCHMARKS.md).
 STAGE_DEFAULTS: dict[str, dict] = {
     "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8, "batches_in_flight": 8},  # CPU clients of the VLM engine pool
     "ground": {"gpus": 0.25, "batch_size": 8},  # Florence-2-large, ~0.8 B
