@@ -178,7 +178,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     progress = Progress(len(todo.all_shards), sum(todo.shard_done(shards.shard_name(u), todo.committed)
                                                   for u in todo.all_shards), config.progress_seconds)
     committed = set(todo.committed)
-    markers: list[dict] = []
+    totals = dict.fromkeys(("committed_now", "images", "rows", "errors", "input_bytes_read"), 0)  # this run's commits
     pending: dict[str, str] = {}
     driver_bytes = 0  # what the receipts cost the driver to receive
     chunks_peak = 0  # the most chunks in flight at once
@@ -206,7 +206,9 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     pending[unit] = f"write: {errors.describe(cause)}"  # the output store, past its own retries
                     progress.print(f"left {unit} pending: {pending[unit]}")
                     continue
-                markers.append(marker)
+                totals["committed_now"] += 1
+                for key in ("images", "rows", "errors", "input_bytes_read"):
+                    totals[key] += marker[key]
                 committed.add(unit)
                 shard, chunk = shards.parse_unit(unit)
                 if marker["end"]["last"]:
@@ -255,12 +257,8 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
             raise RuntimeError(f"the pipeline ended with incomplete units (rows seen/expected): {missing}")
     summary = {
         "shards": len(todo.all_shards),
-        "committed_now": len(markers),
+        **totals,
         "pending": pending,
-        "images": sum(m["images"] for m in markers),
-        "rows": sum(m["rows"] for m in markers),
-        "errors": sum(m["errors"] for m in markers),
-        "input_bytes_read": sum(m["input_bytes_read"] for m in markers),
         "seconds": round(time.monotonic() - progress.start, 2),
         "first_output_seconds": round(progress.first_output or 0.0, 2),
         "driver_bytes_per_image": round(driver_bytes / max(progress.images, 1)),
