@@ -36,9 +36,9 @@ class InputConfig:
     # flight, and a resume starts each shard at its first unfinished chunk
     chunk_images: int = 1000
     # chunks read and not yet written, job-wide: a kill loses at most these (plus, for a shard read in order from
-    # S3 or a compressed tar, what its reader has read past them). None: the least that is safe, one more than the
-    # sum of every stage's batch_size - 1 (JobConfig.least_chunks_in_flight); the chain needs about its images/s
-    # times its seconds per image in flight to keep every stage busy
+    # S3 or a compressed tar, what its reader has read past them). At least one more than the sum of every stage's
+    # batch_size - 1 (JobConfig.least_chunks_in_flight); None: that, or two per reader if more. The chain needs
+    # about its images/s times its seconds per image in flight to keep every stage busy
     chunks_in_flight: int | None = None
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
@@ -171,8 +171,9 @@ class JobConfig:
 
     @property
     def chunk_limit(self) -> int:
-        """The most chunks read and not yet written at once (``input.chunks_in_flight``, or the least that is safe)."""
-        return self.input.chunks_in_flight or self.least_chunks_in_flight
+        """The most chunks read and not yet written at once: ``input.chunks_in_flight``, or else the least that is
+        safe or two per reader (one being read, one in the stages), whichever is more."""
+        return self.input.chunks_in_flight or max(self.least_chunks_in_flight, 2 * self.input.readers)
 
 
 # Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.

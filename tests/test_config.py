@@ -95,3 +95,9 @@ def test_bad_values_are_refused_naming_the_key(override, message):
 def test_trust_remote_code_is_off_unless_asked():
     assert config.load(None, []).vlm.trust_remote_code is False
     assert config.load(None, ["vlm.trust_remote_code=true"]).vlm.trust_remote_code is True
+
+
+def test_chunks_in_flight_defaults_to_the_least_safe_bound_or_two_per_reader():
+    assert config.load(None, []).chunk_limit == 32  # 1 + sum of (batch_size - 1) over the default chain
+    assert config.load(None, ["input.readers=20"]).chunk_limit == 40
+    assert config.load(None, ["input.chunks_in_flight=50"]).chunk_limit == 50
