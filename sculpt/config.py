@@ -52,7 +52,7 @@ class InputConfig:
 @dataclass
 class OutputConfig:
     path: str = "sculpt-out"  # local directory or s3://bucket/prefix; one Parquet file per chunk of a shard
-    writers: int = 2  # write tasks at once: the last stage's rows to part files, in the cluster
+    writers: int = 2  # write tasks at once in the cluster: the last stage's rows to part files; as many unit commits
     overwrite: bool = False  # replace output written with a different config instead of refusing to run
     # process again only the error rows of committed units (e.g. after fixing a node's model path), keeping every
     # good row; same config as the output's

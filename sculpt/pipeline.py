@@ -192,9 +192,13 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
         finished: set[str] = set()  # units whose rows are all in: later receipts for them are repeats
         commits: dict = {}  # commit task -> its unit
 
-        def settle(wait: bool) -> None:
-            """Take in the commits that have finished (all of them with ``wait``)."""
-            done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=None if wait else 0)
+        def settle(wait_for: int = 0) -> None:
+            """Take in the commits that have finished, once ``wait_for`` of them have."""
+            if not commits:
+                return
+            if wait_for > 0:
+                ray.wait(list(commits), num_returns=min(wait_for, len(commits)))
+            done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=0)
             for ref in done:
                 unit = commits.pop(ref)
                 try:
@@ -241,12 +245,14 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     if receipt["unit_end"]:
                         got.expected = len(todo.redo[unit]) if unit in todo.redo else receipt["unit_end"]["size"]
                     if got.expected is not None and len(got.seen) >= got.expected:
+                        # commits are CPU-less tasks: unbounded, Ray would start a worker process for each at once
+                        settle(wait_for=len(commits) + 1 - config.output.writers)
                         commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget)] = unit
                         del received[unit]
                         finished.add(unit)
                         gate.release.remote(unit)
-                settle(wait=False)
-            settle(wait=True)
+                settle()
+            settle(wait_for=len(commits))
             chunks_peak = ray.get(gate.load.remote())["peak"]
         finally:
             for ref in commits:
