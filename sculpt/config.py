@@ -52,14 +52,15 @@ class InputConfig:
 @dataclass
 class OutputConfig:
     path: str = "sculpt-out"  # local directory or s3://bucket/prefix; one Parquet file per chunk of a shard
-    writers: int = 2  # write tasks at once in the cluster: the last stage's rows to part files; as many unit commits
+    writers: int = 2  # write tasks at once, in the cluster: the last stage's rows to part files
+    committers: int = 8  # unit commits at once, in the cluster: each gathers a unit's part files into its file
     overwrite: bool = False  # replace output written with a different config instead of refusing to run
     # process again only the error rows of committed units (e.g. after fixing a node's model path), keeping every
     # good row; same config as the output's
     redo_errors: bool = False
 
     def __post_init__(self):
-        _at_least(self, 1, "writers")
+        _at_least(self, 1, "writers", "committers")
 
 
 @dataclass

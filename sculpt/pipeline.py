@@ -37,7 +37,7 @@ class ChunkGate:
 
     A reader waits for a place only while no chunk of its own is in flight: Ray Data gathers a task's batches into
     blocks, so rows of that chunk may sit unsent in the waiting task, and the place they would free would never
-    come (measured: a deadlock). A local tar is read one chunk per task, and each waits its turn; a shard read in
+    come (readers of small chunks, each holding its own, would wait for each other). A local tar is read one chunk per task, and each waits its turn; a shard read in
     order (S3, compressed) goes past the limit by the chunks its task reads before the earlier ones are written.
     Keyed by unit, so that a task Ray runs again takes no second place. An asyncio actor: a waiting reader never
     keeps a release from running.
@@ -246,7 +246,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                         got.expected = len(todo.redo[unit]) if unit in todo.redo else receipt["unit_end"]["size"]
                     if got.expected is not None and len(got.seen) >= got.expected:
                         # commits are CPU-less tasks: unbounded, Ray would start a worker process for each at once
-                        settle(wait_for=len(commits) + 1 - config.output.writers)
+                        settle(wait_for=len(commits) + 1 - config.output.committers)
                         commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget)] = unit
                         del received[unit]
                         finished.add(unit)

@@ -197,7 +197,8 @@ def test_chunks_of_one_shard_are_read_in_parallel_at_most_chunks_in_flight_at_on
     logs = tmp_path / "logs"
     logs.mkdir()
     cfg, built = job(paths, tmp_path / "out", [hold("a", logs, 0.5, seconds=0.05, batch_size=1)],
-                     "input.chunk_images=1", "input.readers=3", "input.chunks_in_flight=2")
+                     "input.chunk_images=1", "input.readers=3", "input.chunks_in_flight=2",
+                     "output.committers=1")  # each commit waits for the one before
     summary = pipeline.run(cfg, built)
     rows = output_rows(tmp_path / "out")
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(5)]
