@@ -189,7 +189,8 @@ BUILTIN_STAGES: dict[str, str] = {
 # wait on the engine pool, so each keeps 8 batches in flight: with 2, requests waiting on a busy engine left others
 # idle (4 nodes: 0.40 of the engines' bound, 0.88-0.92 with 8; docs/BENCHMARKS.md).
 STAGE_DEFAULTS: dict[str, dict] = {
-    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8, "batches_in_flight": 8},  # CPU clients of the VLM engine pool
+    # CPU clients of the VLM engine pool
+    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8, "batches_in_flight": 8},
     "ground": {"gpus": 0.25, "batch_size": 8},  # Florence-2-large, ~0.8 B
     "mask": {"gpus": 0.25, "batch_size": 8},  # SAM2-L, ~0.2 B
     "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},

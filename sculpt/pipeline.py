@@ -28,6 +28,7 @@ from sculpt.planning import Plan, plan
 from sculpt.stage import Stage, actor_class, ray_options
 
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
+MARKER_COUNTS = ("images", "rows", "errors", "input_bytes_read")  # a unit's counts that the run summary adds up
 
 
 class ChunkGate:
@@ -37,8 +38,9 @@ class ChunkGate:
 
     A reader waits for a place only while no chunk of its own is in flight: Ray Data gathers a task's batches into
     blocks, so rows of that chunk may sit unsent in the waiting task, and the place they would free would never
-    come (readers of small chunks, each holding its own, would wait for each other). A local tar is read one chunk per task, and each waits its turn; a shard read in
-    order (S3, compressed) goes past the limit by the chunks its task reads before the earlier ones are written.
+    come (readers of small chunks, each holding its own, would wait for each other). A local tar is read one chunk
+    per task, and each waits its turn; a shard read in order (S3, compressed) goes past the limit by the chunks its
+    task reads before the earlier ones are written.
     Keyed by unit, so that a task Ray runs again takes no second place. An asyncio actor: a waiting reader never
     keeps a release from running.
     """
@@ -178,7 +180,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     progress = Progress(len(todo.all_shards), sum(todo.shard_done(shards.shard_name(u), todo.committed)
                                                   for u in todo.all_shards), config.progress_seconds)
     committed = set(todo.committed)
-    totals = dict.fromkeys(("committed_now", "images", "rows", "errors", "input_bytes_read"), 0)  # this run's commits
+    totals = dict.fromkeys(("committed_now", *MARKER_COUNTS), 0)  # over this run's commits
     pending: dict[str, str] = {}
     driver_bytes = 0  # what the receipts cost the driver to receive
     chunks_peak = 0  # the most chunks in flight at once
@@ -211,7 +213,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     progress.print(f"left {unit} pending: {pending[unit]}")
                     continue
                 totals["committed_now"] += 1
-                for key in ("images", "rows", "errors", "input_bytes_read"):
+                for key in MARKER_COUNTS:
                     totals[key] += marker[key]
                 committed.add(unit)
                 shard, chunk = shards.parse_unit(unit)

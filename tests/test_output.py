@@ -103,10 +103,12 @@ def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_f
     write_parts(rows("sa_000002-00000", [0, 1], size=3), store.uri, store.s3)  # awaiting its last row
     half = UnitWriter(store, "sa_000003-00000", JOB, flush_rows=1)
     half.add(rows("sa_000003-00000", [0, 1]))  # a commit cut off while gathering
-    assert list((tmp_path / "_tmp" / "parts").glob("sa_000002-00000/*.parquet")) and list((tmp_path / "_tmp").rglob("sa_000003*"))
+    assert list((tmp_path / "_tmp" / "parts").glob("sa_000002-00000/*.parquet"))
+    assert list((tmp_path / "_tmp").rglob("sa_000003*"))
     expected = [("sa_000001", i) for i in range(3)]
+    data_files = f"{tmp_path}/*.parquet"
     seen = {"pyarrow": pads.dataset(str(tmp_path), format="parquet").to_table(columns=["shard", "index"]).to_pydict(),
-            "datasets files": datasets.load_dataset("parquet", data_files=f"{tmp_path}/*.parquet", split="train").to_dict()}
+            "datasets files": datasets.load_dataset("parquet", data_files=data_files, split="train").to_dict()}
     for reader, table in seen.items():
         assert sorted(zip(table["shard"], table["index"])) == expected, reader
 
