@@ -79,8 +79,10 @@ class VLMEngine:
         raise errors.TransientError(f"vLLM answered {len(todo)} request(s) with its retryable error {RESENDS + 1} times")
 
     def load(self) -> dict:
-        """Requests in the engine now, the most it has held at once, and how many it has answered."""
-        return {"in_flight": self.loop.in_flight, "peak_in_flight": self.loop.peak_in_flight, "served": self.loop.served}
+        """Requests in the engine now, the most it has held at once, how many it has answered, and how many it
+        finished with its retryable error (each sent again)."""
+        return {"in_flight": self.loop.in_flight, "peak_in_flight": self.loop.peak_in_flight, "served": self.loop.served,
+                "retryable_errors": self.loop.retryable_errors}
 
     def shutdown(self) -> None:
         """Stop the engine's core process now rather than at interpreter exit."""
@@ -104,7 +106,8 @@ class EngineLoop:
     def __init__(self, engine_args: dict, max_in_flight: int):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vlm-engine-loop", daemon=True).start()
-        self.max_in_flight, self.in_flight, self.peak_in_flight, self.served = max_in_flight, 0, 0, 0
+        self.max_in_flight, self.in_flight, self.peak_in_flight = max_in_flight, 0, 0
+        self.served, self.retryable_errors = 0, 0
         self._run(self._start(engine_args))
 
     def _run(self, coroutine):
@@ -141,8 +144,11 @@ class EngineLoop:
                     pass
             finally:
                 self.in_flight -= 1
-        self.served += 1
         out = final.outputs[0]
+        if out.finish_reason == "error":
+            self.retryable_errors += 1
+        else:
+            self.served += 1
         return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": len(final.prompt_token_ids),
                 "cached_tokens": final.num_cached_tokens or 0}
 
