@@ -7,13 +7,16 @@ local sample shards. Once half of the images are worked on, the driver's process
 images the stage finished minus images in chunks committed by then. Then the same command resumes, and the
 output is checked: every image exactly once.
 
-    .venv/bin/python benchmarks/kill_cost.py [--shards 4 --images 60 --seconds 0.05 --chunks 5,20,60]
+    .venv/bin/python benchmarks/kill_cost.py [--shards 4 --images 60 --seconds 0.05 --chunks 5,20,60] [--gzip]
+
+``--gzip`` compresses the shards: each is then read in order by one reader task, as a shard on S3 is.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import shutil
@@ -70,15 +73,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.05, help="the stand-in stage's service time per image")
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--chunks", default="5,10,20,40", help="chunk sizes (input.chunk_images) to compare")
+    parser.add_argument("--gzip", action="store_true", help="compressed shards (.tar.gz), each read in order")
     parser.add_argument("--kill-at", type=float, default=0.5, help="kill once this share of the images is worked on")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="sculpt-kill-")
     try:
         shard_dir = os.path.join(work, "in")
         samples.make_sample_shards(shard_dir, shards=args.shards, images_per_shard=args.images, scale=0.25)
+        if args.gzip:
+            for tar in glob.glob(os.path.join(shard_dir, "*.tar")):
+                with open(tar, "rb") as raw, gzip.open(tar + ".gz", "wb") as packed:
+                    shutil.copyfileobj(raw, packed)
+                os.remove(tar)
         total = args.shards * args.images
         kill_at = int(args.kill_at * total)
-        print(f"{args.shards} shards x {args.images} images, {args.seconds} s per image, {args.readers} readers, "
+        print(f"{args.shards} {'compressed ' if args.gzip else ''}shards x {args.images} images, {args.seconds} s per image, {args.readers} readers, "
               f"killed once {kill_at} images are worked on")
         print("| chunk images | worked on at the kill | in committed chunks | chunks committed | model work lost (images) "
               "| lost / chunk | resume exact |")

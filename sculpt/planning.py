@@ -44,7 +44,7 @@ def job_record(config: JobConfig, stages: list[Stage]) -> dict:
 def list_shards(config: JobConfig) -> list[str]:
     uris = sorted({uri for pattern in config.input.shards for uri in storage.list_files(pattern, config.s3)})
     if not uris:
-        raise FileNotFoundError(f"no .tar shards found in {config.input.shards}")
+        raise FileNotFoundError(f"no shards ({', '.join(storage.SHARD_SUFFIXES)}) found in {config.input.shards}")
     names: dict[str, str] = {}
     for uri in uris:
         other = names.setdefault(shards.shard_name(uri), uri)

@@ -18,7 +18,7 @@ import io
 from dataclasses import dataclass
 
 from sculpt import errors, images, schema
-from sculpt.storage import S3Options, filesystem, is_s3
+from sculpt.storage import SHARD_SUFFIXES, S3Options, filesystem, is_s3
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 READ_BUFFER = 8 << 20  # one ranged GET per 8 MiB on S3, not per tar record
@@ -37,7 +37,7 @@ class ReadOptions:
 def shard_name(uri: str) -> str:
     """The output unit a shard becomes: its file name without the tar suffix."""
     name = posixpath.basename(uri.rstrip("/"))
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name

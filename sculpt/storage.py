@@ -69,13 +69,18 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def list_files(pattern: str, s3: S3Options = S3Options(), suffix: str = ".tar") -> list[str]:
-    """Files named by a path, a directory (its ``*suffix`` files, recursively) or a glob; same for s3://."""
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # what a shard's file name ends with: plain or gzip-compressed tars
+
+
+def list_files(pattern: str, s3: S3Options = S3Options(), suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> list[str]:
+    """Files named by a path, a directory (its files ending in one of ``suffixes``, recursively) or a glob; same
+    for s3://."""
     if not is_s3(pattern):
         if glob.has_magic(pattern):
             return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if os.path.isdir(pattern):
-            return sorted(glob.glob(os.path.join(glob.escape(pattern), "**", f"*{suffix}"), recursive=True))
+            return sorted(p for p in glob.glob(os.path.join(glob.escape(pattern), "**", "*"), recursive=True)
+                          if p.endswith(suffixes) and os.path.isfile(p))
         if os.path.isfile(pattern):
             return [pattern]
         raise FileNotFoundError(f"no such input: {pattern}")
@@ -88,7 +93,7 @@ def list_files(pattern: str, s3: S3Options = S3Options(), suffix: str = ".tar") 
     if info.is_file:
         return [pattern]
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    files = sorted(f"s3://{i.path}" for i in infos if i.is_file and i.path.endswith(suffix))
+    files = sorted(f"s3://{i.path}" for i in infos if i.is_file and i.path.endswith(suffixes))
     if not files and info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such input: {pattern}")
     return files

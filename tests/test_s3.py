@@ -39,6 +39,17 @@ def test_listing_globs_and_prefixes(s3_server, bucket):
         storage.list_files(f"s3://{name}/nothing/", s3)
 
 
+def test_a_directory_lists_compressed_shards_too(s3_server, bucket, tmp_path):
+    client, name = bucket
+    for key in ("packed/sa_000007.tar.gz", "packed/sa_000008.tgz", "packed/sa_000009.tar", "packed/notes.txt"):
+        client.put_object(Bucket=name, Key=key, Body=b"x")
+        (tmp_path / key).parent.mkdir(exist_ok=True)
+        (tmp_path / key).write_bytes(b"x")
+    s3 = storage.S3Options(endpoint=s3_server)
+    for listed in (storage.list_files(f"s3://{name}/packed/", s3), storage.list_files(str(tmp_path / "packed"))):
+        assert [shard_name(u) for u in listed] == ["sa_000007", "sa_000008", "sa_000009"]
+
+
 def test_s3_in_s3_out_and_a_resume_mid_shard_reads_no_byte_of_committed_chunks(local_ray, s3_server, bucket, tmp_path):
     client, name = bucket
     cfg, stages = s3_job(s3_server, name, tmp_path, "input.chunk_images=2")  # each 4-image shard: two chunks
