@@ -10,6 +10,8 @@ output is checked: every image exactly once.
     .venv/bin/python benchmarks/kill_cost.py [--shards 4 --images 60 --seconds 0.05 --chunks 5,20,60] [--gzip]
 
 ``--gzip`` compresses the shards: each is then read in order by one reader task, as a shard on S3 is.
+``--block-bytes`` sets ``ray.block_bytes``: the small sample images make chunks of a few KB, where SA-1B's
+chunks (1,000 images, ~600 MB) span many blocks; a few KB per block puts the samples in that regime.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def worked(log_dir: str) -> set[str]:
     return {line for path in glob.glob(os.path.join(log_dir, "*.txt")) for line in open(path).read().split()}
 
 
-def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, readers: int, kill_at: int) -> dict:
+def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, readers: int, kill_at: int,
+         extra: list[str]) -> dict:
     out, logs = os.path.join(work, f"out-{chunk}"), os.path.join(work, f"logs-{chunk}")
     os.makedirs(logs)
     stage = {"name": "model", "class": "tests.doubles:HoldGpu", "gpus": 1, "batch_size": 4,
@@ -49,7 +52,7 @@ def case(shard_dir: str, work: str, chunk: int, seconds: float, total: int, read
     args = [sys.executable, os.path.join(ROOT, "workflows", "annotate.py"), "--input", shard_dir, "--output", out,
             "--set", f"stages={json.dumps([stage])}", "--set", f"input.chunk_images={chunk}",
             "--set", f"input.readers={readers}", "--set", "input.batch_images=4", "--set", "ray.num_cpus=4",
-            "--set", "ray.num_gpus=1"]
+            "--set", "ray.num_gpus=1", *extra]
     driver = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while len(worked(logs)) < kill_at and driver.poll() is None:
         time.sleep(0.05)
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--chunks", default="5,10,20,40", help="chunk sizes (input.chunk_images) to compare")
     parser.add_argument("--gzip", action="store_true", help="compressed shards (.tar.gz), each read in order")
+    parser.add_argument("--block-bytes", type=int, help="ray.block_bytes (default: sculpt's)")
     parser.add_argument("--kill-at", type=float, default=0.5, help="kill once this share of the images is worked on")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="sculpt-kill-")
@@ -87,13 +91,15 @@ def main() -> None:
                 os.remove(tar)
         total = args.shards * args.images
         kill_at = int(args.kill_at * total)
-        print(f"{args.shards} {'compressed ' if args.gzip else ''}shards x {args.images} images, {args.seconds} s per image, {args.readers} readers, "
+        print(f"{args.shards} {'compressed ' if args.gzip else ''}shards x {args.images} images, {args.seconds} s per image, "
+              f"{args.readers} readers, blocks of {args.block_bytes or 'default'} bytes, "
               f"killed once {kill_at} images are worked on")
         print("| chunk images | worked on at the kill | in committed chunks | chunks committed | model work lost (images) "
               "| lost / chunk | resume exact |")
         print("|---|---|---|---|---|---|---|")
         for chunk in (int(c) for c in args.chunks.split(",")):
-            r = case(shard_dir, work, chunk, args.seconds, total, args.readers, kill_at)
+            extra = ["--set", f"ray.block_bytes={args.block_bytes}"] if args.block_bytes else []
+            r = case(shard_dir, work, chunk, args.seconds, total, args.readers, kill_at, extra)
             print(f"| {chunk} | {r['worked']} | {r['committed']} | {r['chunks']} | {r['lost']} | "
                   f"{r['lost'] / chunk:.2f} | {'yes' if r['exact'] else 'NO'} |", flush=True)
     finally:

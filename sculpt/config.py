@@ -31,14 +31,15 @@ def _at_least(obj, minimum, *names, integer=True) -> None:
 class InputConfig:
     shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
     readers: int = 2  # chunks read at the same time (each a streaming task holding one CPU)
-    batch_images: int = 16  # images per block a reader hands on
+    batch_images: int = 16  # images per batch a reader yields (Ray Data gathers them into blocks: ray.block_bytes)
     # images per output unit (a chunk of a shard: its own Parquet file and marker); a kill loses the chunks in
     # flight, and a resume starts each shard at its first unfinished chunk
     chunk_images: int = 1000
     # chunks read and not yet written, job-wide: a kill loses at most these (plus, for a shard read in order from
-    # S3 or a compressed tar, what its reader has read past them). At least one more than the sum of every stage's
-    # batch_size - 1 (JobConfig.least_chunks_in_flight); None: that, or two per reader if more. The chain needs
-    # about its images/s times its seconds per image in flight to keep every stage busy
+    # S3 or a compressed tar, the one its reader may read past them while its last rows are gathered into a block,
+    # or more when a chunk is smaller than two blocks). At least one more than the sum of every stage's
+    # batch_size - 1 (JobConfig.least_chunks_in_flight); None: that plus one per reader, or two per reader if more.
+    # The chain needs about its images/s times its seconds per image in flight to keep every stage busy
     chunks_in_flight: int | None = None
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
@@ -143,6 +144,13 @@ class RayConfig:
     address: str | None = None  # None: the cluster of `ray job submit` / RAY_ADDRESS, else a new local Ray
     num_cpus: int | None = None  # logical CPUs of a new local Ray (None: the machine's)
     num_gpus: int | None = None  # logical GPUs of a new local Ray (None: the machine's)
+    # Ray Data's target_max_block_size for the job: a task's rows move on as a block once it gathers this many
+    # bytes (or at its end). Smaller blocks spread a shard's images over more stage actors and keep a reader's
+    # unsent rows small; SA-1B images are ~0.6 MB, so 16 MiB is ~27 images (Ray's own default, 128 MiB: ~210)
+    block_bytes: int = 16 << 20
+
+    def __post_init__(self):
+        _at_least(self, 1, "block_bytes")
 
 
 @dataclass
@@ -173,8 +181,10 @@ class JobConfig:
     @property
     def chunk_limit(self) -> int:
         """The most chunks read and not yet written at once: ``input.chunks_in_flight``, or else the least that is
-        safe or two per reader (one being read, one in the stages), whichever is more."""
-        return self.input.chunks_in_flight or max(self.least_chunks_in_flight, 2 * self.input.readers)
+        safe plus one per reader (what lets a reader of a shard read in order wait at the bound: ``ChunkGate``) or two
+        per reader (one being read, one in the stages), whichever is more."""
+        readers = self.input.readers
+        return self.input.chunks_in_flight or max(self.least_chunks_in_flight + readers, 2 * readers)
 
 
 # Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.

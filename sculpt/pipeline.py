@@ -36,25 +36,36 @@ class ChunkGate:
     a place before it reads a chunk's first byte, the driver frees it once all the chunk's rows are written or the
     chunk is given up on. What a kill can cost is so bounded, whatever the stages' queues hold.
 
-    A reader waits for a place only while no chunk of its own is in flight: Ray Data gathers a task's batches into
-    blocks, so rows of that chunk may sit unsent in the waiting task, and the place they would free would never
-    come (readers of small chunks, each holding its own, would wait for each other). A local tar is read one chunk
-    per task, and each waits its turn; a shard read in order (S3, compressed) goes past the limit by the chunks its
-    task reads before the earlier ones are written.
+    A reader's task gathers its rows into blocks (``ray.block_bytes``), so the last rows of the chunks it has read
+    may still sit unsent in the task (``unsent``): a reader holding those and waiting waits in part for itself. It
+    is safe as long as the chunks so held by waiting readers are at most ``spare`` = ``limit`` - ``least``: the
+    stages' batches hold back at most ``least`` - 1 chunks' last rows (``JobConfig.least_chunks_in_flight``), so
+    one chunk in place always moves and frees its place. A reader that would hold more passes without waiting.
+    A local tar is read one chunk per task (nothing unsent: each waits its turn); a shard read in order (S3,
+    compressed) waits at the limit while its unsent chunks fit the spare — with chunks of at least two blocks,
+    one per reader, which the default limit leaves room for.
     Keyed by unit, so that a task Ray runs again takes no second place. An asyncio actor: a waiting reader never
     keeps a release from running.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, least: int):
         import asyncio
 
-        self.limit, self.held, self.peak = limit, {}, 0  # held: unit -> the reader task reading it
+        self.limit, self.spare, self.peak = limit, limit - least, 0
+        self.held: dict[str, str] = {}  # unit -> the reader task reading it
+        self.unsent_waiting = 0  # chunks held by waiting readers whose rows may still be in those readers' tasks
         self.freed = asyncio.Condition()
 
-    async def take(self, unit: str, reader: str) -> None:
+    async def take(self, unit: str, reader: str, unsent: list[str]) -> None:
         async with self.freed:
             if unit not in self.held:
-                await self.freed.wait_for(lambda: len(self.held) < self.limit or reader in self.held.values())
+                stuck = sum(1 for held, by in self.held.items() if by == reader and held in unsent)
+                if self.unsent_waiting + stuck <= self.spare:
+                    self.unsent_waiting += stuck
+                    try:
+                        await self.freed.wait_for(lambda: len(self.held) < self.limit)
+                    finally:
+                        self.unsent_waiting -= stuck
             self.held[unit] = reader
             self.peak = max(self.peak, len(self.held))
 
@@ -77,6 +88,7 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress
+    ctx.target_max_block_size = config.ray.block_bytes
     # sculpt's own lines tell the story; Ray Data's notes on its plan stay in Ray's log files
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray\.data\..*")
@@ -114,14 +126,36 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
 
 def _read_segments(batch: pa.Table, options: shards.ReadOptions, gate):
     import ray
+    import ray.data
 
     from sculpt import schema
 
     reader = ray.get_runtime_context().get_task_id()  # one output buffer per task, whatever batches it is given
+    block = ray.data.DataContext.get_current().target_max_block_size
+    chunks: list[list] = []  # [unit, bytes yielded] of this task's chunks, in the order read
+
+    def take(unit: str) -> None:
+        ray.get(gate.take.remote(unit, reader, unsent_units(chunks, block)))
+        chunks.append([unit, 0])
+
     for row in batch.to_pylist():
-        for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options,
-                                        lambda unit: ray.get(gate.take.remote(unit, reader))):
-            yield schema.to_table(rows)
+        for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options, take):
+            table = schema.to_table(rows)
+            chunks[-1][1] += table.nbytes
+            yield table
+
+
+def unsent_units(chunks: list[list], block_bytes: int | None) -> list[str]:
+    """The chunks whose last rows may still sit in the reading task: Ray Data sends a task's gathered rows on once
+    they pass ``block_bytes`` (keeping back at most 1.5 blocks when it slices them), so rows followed by two blocks'
+    worth of bytes have been sent; with no block limit (None) nothing is sent before the task ends."""
+    unsent, after = [], 0
+    for unit, nbytes in reversed(chunks):
+        if block_bytes is not None and after >= 2 * block_bytes:
+            break
+        unsent.append(unit)
+        after += nbytes
+    return unsent
 
 
 class Progress:
@@ -187,7 +221,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     if todo.segments:
         import ray
 
-        gate = ray.remote(ChunkGate).options(num_cpus=0).remote(config.chunk_limit)
+        gate = ray.remote(ChunkGate).options(num_cpus=0).remote(config.chunk_limit, config.least_chunks_in_flight)
         commit = ray.remote(output.commit_unit).options(num_cpus=0)
         budget = (config.faults.max_error_share, config.faults.min_errors)
         received: dict[str, _Received] = {}

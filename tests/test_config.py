@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from sculpt import config
@@ -97,7 +99,10 @@ def test_trust_remote_code_is_off_unless_asked():
     assert config.load(None, ["vlm.trust_remote_code=true"]).vlm.trust_remote_code is True
 
 
-def test_chunks_in_flight_defaults_to_the_least_safe_bound_or_two_per_reader():
-    assert config.load(None, []).chunk_limit == 32  # 1 + sum of (batch_size - 1) over the default chain
-    assert config.load(None, ["input.readers=20"]).chunk_limit == 40
+def test_chunks_in_flight_defaults_to_the_least_safe_bound_and_one_per_reader_or_two_per_reader():
+    assert config.load(None, []).least_chunks_in_flight == 32  # 1 + sum of (batch_size - 1) over the default chain
+    assert config.load(None, []).chunk_limit == 34  # and one per reader (2)
+    assert config.load(None, ["input.readers=40"]).chunk_limit == 80
+    one_stage = json.dumps([{"name": "hold", "class": "tests.doubles:HoldGpu", "batch_size": 1}])
+    assert config.load(None, [f"stages={one_stage}", "input.readers=3"]).chunk_limit == 6
     assert config.load(None, ["input.chunks_in_flight=50"]).chunk_limit == 50

@@ -204,3 +204,31 @@ def test_chunks_of_one_shard_are_read_in_parallel_at_most_chunks_in_flight_at_on
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(5)]
     assert summary["committed_now"] == 10 and 1 <= summary["chunks_in_flight_peak"] <= 2  # 3 readers, 2 places
     assert summary["input_bytes_read"] <= sum(os.path.getsize(p) for p in paths)  # each chunk's own bytes, once
+
+
+def test_a_shard_read_in_order_waits_at_chunks_in_flight_too(local_ray, tmp_path):
+    """Compressed tars (as S3 shards) are read in order by one task each; once a chunk's rows have moved on as
+    blocks its reader waits at the bound like any other (before, it read on past it while it held a chunk)."""
+    import gzip
+
+    paths = []
+    for path in samples.make_sample_shards(str(tmp_path / "in"), shards=2, images_per_shard=8):
+        with open(path, "rb") as tar:
+            (tmp_path / f"{os.path.basename(path)}.gz").write_bytes(gzip.compress(tar.read()))
+        paths.append(tmp_path / f"{os.path.basename(path)}.gz")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cfg, built = job(paths, tmp_path / "out", [hold("a", logs, 0.5, seconds=0.05, batch_size=1)],
+                     "input.chunk_images=2", "input.readers=2", "input.chunks_in_flight=3", "ray.block_bytes=1024")
+    summary = pipeline.run(cfg, built)
+    rows = output_rows(tmp_path / "out")
+    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(8)]
+    assert summary["committed_now"] == 8 and 1 <= summary["chunks_in_flight_peak"] <= 3
+
+
+def test_the_chunks_whose_rows_may_still_be_in_their_reader():
+    chunks = [["c0", 5000], ["c1", 1000], ["c2", 1500], ["c3", 0]]
+    assert pipeline.unsent_units(chunks, 1000) == ["c3", "c2", "c1"]  # c0 is followed by 2500 bytes >= 2 blocks
+    assert pipeline.unsent_units(chunks, 100) == ["c3", "c2"]
+    assert pipeline.unsent_units(chunks, None) == ["c3", "c2", "c1", "c0"]  # no block limit: all sent at the end
+    assert pipeline.unsent_units([], 100) == []
