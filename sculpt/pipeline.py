@@ -101,8 +101,10 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
         retry_backoff=config.faults.backoff_seconds,
     )
     ds = ray.data.from_items([{"segment": segment.to_json()} for segment in segments], override_num_blocks=len(segments))
-    # local tars: one segment per chunk, each its own block, so that chunks are read in parallel tasks
-    ds = ds.flat_map(_split, num_cpus=0).repartition(target_num_rows_per_block=1)
+    # local tars: one segment per chunk, each its own block, so that chunks are read in parallel tasks. The
+    # header scans are CPU-less tasks: unbounded, Ray would start a worker process for every shard at once
+    ds = ds.flat_map(_split, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=config.input.readers))
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
         _read_segments,
         fn_kwargs={"options": options, "gate": gate},
