@@ -232,3 +232,32 @@ def test_the_chunks_whose_rows_may_still_be_in_their_reader():
     assert pipeline.unsent_units(chunks, 100) == ["c3", "c2"]
     assert pipeline.unsent_units(chunks, None) == ["c3", "c2", "c1", "c0"]  # no block limit: all sent at the end
     assert pipeline.unsent_units([], 100) == []
+
+
+def test_the_chunk_gate_lets_readers_wait_holding_unsent_rows_only_within_its_spare_places():
+    import asyncio
+
+    async def scenario():
+        gate = pipeline.ChunkGate(limit=4, least=1)  # 3 places above the least safe bound
+
+        async def take(unit, reader, unsent):
+            task = asyncio.ensure_future(gate.take(unit, reader, unsent))
+            await asyncio.sleep(0.05)
+            return task
+
+        for unit, reader, unsent in (("a0", "A", []), ("d0", "D", []), ("d1", "D", ["d0"]), ("b0", "B", [])):
+            assert (await take(unit, reader, unsent)).done()  # places free: nobody waits
+        a1 = await take("a1", "A", ["a0"])  # full: A waits holding one unsent chunk (1 of 3 spare)
+        c0 = await take("c0", "C", [])  # a reader holding nothing always waits
+        d2 = await take("d2", "D", ["d1", "d0"])  # D waits holding two (3 of 3)
+        b1 = await take("b1", "B", ["b0"])  # one more would overfill the spare places: B reads on
+        assert not (a1.done() or c0.done() or d2.done()) and b1.done()
+        assert len(gate.held) == 5 and gate.unsent_waiting == 3
+        for unit in ("a0", "b0", "b1"):
+            await gate.release(unit)
+        await asyncio.sleep(0.05)
+        assert a1.done() and c0.done() and not d2.done()  # first come, first served, up to the limit
+        assert sorted(gate.held) == ["a1", "c0", "d0", "d1"] and gate.unsent_waiting == 2
+        d2.cancel()
+
+    asyncio.run(scenario())
