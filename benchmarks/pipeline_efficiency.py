@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["throughput", "memory", "cluster", "driver"], help="run one part")
     parser.add_argument("--nodes", type=int, default=1, help="simulated nodes (ray.cluster_utils.Cluster) for throughput")
     parser.add_argument("--slowdown", type=float, default=1.0, help="service times x this in the cluster case")
+    parser.add_argument("--set", action="append", default=[], help="a config override for the cluster case")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
@@ -157,7 +158,7 @@ def main() -> None:
     if args.only in (None, "memory"):
         memory(work, per_shard, args.quick)
     if args.only in (None, "cluster"):
-        cluster(work, args.quick, slowdown=args.slowdown)
+        cluster(work, args.quick, slowdown=args.slowdown, overrides=args.set)
     if args.only in (None, "driver"):
         driver(work, args.quick)
     shutil.rmtree(work, ignore_errors=True)
@@ -194,7 +195,7 @@ def memory(work, per_shard, quick):
         print(f"{key}: 10x / 1x = {results[10][key] / results[1][key]:.3f}")
 
 
-def cluster(work, quick, chunks_in_flight=64, slowdown=1.0):
+def cluster(work, quick, chunks_in_flight=64, slowdown=1.0, overrides=()):
     """4 simulated nodes, 32 logical GPUs, the VLM engine pool in the loop (stand-in engines), chunked units.
 
     ``slowdown`` multiplies every service time: the same chain at a lower rate asks less of this machine's CPUs
@@ -211,7 +212,7 @@ def cluster(work, quick, chunks_in_flight=64, slowdown=1.0):
     limit = min(engines["replicas"] * engines["slots"] / engines["seconds"], bound(stages[1:]))
     extra = [f"vlm.replicas={engines['replicas']}", "vlm.cpus=0.25", "models.vlm=stand-in",
              f"vlm.engine_kwargs={json.dumps({'seconds': engines['seconds'], 'slots': engines['slots']})}",
-             "input.chunk_images=10", f"input.chunks_in_flight={chunks_in_flight}", "input.readers=4"]
+             "input.chunk_images=10", f"input.chunks_in_flight={chunks_in_flight}", "input.readers=4", *overrides]
     images = int(limit * slowdown * (20 if quick else 60))  # as many images at any slowdown
     shard_dir = os.path.join(work, "in-cluster")
     samples.make_sample_shards(shard_dir, shards=images // 40, images_per_shard=40)

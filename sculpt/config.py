@@ -145,9 +145,10 @@ class RayConfig:
     num_cpus: int | None = None  # logical CPUs of a new local Ray (None: the machine's)
     num_gpus: int | None = None  # logical GPUs of a new local Ray (None: the machine's)
     # Ray Data's target_max_block_size for the job: a task's rows move on as a block once it gathers this many
-    # bytes (or at its end). Smaller blocks spread a shard's images over more stage actors and keep a reader's
-    # unsent rows small; SA-1B images are ~0.6 MB, so 16 MiB is ~27 images (Ray's own default, 128 MiB: ~210)
-    block_bytes: int = 16 << 20
+    # bytes (or at its end). A reader of a shard read in order waits at input.chunks_in_flight once a chunk is
+    # followed by two blocks (SA-1B: 1,000 images ~600 MB, ~4.7 blocks). Smaller blocks keep less in a reader but
+    # schedule more: 16 MiB cut a 4-node benchmark on 2 cores from 0.81 to 0.33 of its bound (docs/BENCHMARKS.md)
+    block_bytes: int = 128 << 20
 
     def __post_init__(self):
         _at_least(self, 1, "block_bytes")
