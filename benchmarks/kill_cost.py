@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import json
 import os
 import shutil
@@ -83,12 +82,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="sculpt-kill-")
     try:
         shard_dir = os.path.join(work, "in")
-        samples.make_sample_shards(shard_dir, shards=args.shards, images_per_shard=args.images, scale=0.25)
-        if args.gzip:
-            for tar in glob.glob(os.path.join(shard_dir, "*.tar")):
-                with open(tar, "rb") as raw, gzip.open(tar + ".gz", "wb") as packed:
-                    shutil.copyfileobj(raw, packed)
-                os.remove(tar)
+        samples.make_sample_shards(shard_dir, shards=args.shards, images_per_shard=args.images, scale=0.25,
+                                   compressed=args.gzip)
         total = args.shards * args.images
         kill_at = int(args.kill_at * total)
         print(f"{args.shards} {'compressed ' if args.gzip else ''}shards x {args.images} images, {args.seconds} s per image, "
@@ -97,8 +92,8 @@ def main() -> None:
         print("| chunk images | worked on at the kill | in committed chunks | chunks committed | model work lost (images) "
               "| lost / chunk | resume exact |")
         print("|---|---|---|---|---|---|---|")
+        extra = ["--set", f"ray.block_bytes={args.block_bytes}"] if args.block_bytes else []
         for chunk in (int(c) for c in args.chunks.split(",")):
-            extra = ["--set", f"ray.block_bytes={args.block_bytes}"] if args.block_bytes else []
             r = case(shard_dir, work, chunk, args.seconds, total, args.readers, kill_at, extra)
             print(f"| {chunk} | {r['worked']} | {r['committed']} | {r['chunks']} | {r['lost']} | "
                   f"{r['lost'] / chunk:.2f} | {'yes' if r['exact'] else 'NO'} |", flush=True)

@@ -69,16 +69,18 @@ def threshold_masks(image: np.ndarray, levels=(0.33, 0.66)) -> list[np.ndarray]:
 
 
 def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
-    """A tar with the given (name, bytes) members, in that order."""
-    with tarfile.open(path, "w") as tar:
+    """A tar with the given (name, bytes) members, in that order; gzip-compressed when the path ends in .gz."""
+    with tarfile.open(path, "w:gz" if path.endswith(".gz") else "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
 
-def make_sample_shards(out_dir: str, shards: int = 2, images_per_shard: int = 4, scale: float = 1.0) -> list[str]:
-    """Write ``sa_000000.tar``... into out_dir; returns their paths. ``scale`` enlarges the photos (benchmarks)."""
+def make_sample_shards(out_dir: str, shards: int = 2, images_per_shard: int = 4, scale: float = 1.0,
+                       compressed: bool = False) -> list[str]:
+    """Write ``sa_000000.tar``... into out_dir (``.tar.gz`` when ``compressed``: read in order, as S3 shards are);
+    returns their paths. ``scale`` enlarges the photos (benchmarks)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for s in range(shards):
@@ -94,7 +96,7 @@ def make_sample_shards(out_dir: str, shards: int = 2, images_per_shard: int = 4,
                 (f"./sa_{image_id}.jpg", jpeg_bytes(image)),
                 (f"./sa_{image_id}.json", sa1b_json(image_id, image, threshold_masks(image))),
             ]
-        path = os.path.join(out_dir, f"sa_{s:06d}.tar")
+        path = os.path.join(out_dir, f"sa_{s:06d}.tar" + (".gz" if compressed else ""))
         write_tar(path, members)
         paths.append(path)
     return paths

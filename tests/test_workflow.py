@@ -209,13 +209,7 @@ def test_chunks_of_one_shard_are_read_in_parallel_at_most_chunks_in_flight_at_on
 def test_a_shard_read_in_order_waits_at_chunks_in_flight_too(local_ray, tmp_path):
     """Compressed tars (as S3 shards) are read in order by one task each; once a chunk's rows have moved on as
     blocks its reader waits at the bound like any other (before, it read on past it while it held a chunk)."""
-    import gzip
-
-    paths = []
-    for path in samples.make_sample_shards(str(tmp_path / "in"), shards=2, images_per_shard=8):
-        with open(path, "rb") as tar:
-            (tmp_path / f"{os.path.basename(path)}.gz").write_bytes(gzip.compress(tar.read()))
-        paths.append(tmp_path / f"{os.path.basename(path)}.gz")
+    paths = samples.make_sample_shards(str(tmp_path / "in"), shards=2, images_per_shard=8, compressed=True)
     logs = tmp_path / "logs"
     logs.mkdir()
     cfg, built = job(paths, tmp_path / "out", [hold("a", logs, 0.5, seconds=0.05, batch_size=1)],
