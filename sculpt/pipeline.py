@@ -366,6 +366,9 @@ def connect_ray(config: JobConfig) -> bool:
     if address:
         ray.init(address=address)
         return False
+    # A new local Ray turns on token authentication by itself and says so on every start: that is Ray's default
+    # working as meant, not news for the person running a job
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Workers of a local Ray import stage classes by module path: give them the driver's import path.
     path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
     ray.init(

@@ -87,6 +87,9 @@ def written_version(directory: str) -> str | None:
 
 
 def write_tiny_models(directory: str, seed: int = 0) -> dict[str, str]:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a progress bar per tiny checkpoint says nothing
     os.makedirs(directory, exist_ok=True)
     paths = {}
     for key, module in WRITERS.items():

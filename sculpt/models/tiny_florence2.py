@@ -63,7 +63,7 @@ def _tokenizer():
     # the scene's caption and phrases too: their words as whole tokens keep the grounding short (the ground
     # stage's tests give it 64 new tokens) and training quick
     bpe.train_from_iterator((_CORPUS + [CAPTION, *GROUNDING]) * 4, vocab_size=400, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # <s> <pad> </s> <unk>: BART's ids 0-3
+                            show_progress=False, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # <s> <pad> </s> <unk>: BART's ids 0-3
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tokenizer = BartTokenizer(vocab=state["vocab"], merges=merges, extra_special_tokens={"image_token": "<image>"})
