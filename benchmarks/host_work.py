@@ -125,8 +125,6 @@ def main() -> None:
 
     from pycocotools import mask as coco_mask
 
-    from pycocotools import mask as coco_mask
-
     def read(_):
         for _batch in shards.read_shard(tar):
             pass

@@ -10,6 +10,7 @@ counts each shared page touched in every process that touched it, so it grows wi
 even when no process holds more (measured: driver RSS 335 -> 388 MB from 10 to 100 shards, USS 244 -> 238 MB).
 
     .venv/bin/python benchmarks/pipeline_efficiency.py [--quick] [--only cluster --slowdown 2]
+        [--only driver --set ray.shards_per_dataset=100]
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["throughput", "memory", "cluster", "driver"], help="run one part")
     parser.add_argument("--nodes", type=int, default=1, help="simulated nodes (ray.cluster_utils.Cluster) for throughput")
     parser.add_argument("--slowdown", type=float, default=1.0, help="service times x this in the cluster case")
-    parser.add_argument("--set", action="append", default=[], help="a config override for the cluster case")
+    parser.add_argument("--set", action="append", default=[], help="a config override for the cluster and driver cases")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(**json.loads(args.case))))
@@ -160,7 +161,7 @@ def main() -> None:
     if args.only in (None, "cluster"):
         cluster(work, args.quick, slowdown=args.slowdown, overrides=args.set)
     if args.only in (None, "driver"):
-        driver(work, args.quick)
+        driver(work, args.quick, overrides=args.set)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -227,7 +228,7 @@ def cluster(work, quick, chunks_in_flight=64, slowdown=1.0, overrides=()):
           f"{r['driver_bytes_per_image']} | {r['seconds']:.1f} |", flush=True)
 
 
-def driver(work, quick):
+def driver(work, quick, overrides=()):
     """The driver's CPU time and memory from 100 to 1,000 shards (short service times: the driver's own work)."""
     print("\n## Driver CPU and memory, 100 vs 1,000 shards (4 images each, chunks of 2)")
     print("| shards | chunks | end-to-end s | driver CPU s | driver CPU ms per chunk | driver peak PSS MB | driver peak USS MB |")
@@ -237,7 +238,7 @@ def driver(work, quick):
         shard_dir = os.path.join(work, f"driver-{shards}")
         samples.make_sample_shards(shard_dir, shards=shards, images_per_shard=4, scale=0.25)
         r = results[shards] = run_isolated(shard_dir, 4, chain(1, 0.001), work,
-                                            extra=["input.chunk_images=2", "input.chunks_in_flight=64"])
+                                            extra=["input.chunk_images=2", "input.chunks_in_flight=64", *overrides])
         print(f"| {shards} | {r['committed_now']} | {r['seconds']:.1f} | {r['driver_cpu_s']:.1f} | {1000 * r['driver_cpu_s'] / r['committed_now']:.2f} | "
               f"{r['driver_peak_mb']:.0f} | {r['driver_uss_peak_mb']:.0f} |", flush=True)
     small, large = sorted(results)
