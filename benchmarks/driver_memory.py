@@ -45,10 +45,10 @@ def marker_only(store, unit, job, parts, redo=False, error_budget=None) -> dict:
     return {"unit": unit, "images": 2, "rows": 2, "errors": 0, "input_bytes_read": 0, "end": {"last": True}}
 
 
-def measure(part: str, shard_dir: str, out: str, chunk_images: int) -> list[tuple[int, float]]:
+def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()) -> list[tuple[int, float]]:
     cfg = config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(chain(1, 0.001))}",
                              "input.readers=2", "input.batch_images=8", "progress_seconds=1000",
-                             f"input.chunk_images={chunk_images}", "input.chunks_in_flight=64"])
+                             f"input.chunk_images={chunk_images}", "input.chunks_in_flight=64", *overrides])
     stages = [config.build_stage(s) for s in cfg.stages]
     me, points = psutil.Process(), []
 
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=300)
     parser.add_argument("--part", choices=["run", "no-commit", "dataset"], default="run")
     parser.add_argument("--chunk-images", type=int, default=2, help="images per chunk (shards hold 4)")
+    parser.add_argument("--set", action="append", default=[], help="a config override, e.g. input.readers=4")
+    parser.add_argument("--series", action="store_true", help="also print every sample (chunks, USS MB)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="sculpt-driver-")
     shard_dir = os.path.join(work, "shards")
@@ -97,10 +99,12 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
     start = time.monotonic()
     try:
-        points = measure(args.part, shard_dir, os.path.join(work, "out"), args.chunk_images)
+        points = measure(args.part, shard_dir, os.path.join(work, "out"), args.chunk_images, args.set)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+    if args.series:
+        print(" ".join(f"{chunks}:{uss:.0f}" for chunks, uss in points))
     # the USS rises in steps (the allocator takes memory in arenas), so both the fitted slope over the middle
     # half and the rise from a quarter of the way to the end are shown
     middle = points[len(points) // 4: 3 * len(points) // 4 + 1]

@@ -10,7 +10,7 @@ counts each shared page touched in every process that touched it, so it grows wi
 even when no process holds more (measured: driver RSS 335 -> 388 MB from 10 to 100 shards, USS 244 -> 238 MB).
 
     .venv/bin/python benchmarks/pipeline_efficiency.py [--quick] [--only cluster --slowdown 2]
-        [--only driver --set ray.shards_per_dataset=100]
+        [--only driver --set KEY=VALUE]
 """
 
 from __future__ import annotations

@@ -149,15 +149,9 @@ class RayConfig:
     # followed by two blocks (SA-1B: 1,000 images ~600 MB, ~4.7 blocks). Smaller blocks keep less in a reader but
     # schedule more: 16 MiB cut a 4-node benchmark on 2 cores from 0.81 to 0.33 of its bound (docs/BENCHMARKS.md)
     block_bytes: int = 128 << 20
-    # 0: one Ray Dataset streams the whole job. N: a new Dataset every N runs of chunks (a run: a shard, or what a
-    # resume has left of one). Ray Data keeps a little driver memory per block until its Dataset ends (about
-    # 5 KB; ray-project/ray#66016), so one Dataset's driver grows with the job; each new Dataset starts it again, at
-    # the cost of the stage actors' start (models load again) and a drained pipeline per Dataset
-    shards_per_dataset: int = 0
 
     def __post_init__(self):
         _at_least(self, 1, "block_bytes")
-        _at_least(self, 0, "shards_per_dataset")
 
 
 @dataclass

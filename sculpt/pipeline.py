@@ -13,7 +13,6 @@ cluster (Parquet, then marker).
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import os
@@ -125,12 +124,6 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
     return ds.map_batches(output.write_parts, fn_kwargs={"out": config.output.path, "s3": config.s3},
                           batch_size=None, batch_format="pyarrow",
                           compute=ray.data.TaskPoolStrategy(size=config.output.writers), num_cpus=0)
-
-
-def datasets(segments: list[shards.Segment], per_dataset: int) -> list[list[shards.Segment]]:
-    """The job's runs of chunks, ``per_dataset`` to a Dataset (0: all in one); run one after another."""
-    size = per_dataset or max(len(segments), 1)
-    return [segments[i:i + size] for i in range(0, len(segments), size)]
 
 
 def _read_segments(batch: pa.Table, options: shards.ReadOptions, gate):
@@ -267,10 +260,8 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
         try:
             # prefetch_batches=0: with a window, Ray Data holds each receipt back until the next one comes, and the
             # last receipts in flight would free the places that let the next chunk be read (a deadlock)
-            receipts_stream = itertools.chain.from_iterable(
-                build_dataset(segments, stages, config, gate).iter_batches(batch_size=None, batch_format="pyarrow",
-                                                                           prefetch_batches=0)
-                for segments in datasets(todo.segments, config.ray.shards_per_dataset))
+            receipts_stream = build_dataset(todo.segments, stages, config, gate).iter_batches(
+                batch_size=None, batch_format="pyarrow", prefetch_batches=0)
             for receipts in receipts_stream:
                 driver_bytes += receipts.nbytes
                 for receipt in receipts.to_pylist():

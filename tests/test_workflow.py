@@ -206,20 +206,6 @@ def test_chunks_of_one_shard_are_read_in_parallel_at_most_chunks_in_flight_at_on
     assert summary["input_bytes_read"] <= sum(os.path.getsize(p) for p in paths)  # each chunk's own bytes, once
 
 
-def test_a_job_streamed_as_one_dataset_per_shard_writes_every_image_once(local_ray, sample_shards, tmp_path):
-    """ray.shards_per_dataset bounds a Dataset's life (and what Ray Data keeps in the driver for it): each
-    Dataset starts its own stage actors; the output is the same as one Dataset's."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    cfg, built = job(sample_shards, tmp_path / "out", [hold("a", logs, 0.5)], "input.chunk_images=2",
-                     "ray.shards_per_dataset=1")
-    summary = pipeline.run(cfg, built)
-    rows = output_rows(tmp_path / "out")
-    assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
-    assert summary["committed_now"] == 6 and not summary["pending"]
-    assert len(actor_logs(logs)) == 3  # one actor for each of the three Datasets
-
-
 def test_a_shard_read_in_order_waits_at_chunks_in_flight_too(local_ray, tmp_path):
     """Compressed tars (as S3 shards) are read in order by one task each; once a chunk's rows have moved on as
     blocks its reader waits at the bound like any other (before, it read on past it while it held a chunk)."""
