@@ -179,7 +179,7 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
     settings = config.vlm
     engine_kwargs = {"max_model_len": settings.max_model_len, "dtype": settings.dtype,
                      "enforce_eager": settings.enforce_eager, "trust_remote_code": settings.trust_remote_code, "seed": 0,
-                     "use_tqdm_on_load": False, **settings.engine_kwargs}  # the driver tells the engines' start
+                     "use_tqdm_on_load": False, **settings.engine_kwargs}  # sculpt's own line tells of the start
     plan = vlm.engine_plan(settings.gpus, settings.cpus, settings.tensor_parallel, engine_kwargs)
     engines, groups = [], []
     try:
