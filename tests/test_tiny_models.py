@@ -148,3 +148,16 @@ def test_a_kit_knows_the_code_that_wrote_it(tiny_models, tmp_path):
     assert written_version(str(tmp_path)) is None  # no kit: the demo writes one
     (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": tiny_models}))  # a kit from before versions
     assert written_version(str(tmp_path)) is None  # stale: rewritten
+
+
+def test_writing_the_kit_prints_no_progress_of_its_own(tiny_models, capfd):
+    """The demo writes the kit on a fresh machine: its output is sculpt's lines, not a bar per checkpoint."""
+    from transformers.utils import logging as transformers_logging
+
+    from sculpt.models import tiny_florence2
+
+    assert not transformers_logging.is_progress_bar_enabled()  # save_pretrained's "Writing model shards" bar
+    capfd.readouterr()
+    tiny_florence2._tokenizer()  # trains a BPE tokenizer (Rust, writes to the terminal itself)
+    printed = capfd.readouterr()
+    assert printed.out == printed.err == "", printed  # even the blank lines of a bar that is not on a terminal
