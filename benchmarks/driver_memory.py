@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the driver benchmark's chain (a "benchmarks" package is installed too)
-from pipeline_efficiency import chain  # noqa: E402
+from pipeline_efficiency import DRIVER_CHUNKS, chain, job_config  # noqa: E402
 from sculpt import config, output, pipeline, planning, samples  # noqa: E402
 
 EVERY = 20  # commits between samples
@@ -46,9 +45,7 @@ def marker_only(store, unit, job, parts, redo=False, error_budget=None) -> dict:
 
 
 def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()) -> list[tuple[int, float]]:
-    cfg = config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(chain(1, 0.001))}",
-                             "input.readers=2", "input.batch_images=8", "progress_seconds=1000",
-                             f"input.chunk_images={chunk_images}", "input.chunks_in_flight=64", *overrides])
+    cfg = job_config(shard_dir, out, chain(1, 0.001), [*DRIVER_CHUNKS, f"input.chunk_images={chunk_images}", *overrides])
     stages = [config.build_stage(s) for s in cfg.stages]
     me, points = psutil.Process(), []
 
@@ -58,7 +55,7 @@ def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()
 
     if part == "dataset":
         todo = planning.plan(cfg, stages)
-        gate = ray.remote(pipeline.ChunkGate).options(num_cpus=0).remote(cfg.chunk_limit, cfg.least_chunks_in_flight)
+        gate = pipeline.start_gate(cfg)
         done = set()
         receipts_stream = pipeline.build_dataset(todo.segments, stages, cfg, gate).iter_batches(
             batch_size=None, batch_format="pyarrow", prefetch_batches=0)
@@ -111,8 +108,8 @@ def main() -> None:
     slope = np.polyfit([p[0] for p in middle], [p[1] for p in middle], 1)[0] * 1024
     (first, uss_first), (last, uss_last) = middle[0], points[-1]
     rise = (uss_last - uss_first) * 1024 / (last - first)
-    print(f"| {args.part} | {args.shards} | {args.chunk_images} | {last} | {time.monotonic() - start:.0f} | {uss_first:.0f} | {uss_last:.0f} | "
-          f"{slope:.1f} | {rise:.1f} |")
+    print(f"| {args.part} | {args.shards} | {args.chunk_images} | {last} | {time.monotonic() - start:.0f} | "
+          f"{uss_first:.0f} | {uss_last:.0f} | {slope:.1f} | {rise:.1f} |")
 
 
 if __name__ == "__main__":

@@ -81,13 +81,21 @@ class MemorySampler(threading.Thread):
             time.sleep(0.3)
 
 
+# the driver case: many small chunks, so that the driver's work per chunk dominates
+DRIVER_CHUNKS = ["input.chunk_images=2", "input.chunks_in_flight=64"]
+
+
+def job_config(shard_dir: str, out: str, stages: list[dict], extra=()):
+    return config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(stages)}",
+                              "input.readers=2", "input.batch_images=8", "progress_seconds=1000", *extra])
+
+
 def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: int = 1, extra: list[str] = ()) -> dict:
     from actors.vlm import vlm_engines
     from tests.doubles import TimedEngine
 
     out = os.path.join(work, f"out-{gpus}-{time.time_ns()}")
-    cfg = config.load(None, [f"input.shards=[{shard_dir}]", f"output.path={out}", f"stages={json.dumps(stages)}",
-                             "input.readers=2", "input.batch_images=8", "progress_seconds=1000", *extra])
+    cfg = job_config(shard_dir, out, stages, extra)
     runtime_env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     cluster = None
     if nodes == 1:
@@ -238,7 +246,7 @@ def driver(work, quick, overrides=()):
         shard_dir = os.path.join(work, f"driver-{shards}")
         samples.make_sample_shards(shard_dir, shards=shards, images_per_shard=4, scale=0.25)
         r = results[shards] = run_isolated(shard_dir, 4, chain(1, 0.001), work,
-                                            extra=["input.chunk_images=2", "input.chunks_in_flight=64", *overrides])
+                                            extra=[*DRIVER_CHUNKS, *overrides])
         print(f"| {shards} | {r['committed_now']} | {r['seconds']:.1f} | {r['driver_cpu_s']:.1f} | {1000 * r['driver_cpu_s'] / r['committed_now']:.2f} | "
               f"{r['driver_peak_mb']:.0f} | {r['driver_uss_peak_mb']:.0f} |", flush=True)
     small, large = sorted(results)

@@ -78,6 +78,13 @@ class ChunkGate:
         return {"held": len(self.held), "peak": self.peak}
 
 
+def start_gate(config: JobConfig):
+    """The job's ``ChunkGate`` actor (CPU-less)."""
+    import ray
+
+    return ray.remote(ChunkGate).options(num_cpus=0).remote(config.chunk_limit, config.least_chunks_in_flight)
+
+
 def _split(row: dict) -> list[dict]:
     return [{"segment": piece.to_json()} for piece in shards.split(shards.Segment.from_json(row["segment"]))]
 
@@ -223,7 +230,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     if todo.segments:
         import ray
 
-        gate = ray.remote(ChunkGate).options(num_cpus=0).remote(config.chunk_limit, config.least_chunks_in_flight)
+        gate = start_gate(config)
         commit = ray.remote(output.commit_unit).options(num_cpus=0)
         budget = (config.faults.max_error_share, config.faults.min_errors)
         received: dict[str, _Received] = {}
