@@ -142,10 +142,13 @@ class UnitWriter:
         return self.expected is not None and len(self.seen) == self.expected
 
     def add(self, table: pa.Table) -> None:
-        fresh = [i not in self.seen and i >= 0 for i in table["index"].to_pylist()]
+        fresh = []  # a row is kept once, even when a retried task's copy arrives in the same table
+        for index in table["index"].to_pylist():
+            fresh.append(index >= 0 and index not in self.seen)
+            if fresh[-1]:
+                self.seen.add(index)
         if not all(fresh):
             table = table.filter(pa.array(fresh))
-        self.seen.update(table["index"].to_pylist())
         stats.merge(self.stats, stats.count(table, self.filter and self.filter["threshold"]))
         for message in pc.drop_null(table["error"]).to_pylist():
             examples = self.first_errors.setdefault(message.split(":", 1)[0], [])

@@ -357,7 +357,7 @@ def check_resources(config: JobConfig, stages: list[Stage], fixed_cluster: bool)
         return
     raise ValueError(
         f"{message}. Lower stage actors/cpus/gpus or input.readers, or give a new local Ray more logical "
-        "resources (--set ray.num_cpus=N ray.num_gpus=N; logical GPUs run only tiny models on the CPU)."
+        "resources (--set ray.num_cpus=N --set ray.num_gpus=N; logical GPUs run only tiny models on the CPU)."
     )
 
 

@@ -27,7 +27,7 @@ def test_unit_commits_once_all_rows_are_in_dedups_and_writes_marker_last(tmp_pat
     writer.add(rows("sa_000001", [2, 0]))
     writer.add(rows("sa_000001", [0]))  # re-delivered after a retry
     assert not writer.complete
-    writer.add(rows("sa_000001", [1], size=3))
+    writer.add(rows("sa_000001", [1, 1], size=3))  # a retried task's copy in the same batch as the first
     assert writer.complete and store.committed() == set()
     assert not os.path.exists(store.data_uri("sa_000001"))  # rows so far live in _tmp only
     marker = writer.commit()
