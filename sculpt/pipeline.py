@@ -12,6 +12,7 @@ cluster (Parquet, then marker).
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import logging
@@ -168,8 +169,9 @@ def unsent_units(chunks: list[list], block_bytes: int | None) -> list[str]:
 
 
 class Progress:
-    def __init__(self, total: int, done: int, every: float, out=sys.stdout):
+    def __init__(self, total: int, done: int, every: float, out=None):
         self.total, self.done, self.every, self.out = total, done, every, out
+        self.done_before = done
         self.images = self.chunks = 0
         self.first_output: float | None = None  # seconds until the first row came out of the last stage
         self.start = self.last = time.monotonic()
@@ -192,7 +194,10 @@ class Progress:
         rate = self.images / elapsed if elapsed > 0 else 0.0
         line = (f"[sculpt] shards {self.done}/{self.total} | chunks committed {self.chunks} | images {self.images} "
                 f"| {rate:.2f} img/s")
-        print(f"{line} | {event}" if event else line, file=self.out, flush=True)
+        if self.total > self.done > self.done_before:  # from this run's shard rate, once a shard is done
+            left = elapsed / (self.done - self.done_before) * (self.total - self.done)
+            line += f" | ETA {datetime.timedelta(seconds=round(left))}"
+        print(f"{line} | {event}" if event else line, file=self.out or sys.stdout, flush=True)
 
 
 class _Received:
@@ -258,11 +263,12 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                 totals["committed_now"] += 1
                 for key in MARKER_COUNTS:
                     totals[key] += marker[key]
-                committed.add(unit)
                 shard, chunk = shards.parse_unit(unit)
+                was_done = todo.shard_done(shard, committed)  # a redone chunk's shard was counted before
+                committed.add(unit)
                 if marker["end"]["last"]:
                     todo.last_chunks[shard] = chunk
-                progress.unit(marker, todo.shard_done(shard, committed))
+                progress.unit(marker, not was_done and todo.shard_done(shard, committed))
 
         try:
             # prefetch_batches=0: with a window, Ray Data holds each receipt back until the next one comes, and the

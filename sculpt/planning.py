@@ -91,21 +91,23 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
                                                           config.input.chunk_images), all_shards))
         segments = [segment for shard_segments, _ in found for segment in shard_segments]
         last_chunks = {shards.shard_name(uri): last for uri, (_, last) in zip(all_shards, found) if last is not None}
-        redo = _error_rows(store, committed) if config.output.redo_errors else {}
+        uris = {shards.shard_name(uri): uri for uri in all_shards}
+        # errors are redone in the shards of this job's input only (an output may hold more than one input's shards)
+        redo = ({unit: rows for unit, rows in _error_rows(store, committed).items() if shards.parse_unit(unit)[0] in uris}
+                if config.output.redo_errors else {})
+        for unit, indices in redo.items():
+            shard, chunk = shards.parse_unit(unit)
+            end = _marker(store, shard, chunk)["end"]
+            segments.append(shards.Segment(uris[shard], config.input.chunk_images, _start(store, shard, chunk), chunk + 1,
+                                           None if end["last"] else end["next_offset"], {chunk: indices}))
     except BaseException:
         lease.release()
         raise
     shards_done = sum(1 for shard_segments, _ in found if not shard_segments)
     print(f"[sculpt] {len(all_shards)} shards: {shards_done} done, {len(committed)} chunks committed, "
-          f"{len(segments)} run(s) of chunks to read"
+          f"{len(segments) - len(redo)} run(s) of chunks to read"
           + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed chunks to redo" if config.output.redo_errors else "")
           + f"; output {store.uri} (config {job['fingerprint']})", flush=True)
-    uris = {shards.shard_name(uri): uri for uri in all_shards}
-    for unit, indices in redo.items():
-        shard, chunk = shards.parse_unit(unit)
-        end = _marker(store, shard, chunk)["end"]
-        segments.append(shards.Segment(uris[shard], config.input.chunk_images, _start(store, shard, chunk), chunk + 1,
-                                       None if end["last"] else end["next_offset"], {chunk: indices}))
     return Plan(store, job, all_shards, segments, redo, lease, committed, last_chunks)
 
 

@@ -67,7 +67,7 @@ def test_a_stage_failing_most_images_stops_the_job_before_it_commits(local_ray, 
     assert OutputStore(str(tmp_path / "out")).committed() == set()
 
 
-def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, tmp_path):
+def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.write_text("sa_2 sa_6")  # one image in each of two shards: under the error budget
     stages = [faulty(broken_file=str(broken))]
@@ -78,10 +78,18 @@ def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, t
     assert len(failed) == 2 and all("injected permanent failure" in r["error"] for r in before if r["status"] == "error")
 
     broken.unlink()  # the cause is fixed
+    # a job over part of the output's shards redoes the errors of its own shards only
+    narrow = planning.plan(*job(sample_shards[:1], tmp_path / "out", stages, "output.redo_errors=true"))
+    narrow.lease.release()
+    assert list(map(len, narrow.redo.values())) == [1] and len(narrow.segments) == 1
     cfg, built = job(sample_shards, tmp_path / "out", stages, "faults.min_errors=2", "output.redo_errors=true")
     todo = planning.plan(cfg, built)
     assert sorted(map(len, todo.redo.values())) == [1, 1] and len(todo.segments) == 2  # only the two units with errors
+    capsys.readouterr()
     summary = pipeline.run(cfg, built, todo)
+    progress = [line for line in capsys.readouterr().out.splitlines() if "committed sa_" in line]
+    n = len(sample_shards)
+    assert len(progress) == 2 and all(f"shards {n}/{n} " in line for line in progress)  # done shards count once
     after = rows_of(tmp_path / "out")
     assert summary["committed_now"] == 2 and summary["errors"] == 0
     assert len(after) == 12 and len({(r["shard"], r["index"]) for r in after}) == 12
@@ -150,3 +158,11 @@ def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(
     with pytest.raises(OSError) as caught:
         pipeline.run(cfg, stages, todo)
     assert errors.job_error(caught.value).startswith("no space left on the output's disk")
+
+
+def test_a_job_refused_after_planning_gives_its_output_back(sample_shards, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = annotate("--input", sample_shards[0], "--output", str(out), "--set", "ray.num_cpus=1",
+                            "--set", "ray.num_gpus=0")
+    assert code == 2 and "GPU at once, the cluster has 0" in err.splitlines()[-1], err[-2000:]
+    assert (out / "_sculpt_job.json").exists() and not (out / "_lease.json").exists()  # planned, then the lease given back

@@ -255,3 +255,16 @@ def test_the_chunk_gate_lets_readers_wait_holding_unsent_rows_only_within_its_sp
         d2.cancel()
 
     asyncio.run(scenario())
+
+
+def test_progress_counts_each_shard_once_and_estimates_from_this_runs_shards():
+    import io
+
+    lines = io.StringIO()
+    progress = pipeline.Progress(total=4, done=1, every=60, out=lines)  # one shard done before this run
+    progress.unit({"unit": "sa_1-00000", "images": 2, "errors": 0}, shard_done=False)
+    assert "shards 1/4" in lines.getvalue() and "ETA" not in lines.getvalue()  # no shard of this run done yet
+    progress.start -= 10  # this run has taken 10 s when its first shard is done
+    progress.unit({"unit": "sa_1-00001", "images": 2, "errors": 0}, shard_done=True)
+    last = lines.getvalue().splitlines()[-1]
+    assert "shards 2/4" in last and "ETA 0:00:2" in last  # 2 shards left at ~10 s each

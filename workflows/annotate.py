@@ -80,11 +80,14 @@ def main(argv=None) -> int:
         config = job_config.load(args.config, overrides)
         stages = job_config.build_stages(config)
         todo = planning.plan(config, stages)
-        if todo.segments:
-            started_local_ray = pipeline.connect_ray(config)
-            pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
-        with vlm_engines(config, stages if todo.segments else []):
-            summary = pipeline.run(config, stages, todo)
+        try:
+            if todo.segments:
+                started_local_ray = pipeline.connect_ray(config)
+                pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
+            with vlm_engines(config, stages if todo.segments else []):
+                summary = pipeline.run(config, stages, todo)
+        finally:
+            todo.lease.release()  # also when the job fails before it runs (run() gives it back itself)
     except Exception as exc:
         message = errors.job_error(exc)
         if message is None:
