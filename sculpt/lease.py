@@ -5,7 +5,8 @@ unfinished uploads, which would otherwise be another live job's) and gives it ba
 finds the lease held and is refused with a message that says who holds it. A lease whose holder stopped renewing
 (``ttl_seconds``) is taken over, as is one held by a dead process on this same machine, at once: a driver killed
 and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
-an exclusive create locally — so two jobs racing for one output cannot both win.
+an exclusive create locally — so two jobs racing for one output cannot both win. A job that finds at a renewal
+that another took the output over (it stalled past the ttl) stops at its next receipt (``check``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Lease:
         self.version = None  # the ETag (S3) or content (local) of our lease file as last written
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self.lost: str | None = None  # why this job no longer holds the output, once another job took it over
 
     # -- the conditional writes -----------------------------------------------------------------------------------
     def _read(self) -> tuple[dict | None, str | None]:
@@ -106,10 +108,16 @@ class Lease:
         while not self._stop.wait(seconds):
             try:
                 if not self._write(self.version):
-                    print(f"[sculpt] warning: lost the lease on {self.uri} to another job", flush=True)
+                    holder, _ = self._read()
+                    self.lost = "this job lost its lease: " + _busy(self.uri, holder or {}, self.ttl)
                     return
             except Exception as exc:  # an unreachable store: try again at the next beat
                 print(f"[sculpt] warning: could not renew the lease on {self.uri}: {exc}", flush=True)
+
+    def check(self) -> None:
+        """Stop the job once another one has taken the output over (its start clears this job's temporary files)."""
+        if self.lost:
+            raise OutputBusy(self.lost)
 
     def release(self) -> None:
         self._stop.set()

@@ -276,6 +276,8 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
             receipts_stream = build_dataset(todo.segments, stages, config, gate).iter_batches(
                 batch_size=None, batch_format="pyarrow", prefetch_batches=0)
             for receipts in receipts_stream:
+                if todo.lease is not None:
+                    todo.lease.check()
                 driver_bytes += receipts.nbytes
                 for receipt in receipts.to_pylist():
                     unit = receipt["unit"]

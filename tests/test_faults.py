@@ -166,3 +166,14 @@ def test_a_job_refused_after_planning_gives_its_output_back(sample_shards, tmp_p
                             "--set", "ray.num_gpus=0")
     assert code == 2 and "GPU at once, the cluster has 0" in err.splitlines()[-1], err[-2000:]
     assert (out / "_sculpt_job.json").exists() and not (out / "_lease.json").exists()  # planned, then the lease given back
+
+
+def test_a_job_that_lost_its_output_to_another_stops_before_committing_more(local_ray, sample_shards, tmp_path):
+    from sculpt.lease import OutputBusy
+
+    cfg, stages = job(sample_shards, tmp_path / "out", [faulty()])
+    todo = planning.plan(cfg, stages)
+    todo.lease.lost = "this job lost its lease: another job is writing this output"  # what the renewer finds
+    with pytest.raises(OutputBusy, match="lost its lease"):
+        pipeline.run(cfg, stages, todo)
+    assert OutputStore(str(tmp_path / "out")).committed() == set()

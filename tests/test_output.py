@@ -142,3 +142,25 @@ def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
     far.record["host"] = "another-host"
     assert far._write(None)  # held elsewhere, but not renewed within its ttl: free
     Lease(out, ttl_seconds=0.0).acquire().release()
+
+
+def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(tmp_path):
+    import time
+
+    from sculpt.lease import Lease, OutputBusy
+
+    out = str(tmp_path / "out")
+    slow = Lease(out, ttl_seconds=0.6).acquire()  # renews every 0.2 s
+    slow.check()
+    other = Lease(out)
+    other.record["pid"] = 1
+    for _ in range(100):  # another job takes the output over (as after a stall past the ttl) between two renewals
+        if other._write(slow.version):
+            break
+    deadline = time.monotonic() + 5
+    while slow.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OutputBusy, match="this job lost its lease: .* held by pid 1 on"):
+        slow.check()
+    slow.release()
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == other.record["owner"]  # not ours to delete
