@@ -19,6 +19,7 @@ so the rerun replaces it rather than adding a second copy of any row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -193,14 +194,13 @@ class UnitWriter:
 
     def abort(self) -> None:
         """Drop the unit: its temporary file goes, nothing is committed (the next run redoes the unit)."""
-        if self.writer is not None:
-            try:
-                self.writer.close()
-                self.file.__exit__(RuntimeError, None, None)
-            except OSError:
-                pass  # a leftover temporary file is garbage the next run clears
-        self.writer = self.file = None
-        self.buffer = []
+        writer, file, self.writer, self.file, self.buffer = self.writer, self.file, None, None, []
+        if writer is not None:
+            with contextlib.suppress(OSError):  # the error being handled already says what went wrong
+                writer.close()
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.__exit__(RuntimeError, None, None)  # removes the temporary file
 
     def commit(self) -> dict:
         if not self.complete:

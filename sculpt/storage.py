@@ -156,8 +156,8 @@ class open_atomic:
         return self.stream
 
     def __exit__(self, exc_type, exc, tb):
-        self.stream.close()
         try:
+            self.stream.close()
             if exc_type is None and is_s3(self.uri):
                 s3_client(self.s3).upload_file(self.tmp, *bucket_key(self.uri))
             elif exc_type is None:

@@ -51,6 +51,20 @@ def test_incomplete_unit_refuses_to_commit(tmp_path):
         writer.commit()
 
 
+def test_an_aborted_unit_leaves_no_temporary_file_even_when_closing_its_writer_fails(tmp_path):
+    store = OutputStore(str(tmp_path))
+    writer = UnitWriter(store, "u", JOB, flush_rows=1)
+    writer.add(rows("u", [0], size=2))  # flushed: the unit's temporary file exists
+    assert len(list((tmp_path / "_tmp").iterdir())) == 1
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    writer.writer.close = full_disk
+    writer.abort()
+    assert list((tmp_path / "_tmp").iterdir()) == [] and store.committed() == set()
+
+
 def test_error_counts_by_stage(tmp_path):
     store = OutputStore(str(tmp_path))
     table_rows = [schema.new_row("u", i, f"k{i}") for i in range(3)]
