@@ -5,12 +5,13 @@ unfinished uploads, which would otherwise be another live job's) and gives it ba
 finds the lease held and is refused with a message that says who holds it. A lease whose holder stopped renewing
 (``ttl_seconds``) is taken over, as is one held by a dead process on this same machine, at once: a driver killed
 and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
-an exclusive create locally — so two jobs racing for one output cannot both win. A job that finds at a renewal
+an exclusive create or a locked compare-and-write locally — so two jobs racing for one output cannot both win. A job that finds at a renewal
 that another took the output over (it stalled past the ttl) stops at its next receipt (``check``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -73,9 +74,12 @@ class Lease:
             except FileExistsError:
                 return False
         else:
-            if self._read()[1] != expected:
-                return False
-            storage.write_atomic(self.uri, body.encode())
+            # the compare and the write under one lock: two jobs taking over a stale lease at once cannot both win
+            with open(path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self._read()[1] != expected:
+                    return False
+                storage.write_atomic(self.uri, body.encode())
         self.version = body
         return True
 

@@ -178,3 +178,38 @@ def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(t
         slow.check()
     slow.release()
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == other.record["owner"]  # not ours to delete
+
+
+def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from sculpt import storage
+    from sculpt.lease import Lease, OutputBusy
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps({"owner": "gone", "host": "another-host", "pid": 1,
+                                                              "renewed": 0}))  # not renewed for ages: free
+    write_atomic = storage.write_atomic
+
+    def slow_write(*args, **kwargs):  # both takers have read the stale lease before either writes
+        time.sleep(0.2)
+        write_atomic(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "write_atomic", slow_write)
+    outcomes, leases = [], []
+
+    def take():
+        try:
+            leases.append(Lease(str(tmp_path / "out")).acquire())
+            outcomes.append("won")
+        except OutputBusy:
+            outcomes.append("refused")
+
+    takers = [threading.Thread(target=take) for _ in range(2)]
+    for taker in takers:
+        taker.start()
+    for taker in takers:
+        taker.join()
+    assert sorted(outcomes) == ["refused", "won"]
+    leases[0].release()
