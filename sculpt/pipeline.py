@@ -263,6 +263,8 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                 totals["committed_now"] += 1
                 for key in MARKER_COUNTS:
                     totals[key] += marker[key]
+                if unit in todo.redo:  # a redone chunk: this run processed its error rows only
+                    totals["images"] += len(todo.redo[unit]) - marker["images"]
                 shard, chunk = shards.parse_unit(unit)
                 was_done = todo.shard_done(shard, committed)  # a redone chunk's shard was counted before
                 committed.add(unit)

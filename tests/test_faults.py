@@ -91,7 +91,7 @@ def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, t
     n = len(sample_shards)
     assert len(progress) == 2 and all(f"shards {n}/{n} " in line for line in progress)  # done shards count once
     after = rows_of(tmp_path / "out")
-    assert summary["committed_now"] == 2 and summary["errors"] == 0
+    assert summary["committed_now"] == 2 and summary["errors"] == 0 and summary["images"] == 2  # the redone ones
     assert len(after) == 12 and len({(r["shard"], r["index"]) for r in after}) == 12
     assert all(r["status"] == "empty" for r in after)
     unchanged = [(b, a) for b, a in zip(before, after) if (b["shard"], b["index"]) not in failed]
