@@ -1,4 +1,4 @@
-"""How much a Ray driver's memory grows per task it submits, without Ray Data or sculpt: plain tasks against actor tasks.
+"""How much a Ray driver's memory grows per task it submits, plain tasks against actor tasks (no Ray Data, no sculpt).
 
 The driver submits waves of 64 calls, to 4 CPU-less actors or as plain tasks, waits for each wave, and samples its
 USS every 2,048 calls. Prints one table row: kind | calls | USS MB at a quarter | USS MB at the end | KB per call
@@ -50,7 +50,8 @@ def main() -> None:
             points.append((start + WAVE, me.memory_full_info().uss / 2**20))
     ray.shutdown()
     (first, uss_first), (last, uss_last) = points[len(points) // 4], points[-1]
-    print(f"| {args.kind} | {last} | {uss_first:.1f} | {uss_last:.1f} | {(uss_last - uss_first) * 1024 / (last - first):.2f} |")
+    per_call = (uss_last - uss_first) * 1024 / (last - first)
+    print(f"| {args.kind} | {last} | {uss_first:.1f} | {uss_last:.1f} | {per_call:.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ unfinished uploads, which would otherwise be another live job's) and gives it ba
 finds the lease held and is refused with a message that says who holds it. A lease whose holder stopped renewing
 (``ttl_seconds``) is taken over, as is one held by a dead process on this same machine, at once: a driver killed
 and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
-an exclusive create or a locked compare-and-write locally — so two jobs racing for one output cannot both win. A job that finds at a renewal
-that another took the output over (it stalled past the ttl) stops at its next receipt (``check``).
+an exclusive create or a locked compare-and-write locally — so two jobs racing for one output cannot both win.
+A job that finds at a renewal that another took the output over (it stalled past the ttl) stops at its next
+receipt (``check``).
 """
 
 from __future__ import annotations

@@ -93,13 +93,13 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
         last_chunks = {shards.shard_name(uri): last for uri, (_, last) in zip(all_shards, found) if last is not None}
         uris = {shards.shard_name(uri): uri for uri in all_shards}
         # errors are redone in the shards of this job's input only (an output may hold more than one input's shards)
-        redo = ({unit: rows for unit, rows in _error_rows(store, committed).items() if shards.parse_unit(unit)[0] in uris}
-                if config.output.redo_errors else {})
+        redo = {unit: rows for unit, rows in (_error_rows(store, committed) if config.output.redo_errors else {}).items()
+                if shards.parse_unit(unit)[0] in uris}
         for unit, indices in redo.items():
             shard, chunk = shards.parse_unit(unit)
             end = _marker(store, shard, chunk)["end"]
-            segments.append(shards.Segment(uris[shard], config.input.chunk_images, _start(store, shard, chunk), chunk + 1,
-                                           None if end["last"] else end["next_offset"], {chunk: indices}))
+            segments.append(shards.Segment(uris[shard], config.input.chunk_images, _start(store, shard, chunk),
+                                           chunk + 1, None if end["last"] else end["next_offset"], {chunk: indices}))
     except BaseException:
         lease.release()
         raise

@@ -165,7 +165,8 @@ def test_a_job_refused_after_planning_gives_its_output_back(sample_shards, tmp_p
     code, _, err = annotate("--input", sample_shards[0], "--output", str(out), "--set", "ray.num_cpus=1",
                             "--set", "ray.num_gpus=0")
     assert code == 2 and "GPU at once, the cluster has 0" in err.splitlines()[-1], err[-2000:]
-    assert (out / "_sculpt_job.json").exists() and not (out / "_lease.json").exists()  # planned, then the lease given back
+    assert (out / "_sculpt_job.json").exists()  # planned
+    assert not (out / "_lease.json").exists()  # then the lease given back
 
 
 def test_a_job_that_lost_its_output_to_another_stops_before_committing_more(local_ray, sample_shards, tmp_path):

@@ -177,7 +177,8 @@ def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(t
     with pytest.raises(OutputBusy, match="this job lost its lease: .* held by pid 1 on"):
         slow.check()
     slow.release()
-    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == other.record["owner"]  # not ours to delete
+    lease_file = tmp_path / "out" / "_lease.json"
+    assert json.loads(lease_file.read_text())["owner"] == other.record["owner"]  # not ours to delete
 
 
 def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, monkeypatch):
