@@ -114,7 +114,7 @@ class OutputStore:
 
 
 class UnitWriter:
-    """Collects one shard's rows as they arrive in any order, and commits the unit once all are in.
+    """Collects one unit's rows (a chunk of a shard) as they arrive in any order, and commits the unit once all are in.
 
     Rows are deduplicated on their index in the shard, so a batch that Ray re-delivers after a retry is
     harmless. Rows stream to a temporary Parquet file in row groups of ``flush_rows``; memory stays bounded.
