@@ -261,10 +261,10 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     progress.print(f"left {unit} pending: {pending[unit]}")
                     continue
                 totals["committed_now"] += 1
+                # a redone chunk: this run processed its error rows only
+                counts = {**marker, "images": len(todo.redo[unit])} if unit in todo.redo else marker
                 for key in MARKER_COUNTS:
-                    totals[key] += marker[key]
-                if unit in todo.redo:  # a redone chunk: this run processed its error rows only
-                    totals["images"] += len(todo.redo[unit]) - marker["images"]
+                    totals[key] += counts[key]
                 shard, chunk = shards.parse_unit(unit)
                 was_done = todo.shard_done(shard, committed)  # a redone chunk's shard was counted before
                 committed.add(unit)

@@ -93,8 +93,10 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
         last_chunks = {shards.shard_name(uri): last for uri, (_, last) in zip(all_shards, found) if last is not None}
         uris = {shards.shard_name(uri): uri for uri in all_shards}
         # errors are redone in the shards of this job's input only (an output may hold more than one input's shards)
-        redo = {unit: rows for unit, rows in (_error_rows(store, committed) if config.output.redo_errors else {}).items()
-                if shards.parse_unit(unit)[0] in uris}
+        redo = {}
+        if config.output.redo_errors:
+            redo = {unit: rows for unit, rows in _error_rows(store, committed).items()
+                    if shards.parse_unit(unit)[0] in uris}
         for unit, indices in redo.items():
             shard, chunk = shards.parse_unit(unit)
             end = _marker(store, shard, chunk)["end"]

@@ -257,7 +257,7 @@ def test_the_chunk_gate_lets_readers_wait_holding_unsent_rows_only_within_its_sp
     asyncio.run(scenario())
 
 
-def test_progress_counts_each_shard_once_and_estimates_from_this_runs_shards():
+def test_progress_shows_an_eta_from_this_runs_shards_once_one_is_done():
     import io
 
     lines = io.StringIO()
