@@ -4,7 +4,7 @@ against nothing. The figures are recorded for every pair, kept or not."""
 
 from __future__ import annotations
 
-from sculpt import images, rle, schema, verify
+from sculpt import errors, images, rle, schema, verify
 from sculpt.stage import Stage
 
 
@@ -66,6 +66,8 @@ class Verifier(Stage):
                     masks = self.model.predict_tensor(image, [self.expression(objects[i]) for i in todo])
                 masks = rle.encode_tensors(masks)  # run lengths counted on the device; only they reach the host
             except Exception as exc:  # this image only; the batch's other images keep their results
+                if errors.is_transient(exc):
+                    raise  # an out-of-memory error says nothing about the image: the batch is tried again
                 schema.mark_error(row, self.name, exc)
                 continue
             for i, mask in zip(todo, masks):

@@ -9,6 +9,7 @@ that still fail are marked, so one bad image never takes its batch down with it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import threading
 import time
@@ -139,11 +140,22 @@ class StageActor:
         stage.setup()
 
     def _process(self, rows: list[dict]) -> None:
+        """The stage on the rows, retried on transient faults. Each try works on its own copy of the rows and only
+        a try that succeeds is kept: one that fails part-way (the first images' objects added, then an
+        out-of-memory error) must leave nothing behind for the next try to add to again."""
+
+        def attempt() -> list[dict]:
+            trial = copy.deepcopy(rows)  # the rows' bytes are shared, not copied: a batch's copy costs well under 1 ms
+            self.stage.process(trial)
+            return trial
+
         def say(attempt, exc):
             print(f"[sculpt] {self.stage.name}: transient fault on {len(rows)} image(s), retry {attempt + 1} of "
                   f"{self.attempts - 1}: {errors.describe(exc)}", flush=True)
 
-        errors.retrying(lambda: self.stage.process(rows), self.attempts, self.backoff, say)
+        for row, done in zip(rows, errors.retrying(attempt, self.attempts, self.backoff, say)):
+            row.clear()
+            row.update(done)
 
     def __call__(self, batch):
         rows = batch.to_pylist()

@@ -77,6 +77,30 @@ def test_stage_failure_marks_only_the_failing_image():
     assert out[2]["error"] == "read: corrupt" and out[2]["caption"] is None  # earlier errors are not reprocessed
 
 
+class AddsThenFaults(Stage):
+    """Adds an object to each row in turn; the first call runs out of device memory after the first row."""
+
+    name = "adds"
+    calls = 0
+
+    def process(self, rows):
+        import torch
+
+        type(self).calls += 1
+        for k, row in enumerate(rows):
+            row["objects"] = (row["objects"] or []) + [schema.new_object(phrase="thing")]
+            if k == 0 and type(self).calls == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+def test_a_try_that_fails_part_way_leaves_nothing_for_the_retry_to_repeat():
+    rows = [schema.new_row("u", i, key) for i, key in enumerate(["a", "b"])]
+    out = StageActor(AddsThenFaults(), attempts=2, backoff_seconds=0.0)(schema.to_table(rows)).to_pylist()
+    assert AddsThenFaults.calls == 2
+    assert [r["status"] for r in out] == ["ok", "ok"]
+    assert [[o["phrase"] for o in r["objects"]] for r in out] == [["thing"], ["thing"]]
+
+
 @pytest.mark.parametrize("override, message", [
     ("input.readers=-1", "input: readers=-1: must be an integer >= 1"),
     ("input.readers=two", "input: readers='two': must be an integer >= 1"),

@@ -321,3 +321,54 @@ def test_masker_embeds_a_batch_of_images_at_once_with_the_same_masks(checkpoints
         for x, y in zip(a["objects"], b["objects"]):
             m, n = rle.decode(x["mask"]), rle.decode(y["mask"])
             assert (m & n).sum() >= 0.99 * max((m | n).sum(), 1) and x["mask_score"] == pytest.approx(y["mask_score"], abs=1e-3)
+
+
+# -- a batch that fails part-way is tried again from the rows as they came --------------------------------------
+
+def fail_once_on_call(function, call: int, seen: list):
+    """``function``, raising a CUDA-style out-of-memory error the ``call``-th time it is called (and only then)."""
+
+    def wrapped(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_grounder_retry_after_a_fault_part_way_adds_each_object_once(grounder, monkeypatch):
+    stage = grounder.stage
+    monkeypatch.setattr(stage.model, "generate", scripted_generate(stage.processor, []))
+    monkeypatch.setitem(stage.params, "prompts_per_call", 1)  # each image its own group of model calls
+    monkeypatch.setattr(grounder, "backoff", 0.0)
+    calls = []  # the first image's objects are in its row when the second image's group fails
+    monkeypatch.setattr(stage, "_generate", fail_once_on_call(stage._generate, 2, calls))
+    rows = [row_for("chelsea", 0, LONG_CAPTION), row_for("rocket", 1, LONG_CAPTION)]
+    out = grounder(schema.to_table(rows)).to_pylist()
+    assert len(calls) == 4  # two groups, the second failed, then both again
+    for row in out:
+        assert row["status"] == "ok", row["error"]
+        assert [o["phrase"] for o in row["objects"]] == ["gray tabby cat", "white coffee cup", "blue sky", "small plant",
+                                                         "small plant"]
+        assert [span["objects"] for span in row["grounded_caption"]] == [[0], [1], [2], [3, 4]]
+
+
+def test_masker_retry_after_a_fault_part_way_still_groups_every_image(masker, monkeypatch):
+    stage = masker.stage
+    monkeypatch.setitem(stage.params, "images_at_once", 1)
+    monkeypatch.setattr(masker, "backoff", 0.0)
+    calls = []  # the first image's boxes all have masks when the second image's call fails
+    monkeypatch.setattr(stage, "predict_images", fail_once_on_call(stage.predict_images, 2, calls))
+    rows = []
+    for index, name in enumerate(["chelsea", "rocket"]):  # one phrase grounded to two boxes: a group to build
+        row = row_for(name, index, caption="two things")
+        row["objects"] = [{"phrase": "two things", "phrase_start": 0, "phrase_end": 10, "box": box}
+                          for box in ([10.0, 20.0, 100.0, 150.0], [120.0, 40.0, 250.0, 200.0])]
+        rows.append(row)
+    out = masker(schema.to_table(rows)).to_pylist()
+    assert len(calls) == 4
+    for row in out:
+        assert row["status"] == "ok", row["error"]
+        assert [o["members"] for o in row["objects"]] == [None, None, [0, 1]]  # two masks and their group, once
+        assert all(o["mask"] for o in row["objects"])

@@ -134,9 +134,13 @@ class Scripted:
         self.masks, self.calls = masks, []
 
     def predict(self, image, expressions):
+        import torch
+
         self.calls.append(list(expressions))
         if "boom" in expressions:
             raise RuntimeError("model failed")
+        if "oom once" in expressions and self.calls.count(list(expressions)) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return np.stack([self.masks[e](image.shape[:2]) for e in expressions])
 
     def predict_tensor(self, image, expressions):
@@ -195,6 +199,18 @@ def test_stage_records_iou_for_every_pair_kept_or_not():
     assert out[0]["status"] == "ok" and out[2]["status"] == "ok"
     assert out[1]["status"] == "error" and out[1]["error"] == "verify: RuntimeError: model failed"
     assert stage.model.calls == [["whole", "quarter"], ["boom"]]  # one batched call per image
+
+
+def test_an_out_of_memory_error_is_retried_not_written_as_the_images_error():
+    image = samples.photo("chelsea")
+    sam_full = rle.encode(full(image.shape[:2]))
+    rows = [row_with(image, {"phrase": "cat", "mask": sam_full, "expression": "whole"}),
+            row_with(image, {"phrase": "cat", "mask": sam_full, "expression": "oom once"}, key="b")]
+    stage = ScriptedVerifier({"whole": full, "oom once": full}, margin=0.0)
+    out = StageActor(stage, attempts=2, backoff_seconds=0.0)(schema.to_table(rows)).to_pylist()
+    assert stage.model.calls == [["whole"], ["oom once"], ["whole"], ["oom once"]]  # the batch, then again
+    assert [r["status"] for r in out] == ["ok", "ok"] and not any(r["transient_error"] for r in out)
+    assert [r["objects"][0]["iou"] for r in out] == [1.0, 1.0]
 
 
 def test_stage_marks_an_undecodable_image():
