@@ -18,6 +18,7 @@ from sculpt.stage import Stage
 
 
 RESENDS = 3  # times a request vLLM answered with its retryable error is sent again, before the batch is retried
+ENGINE_CALL_RETRIES = 2  # times a call in flight when its engine died is sent to the restarted engine
 
 
 class VLMEngine:
@@ -30,8 +31,10 @@ class VLMEngine:
     callers together (up to ``max_in_flight``) instead of one ``LLM.chat`` call after another.
 
     When the engine core dies (its process killed, a CUDA fault), the actor ends its own process: Ray restarts
-    it with a new engine (``max_restarts=-1``) and retries the calls there (``max_task_retries=-1``), so callers
-    wait instead of receiving errors.
+    it with a new engine (``max_restarts=-1``) and sends the calls in flight there again, up to
+    ``ENGINE_CALL_RETRIES`` times, so callers wait instead of receiving errors. A call the engine dies on every
+    time then fails as a transient fault (``RayActorError``): its stage retries it within ``faults.attempts`` and
+    leaves its unit pending, instead of the engine restarting forever.
     """
 
     def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int, max_in_flight: int = 256):
@@ -190,7 +193,8 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
             actor = ray.remote(engine_class).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
-                                                  max_task_retries=-1, max_concurrency=settings.max_in_flight, **options)
+                                                  max_task_retries=ENGINE_CALL_RETRIES,
+                                                  max_concurrency=settings.max_in_flight, **options)
             engines.append(actor.remote(config.models.vlm, plan["engine"], settings.max_tiles, settings.min_tiles,
                                         settings.max_in_flight))
         print(f"[sculpt] starting {len(engines)} VLM engine(s) for {config.models.vlm}", flush=True)

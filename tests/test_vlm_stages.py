@@ -190,3 +190,32 @@ def test_engine_pool_placement(local_ray, settings, expect):
         assert seen[0]["engine_kwargs"]["distributed_executor_backend"] == "ray"
     assert local_ray.util.placement_group_table() == {} or all(
         g["state"] == "REMOVED" for g in local_ray.util.placement_group_table().values())
+
+
+class DiesOnPoison:
+    """Stands in for VLMEngine: answers every request, except that a request saying "poison" ends its process the
+    way a dead engine core ends VLMEngine's."""
+
+    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
+        pass
+
+    def ready(self):
+        return True
+
+    def chat(self, encoded_images, requests, max_tokens):
+        import os
+
+        if any(text == "poison" for _, text in requests):
+            os._exit(1)
+        return [{"text": f"answer to {text}"} for _, text in requests]
+
+
+def test_a_request_that_kills_the_engine_every_time_fails_instead_of_restarting_it_forever(local_ray):
+    from actors.vlm import vlm_engines
+
+    cfg = config.load(None, ["models.vlm=/nowhere"])
+    with vlm_engines(cfg, config.build_stages(cfg), engine_class=DiesOnPoison) as engines:
+        with pytest.raises(local_ray.exceptions.RayActorError):
+            local_ray.get(engines[0].chat.remote({}, [("sa_1", "poison")], 8), timeout=60)
+        # the engine restarted each time the call was sent again, and serves the next call
+        assert local_ray.get(engines[0].chat.remote({}, [("sa_1", "hello")], 8), timeout=60) == [{"text": "answer to hello"}]
