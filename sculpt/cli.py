@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("output")
     p.add_argument("dest", help="a .jsonl (gseval) or .json (coco, labelstudio) file, or a directory of Parquet files (hf)")
     p.add_argument("--format", required=True, choices=["gseval", "coco", "hf", "labelstudio"],
-                   help="gseval: GroundingSuite jsonl (class_id 4, single object, for every pair); coco: instances + "
-                   "RefCOCO-style refs; hf: Parquet pairs for datasets.load_dataset; labelstudio: tasks JSON with "
-                   "brush masks, expressions and boxes as predictions")
+                   help="gseval: GroundingSuite jsonl (class_id from the category: 1 stuff, 2 part, 3 multi, 4 single); "
+                   "coco: instances + RefCOCO-style refs; hf: Parquet pairs for datasets.load_dataset; labelstudio: "
+                   "tasks JSON with brush masks, expressions and boxes as predictions")
     p.add_argument("--all", action="store_true", help="every pair with its iou and kept, not only kept ones")
     p.add_argument("--images", metavar="DIR", help="also write each exported image, upright, to DIR/<shard>/<key>.jpg "
                    "(read from the input shards) and point the records at it")

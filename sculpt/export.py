@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -451,6 +452,10 @@ def export(out: str, dest: str, fmt: str, s3: S3Options = S3Options(), keep_all:
         for name in storage.list_names(dest, s3, ".parquet"):  # a previous export's files, and only those
             fs, path = storage.filesystem(storage.join(dest, name), s3)
             fs.delete_file(path)
+    if images and not storage.is_s3(images):
+        # the records name the files wherever they are read from: GroundingSuite's evaluator and COCO readers join
+        # an image folder of their own to a record's path, which leaves an absolute path as it is
+        images = os.path.abspath(images)
     root = image_root if image_root is not None else (images or "")
     pairs = iter_pairs(out, s3, keep_all, image_root=root, negatives=fmt == "hf")  # the one format with a place for them
     extracted: dict = {}

@@ -67,9 +67,10 @@ def count(table: pa.Table, threshold: float | None = None) -> dict:
         if row_error:
             _add(stats["errors_by_stage"], row_error.split(":", 1)[0])
             _add(stats["error_kinds"], error_kind(row_error))
-        if status != schema.ERROR:
-            _add(stats["objects_per_image"], len(objects))
-            stats["empty"] += not objects
+        if status == schema.ERROR:
+            continue  # not data: the objects that stages before the failing one found count for nothing
+        _add(stats["objects_per_image"], len(objects))
+        stats["empty"] += not objects
         for obj in objects:
             stats["objects"] += 1
             if obj.get("error"):

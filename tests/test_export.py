@@ -1,6 +1,7 @@
 """sculpt export round trips: each format loaded by its own library gives back the Parquet rows' pairs."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -323,6 +324,15 @@ def test_images_are_extracted_once_upright_and_records_point_at_them(tmp_path):
         assert images.load_rgb(written).shape == upright.shape == (rle.decode(line["segmentation"]).shape + (3,))
         assert np.abs(images.load_rgb(written).astype(int) - upright).mean() < 4
     assert images.load_rgb(turned).shape[:2] == (40, 30)  # the turned one really was turned
+
+
+def test_images_in_a_relative_folder_are_found_by_the_evaluator_given_that_folder(tmp_path, monkeypatch):
+    out = shard_output(tmp_path, [samples.jpeg_bytes(gradient(20, 24))] * 2)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["export", out, "g.jsonl", "--format", "gseval", "--images", "images"]) == 0
+    paths = [line["image_path"] for line in read_jsonl(str(tmp_path / "g.jsonl"))]
+    assert paths == [str(tmp_path / "images" / "sa_000000" / f"sa_{i}.jpg") for i in (1, 2)]
+    assert all(os.path.isfile(os.path.join("images", path)) for path in paths)  # evaluate_grounding.py's join
 
 
 def test_images_from_moved_shards_and_under_another_root(tmp_path, capsys):

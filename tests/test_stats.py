@@ -43,6 +43,15 @@ def test_count_golden():
     assert d["words_per_expression"] == pytest.approx(11 / 3) and d["stage_images_per_second"] == {"caption": 2.0, "verify": 4.0}
 
 
+def test_an_error_rows_objects_count_for_nothing():
+    failed = schema.mark_error(schema.new_row("u", 4, "sa_5", width=6, height=4, objects=[obj(1.0, "a cup")] * 6),
+                               "refer", "RuntimeError: boom")  # its earlier stages' objects are still on it
+    s = stats.count(schema.to_table([*rows(), failed]))
+    assert (s["errors"], s["objects"], s["verified"], s["kept"]) == (2, 4, 3, 2)
+    assert s["expression_words"] == {"3": 2, "5": 1} and s["iou_histogram"][-1] == 1
+    assert stats.derived(s)["objects_per_image"] == 4 / 3  # over the three images that are data
+
+
 def test_merge_adds_everything():
     one = stats.count(schema.to_table(rows()))
     two = stats.merge(stats.merge(stats.empty(), one), one)
