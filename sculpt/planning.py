@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.compute as pc
@@ -78,7 +79,9 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     before it ended, and reads no committed chunk."""
     store = OutputStore(config.output.path, config.s3)
     all_shards = list_shards(config)
-    job = {**job_record(config, stages), "inputs": config.input.shards, "total_shards": len(all_shards)}
+    # local inputs as absolute paths: export and preview find the shards from wherever they are run
+    inputs = [pattern if storage.is_s3(pattern) else os.path.abspath(pattern) for pattern in config.input.shards]
+    job = {**job_record(config, stages), "inputs": inputs, "total_shards": len(all_shards)}
     lease = Lease(store.uri, config.s3).acquire()  # before prepare() clears what a killed run left
     try:
         committed = store.prepare(job, overwrite=config.output.overwrite)

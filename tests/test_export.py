@@ -335,6 +335,20 @@ def test_images_in_a_relative_folder_are_found_by_the_evaluator_given_that_folde
     assert all(os.path.isfile(os.path.join("images", path)) for path in paths)  # evaluate_grounding.py's join
 
 
+def test_a_job_given_a_relative_input_has_its_shards_found_from_any_directory(sample_shards, tmp_path, monkeypatch):
+    from sculpt import config, planning, shards
+
+    monkeypatch.chdir(os.path.dirname(sample_shards[0]))
+    name = os.path.basename(sample_shards[0])
+    cfg = config.load(None, [f"input.shards={json.dumps([name])}", f"output.path={tmp_path / 'out'}",
+                             'stages=[{"name": "faulty", "class": "tests.doubles:Faulty"}]'])
+    planning.plan(cfg, config.build_stages(cfg)).lease.release()
+    monkeypatch.chdir(tmp_path)  # export and preview run from elsewhere
+    found = export.ShardImages(str(tmp_path / "out")).get({"shard": name[: -len(".tar")], "index": 0})
+    first = next(shards.read_shard(sample_shards[0]))[0]
+    assert first["index"] == 0 and found == first["image_bytes"] and found
+
+
 def test_images_from_moved_shards_and_under_another_root(tmp_path, capsys):
     out = shard_output(tmp_path, [samples.jpeg_bytes(gradient(20, 24))] * 2)
     (tmp_path / "shards").rename(tmp_path / "moved")
