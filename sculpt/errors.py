@@ -25,6 +25,12 @@ TRANSIENT_MESSAGES = ("CUDA out of memory", "CUDA error", "CUBLAS_STATUS", "CUDN
                       "device-side assert", "HIP out of memory")
 
 
+# Device faults after which the process's CUDA context stays broken: every later call in it fails the same way, so
+# they are not retried in the process (sculpt.stage.StageActor restarts its actor instead).
+BROKEN_DEVICE_MESSAGES = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                          "misaligned address", "illegal instruction")
+
+
 class TransientError(RuntimeError):
     """A fault a retry may cure. Raise it from a custom stage for faults of your own (a remote service down)."""
 
@@ -35,6 +41,11 @@ def is_transient(exc: BaseException) -> bool:
     if any(cls.__name__ in TRANSIENT_CLASSES for cls in type(exc).__mro__):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in TRANSIENT_MESSAGES)
+
+
+def breaks_device(exc: BaseException) -> bool:
+    """A transient fault that only a new process recovers from (BROKEN_DEVICE_MESSAGES)."""
+    return is_transient(exc) and any(text in str(exc) for text in BROKEN_DEVICE_MESSAGES)
 
 
 def describe(exc: BaseException) -> str:
@@ -55,12 +66,13 @@ def release_device_memory() -> None:
 def retrying(call, attempts: int, backoff: float, on_retry=None):
     """``call()``, retried on transient faults up to ``attempts`` times in all, waiting backoff·2^k between tries.
 
-    A permanent fault is raised at once; the last transient one is raised when the attempts run out."""
+    A permanent fault, or one that breaks the device, is raised at once; the last transient one is raised when
+    the attempts run out."""
     for attempt in range(attempts):
         try:
             return call()
         except Exception as exc:
-            if not is_transient(exc) or attempt == attempts - 1:
+            if not is_transient(exc) or breaks_device(exc) or attempt == attempts - 1:
                 raise
             release_device_memory()
             if on_retry:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from sculpt import errors, output, report, shards, stats, storage
 from sculpt.config import JobConfig
 from sculpt.planning import Plan, plan
-from sculpt.stage import Stage, actor_class, ray_options
+from sculpt.stage import Stage, actor_class, ray_options, start_device_faults
 
 STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 MARKER_COUNTS = ("images", "rows", "errors", "input_bytes_read")  # a unit's counts that the run summary adds up
@@ -90,7 +90,7 @@ def _split(row: dict) -> list[dict]:
     return [{"segment": piece.to_json()} for piece in shards.split(shards.Segment.from_json(row["segment"]))]
 
 
-def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate):
+def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate, device_faults=None):
     """The streaming dataset of the segments' rows through every stage, written in the cluster; yields receipts."""
     import ray.data
 
@@ -124,7 +124,8 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
     for stage in stages:
         ds = ds.map_batches(
             actor_class(stage),
-            fn_constructor_args=(stage, config.faults.attempts, config.faults.backoff_seconds, stage is stages[-1]),
+            fn_constructor_args=(stage, config.faults.attempts, config.faults.backoff_seconds, stage is stages[-1],
+                                 device_faults),
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             **ray_options(stage.resources),
@@ -235,7 +236,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
     if todo.segments:
         import ray
 
-        gate = start_gate(config)
+        gate, device_faults = start_gate(config), start_device_faults()
         commit = ray.remote(output.commit_unit).options(num_cpus=0)
         budget = (config.faults.max_error_share, config.faults.min_errors)
         received: dict[str, _Received] = {}
@@ -275,7 +276,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
         try:
             # prefetch_batches=0: with a window, Ray Data holds each receipt back until the next one comes, and the
             # last receipts in flight would free the places that let the next chunk be read (a deadlock)
-            receipts_stream = build_dataset(todo.segments, stages, config, gate).iter_batches(
+            receipts_stream = build_dataset(todo.segments, stages, config, gate, device_faults).iter_batches(
                 batch_size=None, batch_format="pyarrow", prefetch_batches=0)
             for receipts in receipts_stream:
                 if todo.lease is not None:
@@ -313,6 +314,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
             for ref in commits:
                 ray.cancel(ref)
             ray.kill(gate)
+            ray.kill(device_faults)
         if received:
             missing = {unit: f"{len(got.seen)}/{got.expected}" for unit, got in received.items()}
             raise RuntimeError(f"the pipeline ended with incomplete units (rows seen/expected): {missing}")

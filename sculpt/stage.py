@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import re
 import threading
 import time
@@ -123,19 +124,56 @@ class Stage:
         return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}", "params": self.params}
 
 
+BROKEN_DEVICE_LIMIT = 2  # restarts a batch may cost by breaking the device before it is left pending untried
+
+
+class DeviceFaults:
+    """Job-wide and CPU-less: how often each stage batch has broken a device (``errors.breaks_device``).
+
+    Such a fault leaves the process's CUDA context unusable, so the StageActor that meets it notes the batch here
+    and ends its process; Ray starts the actor anew and gives it the same batch again. An actor reads the notes
+    when it starts and leaves a batch that has broken a device ``BROKEN_DEVICE_LIMIT`` times pending, untried: a
+    fault its input causes costs that many restarts, not an endless loop of them.
+    """
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def note(self, batch: str) -> None:
+        self.counts[batch] = self.counts.get(batch, 0) + 1
+
+    def counts_now(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def start_device_faults():
+    """The job's DeviceFaults actor (CPU-less); the stage actors are given its handle."""
+    import ray
+
+    return ray.remote(DeviceFaults).options(num_cpus=0).remote()
+
+
 class StageActor:
     """Runs one Stage inside a Ray Data actor: Arrow batch in, Arrow batch out, same rows, same order.
 
     A transient fault (``sculpt.errors``) is retried: the batch ``attempts`` times, then each image on its own as
     often; an image whose fault outlasts that carries ``transient_error`` and its unit stays uncommitted. Any
-    other exception is that image's error row. Rows with an error of either kind pass through untouched.
+    other exception is that image's error row. Rows with an error of either kind pass through untouched. A fault
+    that breaks the device is not retried in the process: the actor restarts (``DeviceFaults``).
     Ray Data calls an actor from ``resources.batches_in_flight`` threads at once; the stage's model calls take
     turns through ``stage.device_turn``.
     """
 
-    def __init__(self, stage: Stage, attempts: int = 3, backoff_seconds: float = 2.0, last: bool = False):
+    def __init__(self, stage: Stage, attempts: int = 3, backoff_seconds: float = 2.0, last: bool = False,
+                 device_faults=None):
         self.stage, self.attempts, self.backoff = stage, attempts, backoff_seconds
         self.last = last  # the chain's last stage: no one downstream needs the encoded image
+        # the job's DeviceFaults actor, and the batches that have broken a device so far; None outside a job
+        self.device_faults, self.broke_before = device_faults, {}
+        if device_faults is not None:
+            import ray
+
+            self.broke_before = ray.get(device_faults.counts_now.remote())
         stage.device_turn = DeviceTurn()
         stage.setup()
 
@@ -157,19 +195,38 @@ class StageActor:
             row.clear()
             row.update(done)
 
+    def _restart_unless_outside_a_job(self, batch: str, fault: Exception) -> None:
+        """After a fault that breaks the device: note the batch and end the process, so that Ray starts the actor
+        anew and gives it the batch again (DeviceFaults). Outside a job, return: the images are left pending."""
+        if self.device_faults is None or not errors.breaks_device(fault):
+            return
+        import ray
+
+        ray.get(self.device_faults.note.remote(batch))
+        print(f"[sculpt] {self.stage.name}: {errors.describe(fault)}; the device is unusable: restarting this actor, "
+              "which is given the batch again", flush=True)
+        os._exit(1)
+
     def __call__(self, batch):
         rows = batch.to_pylist()
         todo = [row for row in rows if row["status"] != schema.ERROR and not row["transient_error"]]
-        if todo:
+        batch_key = f"{self.stage.name}/{todo[0]['unit']}/{todo[0]['index']}+{len(todo)}" if todo else ""
+        if todo and self.broke_before.get(batch_key, 0) >= BROKEN_DEVICE_LIMIT:
+            for row in todo:
+                row["transient_error"] = (f"{self.stage.name}: this batch broke the device {BROKEN_DEVICE_LIMIT} times "
+                                          "(a fault its input causes); left for the next run, untried")
+        elif todo:
             self.stage.device_turn.restart()
             started = time.perf_counter()
             try:
                 self._process(todo)
-            except Exception:
+            except Exception as exc:
+                self._restart_unless_outside_a_job(batch_key, exc)
                 for row in todo:  # find the images that fail on their own; the rest keep their results
                     try:
                         self._process([row])
                     except Exception as exc:
+                        self._restart_unless_outside_a_job(batch_key, exc)
                         if errors.is_transient(exc):
                             row["transient_error"] = f"{self.stage.name}: {errors.describe(exc)}"
                         else:

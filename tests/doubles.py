@@ -79,13 +79,18 @@ class Faulty(Stage):
 
     - ``transient_keys`` fail with a CUDA-style out-of-memory error the first ``transient_times`` times each;
     - while the file ``fault_file`` exists, images of ``fault_shards`` fail with ConnectionResetError;
-    - while the file ``broken_file`` exists, the image keys it lists (one per line) fail with a permanent error.
+    - while the file ``broken_file`` exists, the image keys it lists (one per line) fail with a permanent error;
+    - ``device_fault_keys`` fail with an illegal memory access, a fault that leaves a real device unusable: every
+      time, or, given ``device_fault_file``, once (the first to come while the file exists removes it);
+    - each actor records its pid in ``pid_dir`` (a file per pid) when it starts.
     """
 
     name = "faulty"
 
     def setup(self):
         self.seen: dict[str, int] = {}
+        if self.params.get("pid_dir"):
+            open(os.path.join(self.params["pid_dir"], str(os.getpid())), "w").close()
 
     def process(self, rows):
         import torch
@@ -99,6 +104,12 @@ class Faulty(Stage):
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
             if p.get("fault_file") and os.path.exists(p["fault_file"]) and row["shard"] in p.get("fault_shards", ()):
                 raise ConnectionResetError(104, "Connection reset by peer (injected)")
+            if key in p.get("device_fault_keys", ()):
+                once = p.get("device_fault_file")
+                if not once or os.path.exists(once):
+                    if once:
+                        os.unlink(once)
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
             if p.get("broken_file") and os.path.exists(p["broken_file"]):
                 if key in open(p["broken_file"]).read().split():
                     raise ValueError(f"injected permanent failure on {key}")

@@ -101,6 +101,23 @@ def test_a_try_that_fails_part_way_leaves_nothing_for_the_retry_to_repeat():
     assert [[o["phrase"] for o in r["objects"]] for r in out] == [["thing"], ["thing"]]
 
 
+class BreaksDevice(Stage):
+    name = "breaks"
+    calls = 0
+
+    def process(self, rows):
+        type(self).calls += 1
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_fault_that_breaks_the_device_is_not_retried_in_the_process():
+    rows = [schema.new_row("u", i, key) for i, key in enumerate(["a", "b"])]
+    out = StageActor(BreaksDevice(), attempts=3, backoff_seconds=0.0)(schema.to_table(rows)).to_pylist()
+    assert BreaksDevice.calls == 3  # the batch once, each image once: no retries in a process whose device is lost
+    assert [r["status"] for r in out] == ["ok", "ok"]  # not errors: pending (in a job, the actor restarts instead)
+    assert all(r["transient_error"].startswith("breaks: RuntimeError: CUDA error: an illegal memory access") for r in out)
+
+
 @pytest.mark.parametrize("override, message", [
     ("input.readers=-1", "input: readers=-1: must be an integer >= 1"),
     ("input.readers=two", "input: readers='two': must be an integer >= 1"),

@@ -58,6 +58,34 @@ def test_a_fault_that_outlasts_its_retries_leaves_the_unit_pending_and_a_rerun_f
     assert all(r["status"] == "empty" for r in rows)
 
 
+def test_a_fault_that_breaks_the_device_restarts_the_actor_which_does_the_batch_again(local_ray, sample_shards, tmp_path):
+    flag, pids = tmp_path / "device-fault", tmp_path / "pids"
+    flag.write_text("")
+    pids.mkdir()
+    stage = {**faulty(device_fault_keys=["sa_2"], device_fault_file=str(flag), pid_dir=str(pids)), "actors": 1}
+    cfg, stages = job(sample_shards, tmp_path / "out", [stage])
+    summary = pipeline.run(cfg, stages)
+    assert not flag.exists()  # the fault happened
+    assert len(os.listdir(pids)) == 2  # in one process, and a new one did the rest
+    rows = rows_of(tmp_path / "out")
+    assert summary["committed_now"] == 3 and summary["pending"] == {}
+    assert len(rows) == 12 and all(r["status"] == "empty" and r["caption"] == "faulty;" for r in rows)
+
+
+def test_a_batch_that_breaks_the_device_every_time_costs_two_restarts_then_waits_for_the_next_run(local_ray, sample_shards,
+                                                                                                 tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    shard = os.path.basename(sample_shards[0])[: -len(".tar")]
+    stage = {**faulty(device_fault_keys=["sa_2"], pid_dir=str(pids)), "actors": 1}
+    cfg, stages = job(sample_shards, tmp_path / "out", [stage])
+    summary = pipeline.run(cfg, stages)
+    assert len(os.listdir(pids)) == 3  # the first process and two restarts, no more
+    assert list(summary["pending"]) == [f"{shard}-00000"] and "broke the device 2 times" in summary["pending"][f"{shard}-00000"]
+    assert summary["committed_now"] == 2
+    assert {r["shard"] for r in rows_of(tmp_path / "out")} == {"sa_000001", "sa_000002"}
+
+
 def test_a_stage_failing_most_images_stops_the_job_before_it_commits(local_ray, sample_shards, tmp_path):
     broken = tmp_path / "broken"
     broken.write_text("sa_1 sa_2 sa_3 sa_4 sa_5 sa_6 sa_7 sa_8 sa_9 sa_10 sa_11 sa_12")
