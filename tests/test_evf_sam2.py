@@ -259,6 +259,25 @@ def test_sam2_input_squashes_without_padding_and_normalises():
     torch.testing.assert_close(x[0], expected.view(3, 1, 1).expand(3, 64, 64))  # every pixel: no padded border
 
 
+def test_sam2_input_resizes_as_floats_within_a_level_of_the_references_uint8_resize(monkeypatch):
+    import torch.nn.functional as F
+
+    img = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
+    reference = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], (256, 256), mode="bilinear",
+                              align_corners=False).float()  # the reference's uint8 resize, which only the CPU has
+    real = F.interpolate
+
+    def cuda_like(x, *args, **kwargs):  # CUDA's bilinear and bicubic kernels take floating point only
+        assert x.is_floating_point(), f"interpolate of {x.dtype}: not implemented on CUDA"
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", cuda_like)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (evf_sam2.SAM_MEAN, evf_sam2.SAM_STD))
+    levels = evf_sam2.sam2_input(img, size=256) * std + mean
+    assert (levels - reference).abs().max() <= 1.0 + 1e-3
+    assert evf_sam2.beit3_input(img).shape == (1, 3, 224, 224)  # the other input is resized as floats too
+
+
 def test_upsample_to_the_original_size():
     logits = -torch.ones(2, 4, 4)
     logits[0, :, :2] = 1  # left half

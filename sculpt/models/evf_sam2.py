@@ -350,9 +350,10 @@ def beit3_input(image, size: int = 224) -> torch.Tensor:
 
 
 def sam2_input(image, size: int = 1024) -> torch.Tensor:
-    """1×3×size×size: the uint8 image squash-resized bilinear (still uint8, as the reference), ImageNet-normalised;
-    ``image`` as for ``beit3_input``."""
-    x = F.interpolate(_chw(image), (size, size), mode="bilinear", align_corners=False).float()
+    """1×3×size×size: the image squash-resized bilinear and rounded to whole levels (the reference resizes the
+    uint8 image: within one level of it), ImageNet-normalised; ``image`` as for ``beit3_input``. Resized as
+    floats: CUDA's bilinear kernel has no uint8 path."""
+    x = F.interpolate(_chw(image).float(), (size, size), mode="bilinear", align_corners=False).round_()
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (SAM_MEAN, SAM_STD))
     return (x - mean) / std
 
