@@ -69,6 +69,11 @@ def test_cluster_yaml_fits_what_the_example_job_asks_for():
     gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
     assert gpu_types, "cluster.yaml has no GPU worker type"
     assert "image" in cluster["docker"]
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(cluster))  # what `ray up` checks first
+    # Ray's default AMI (CUDA 11.2) cannot run the image's CUDA 13: every node type names its own
+    assert all(t["node_config"].get("ImageId") not in (None, "", "latest_dlami") for t in types.values())
 
     job = config.load(os.path.join(ROOT, "workflows", "annotate.yaml"))
     stages = config.build_stages(job)
@@ -97,5 +102,6 @@ def test_dockerfile_installs_what_pyproject_declares():
     assert "vllm" in named and named <= declared, f"the Dockerfile installs packages pyproject.toml does not declare: {named - declared}"
     for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:  # the code it copies
         assert re.search(rf"^COPY {package.rstrip('*')} ", dockerfile, re.M), package
+    assert re.search(r"apt-get install[^&]*\brsync\b[^&]*\bopenssh-client\b", dockerfile)  # for Ray's launcher
     python = re.search(r"python3\.(\d+) -m venv", dockerfile)
     assert python and int(python.group(1)) >= int(project["project"]["requires-python"].split(".")[-1])
