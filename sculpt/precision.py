@@ -33,7 +33,8 @@ def resolve(device: str | None = None, dtype: str | None = None) -> tuple[str, s
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         if str(device).startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # native support only: a V100 or T4 would otherwise pass, emulating bfloat16 slowly
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         else:
             dtype = "float32"
     return str(device), dtype

@@ -25,8 +25,9 @@ def test_policy_defaults_and_refusals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert precision.resolve() == ("cuda", "bfloat16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert precision.resolve() == ("cuda", "float16")  # e.g. V100, T4
+    # e.g. V100, T4: torch says they support bfloat16, by emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision.resolve() == ("cuda", "float16")
     with pytest.raises(ValueError, match="expected one of float32, bfloat16, float16"):
         precision.resolve("cpu", "half")
 
