@@ -54,6 +54,9 @@ def _split(gpus: float, costs: dict, step: float) -> dict:
     while sum(actors.values()) < slots:  # hand out what rounding left to the stage that is slowest now
         slowest = min(actors, key=lambda s: actors[s] / costs[s])
         actors[slowest] += 1
+    while sum(actors.values()) > slots:  # one each took more than there is: take back from the fastest stage
+        fastest = max((s for s in actors if actors[s] > 1), key=lambda s: actors[s] / costs[s])
+        actors[fastest] -= 1
     return {s: (n, step) for s, n in actors.items()}
 
 

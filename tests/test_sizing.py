@@ -19,6 +19,13 @@ def test_proposals_fit_and_balance_within_20_percent(gpus):
     assert min(rates.values()) == pytest.approx(plan["balance"] * max(rates.values()))
 
 
+@pytest.mark.parametrize("gpus", [2, 3, 4])
+def test_a_lopsided_cost_on_few_gpus_still_fits_every_stage_in_the_gpus(gpus):
+    plan = sizing.propose(gpus, {"ground": 400.0, "mask": 12.0, "verify": 17.0})  # one stage far dearer than the rest
+    used = plan["vlm_replicas"] + sum(actors * share for actors, share in plan["stages"].values())
+    assert used <= gpus + 1e-9 and all(actors >= 1 for actors, _ in plan["stages"].values())
+
+
 def test_measured_costs_move_gpus_to_the_slow_stage():
     even = sizing.propose(16)
     slow_verify = sizing.propose(16, {"verify": 144.0})  # fp32 EVF-SAM2 as first measured on an H100
