@@ -7,6 +7,7 @@ CMYK, palette, RGBA...). An image over ``max_pixels`` is refused from its header
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -80,12 +81,32 @@ def _plain_jpeg(data: bytes, max_pixels: int) -> bool:
     return image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(0x0112, 1) == 1
 
 
+_decode_streams = threading.local()  # device -> this thread's CUDA stream for nvJPEG's output
+
+
 def _nvjpeg(datas: list[bytes], device):
+    """nvJPEG through torchvision, on a CUDA stream of the calling thread's own.
+
+    torchvision's decoder writes on a private stream that does not wait for the caller's (pytorch/vision#9606):
+    output buffers taken from the caller's stream may be memory that another thread's queued kernels still read
+    (an actor runs ``batches_in_flight`` batches at once). Allocated on a stream of their own, the buffers are
+    only ever earlier decodes', each handed to the caller's stream with ``record_stream``."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    device = torch.device(device)
+    streams = _decode_streams.__dict__.setdefault("by_device", {})
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = torch.cuda.Stream(device)
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
-    return [chw.permute(1, 2, 0) for chw in decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)]
+    with torch.cuda.stream(stream):
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    caller = torch.cuda.current_stream(device)
+    caller.wait_stream(stream)
+    for chw in decoded:
+        chw.record_stream(caller)
+    return [chw.permute(1, 2, 0) for chw in decoded]
 
 
 def decode_on(device, datas: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, batch_decoder=None) -> list:

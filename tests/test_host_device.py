@@ -60,6 +60,33 @@ def test_decode_on_sends_plain_jpegs_to_the_gpu_decoder_and_the_rest_to_the_host
     assert batches == [2] and all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(host, out) if a is not host[3])
 
 
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_nvjpeg_decodes_beside_another_threads_device_work_as_it_does_alone():
+    photos = [samples.photo(name) for name in ("rocket", "coffee", "chelsea", "astronaut")]
+    datas = [samples.jpeg_bytes(photo, quality=95) for photo in photos]
+    expected = [image.cpu().numpy() for image in images.decode_on("cuda", datas)]  # alone on the device
+    assert all(image.shape == images.load_rgb(data).shape for image, data in zip(expected, datas))
+    stop, failures = threading.Event(), []
+
+    def churn():  # frees and reuses device memory while kernels that read it are still queued
+        while not stop.is_set():
+            x = torch.randn(2048, 2048, device="cuda")
+            for _ in range(4):
+                x = (x @ x).tanh_()
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(20):
+            for got, want in zip(images.decode_on("cuda", datas), expected):
+                if not np.array_equal(got.cpu().numpy(), want):
+                    failures.append(1)
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures  # the same pixels as when nothing else ran on the device
+
+
 def test_a_batch_the_gpu_decoder_refuses_is_decoded_on_the_host():
     datas = [samples.jpeg_bytes(samples.photo("rocket")[:32, :32]), samples.jpeg_bytes(samples.photo("coffee")[:32, :32])]
 
