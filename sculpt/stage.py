@@ -170,6 +170,7 @@ class StageActor:
         self.last = last  # the chain's last stage: no one downstream needs the encoded image
         # the job's DeviceFaults actor, and the batches that have broken a device so far; None outside a job
         self.device_faults, self.broke_before = device_faults, {}
+        self.restarting = threading.Lock()  # taken by the thread that ends the process: see _restart_unless_outside_a_job
         if device_faults is not None:
             import ray
 
@@ -202,6 +203,9 @@ class StageActor:
             return
         import ray
 
+        # Never released: the batch running beside the one that broke the device meets the same fault, and waits
+        # here for the end instead of being noted too (Ray gives it to the new actor just the same).
+        self.restarting.acquire()
         ray.get(self.device_faults.note.remote(batch))
         print(f"[sculpt] {self.stage.name}: {errors.describe(fault)}; the device is unusable: restarting this actor, "
               "which is given the batch again", flush=True)

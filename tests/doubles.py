@@ -80,8 +80,10 @@ class Faulty(Stage):
     - ``transient_keys`` fail with a CUDA-style out-of-memory error the first ``transient_times`` times each;
     - while the file ``fault_file`` exists, images of ``fault_shards`` fail with ConnectionResetError;
     - while the file ``broken_file`` exists, the image keys it lists (one per line) fail with a permanent error;
-    - ``device_fault_keys`` fail with an illegal memory access, a fault that leaves a real device unusable: every
-      time, or, given ``device_fault_file``, once (the first to come while the file exists removes it);
+    - ``device_fault_keys`` fail with an illegal memory access, every time or, given ``device_fault_file``, once
+      (the first to come while the file exists removes it); as on a real device, every later batch in that
+      process fails the same way;
+    - every batch first takes ``hold_seconds`` (so that an actor's batches in flight overlap);
     - each actor records its pid in ``pid_dir`` (a file per pid) when it starts.
     """
 
@@ -96,6 +98,9 @@ class Faulty(Stage):
         import torch
 
         p = self.params
+        time.sleep(p.get("hold_seconds", 0.0))
+        if getattr(self, "device_broken", False):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (an earlier batch's)")
         for row in rows:
             key = row["image_key"]
             if key in p.get("transient_keys", ()):
@@ -109,6 +114,7 @@ class Faulty(Stage):
                 if not once or os.path.exists(once):
                     if once:
                         os.unlink(once)
+                    self.device_broken = True
                     raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
             if p.get("broken_file") and os.path.exists(p["broken_file"]):
                 if key in open(p["broken_file"]).read().split():

@@ -118,6 +118,40 @@ def test_a_fault_that_breaks_the_device_is_not_retried_in_the_process():
     assert all(r["transient_error"].startswith("breaks: RuntimeError: CUDA error: an illegal memory access") for r in out)
 
 
+def test_of_two_batches_meeting_a_broken_device_only_the_first_is_noted(monkeypatch):
+    import threading
+    import time
+
+    import ray
+
+    import sculpt.stage
+
+    notes, exits = [], []
+
+    class Faults:  # stands in for the job's DeviceFaults actor
+        class note:
+            @staticmethod
+            def remote(batch):
+                notes.append(batch)
+
+        class counts_now:
+            @staticmethod
+            def remote():
+                return {}
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setattr(sculpt.stage.os, "_exit", lambda code: exits.append(code) or time.sleep(3600))  # never returns
+    actor = StageActor(BreaksDevice(), device_faults=Faults())
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+    threads = [threading.Thread(target=actor._restart_unless_outside_a_job, args=(batch, fault), daemon=True)
+               for batch in ("faulty", "beside it")]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    assert notes == ["faulty"] and exits == [1]  # the second waits for the process to end, unblamed
+    assert all(thread.is_alive() for thread in threads)
+
+
 @pytest.mark.parametrize("override, message", [
     ("input.readers=-1", "input: readers=-1: must be an integer >= 1"),
     ("input.readers=two", "input: readers='two': must be an integer >= 1"),

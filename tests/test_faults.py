@@ -77,7 +77,9 @@ def test_a_batch_that_breaks_the_device_every_time_costs_two_restarts_then_waits
     pids = tmp_path / "pids"
     pids.mkdir()
     shard = os.path.basename(sample_shards[0])[: -len(".tar")]
-    stage = {**faulty(device_fault_keys=["sa_2"], pid_dir=str(pids)), "actors": 1}
+    # two batches at once in the one actor: the one beside the faulty batch meets the broken device too
+    stage = {**faulty(device_fault_keys=["sa_2"], pid_dir=str(pids), hold_seconds=0.3), "actors": 1,
+             "batches_in_flight": 2}
     cfg, stages = job(sample_shards, tmp_path / "out", [stage])
     summary = pipeline.run(cfg, stages)
     assert len(os.listdir(pids)) == 3  # the first process and two restarts, no more
