@@ -238,7 +238,14 @@ class VLMStage(Stage):
                 {k: encoded_images[k] for k in keys}, [requests[p] for p in positions], max_tokens)
         answers: list[dict] = [{}] * len(requests)
         for replica, positions in by_replica.items():
-            for position, answer in zip(positions, ray.get(calls[replica])):
+            try:
+                replies = ray.get(calls[replica])
+            except ray.exceptions.RayActorError as exc:
+                # Ray has sent the call to the restarted engine already: another try of the whole batch would cost
+                # as many engine restarts again, so only its images are tried, one by one
+                raise errors.SpentRetries(f"the VLM engine died on this call {ENGINE_CALL_RETRIES + 1} times "
+                                          f"({errors.describe(exc)})") from exc
+            for position, answer in zip(positions, replies):
                 answers[position] = answer
         return answers
 

@@ -35,6 +35,11 @@ class TransientError(RuntimeError):
     """A fault a retry may cure. Raise it from a custom stage for faults of your own (a remote service down)."""
 
 
+class SpentRetries(TransientError):
+    """A transient fault whose retries were made below (a VLM engine call that Ray resent to the restarted engine):
+    not retried again as a batch, only its images one by one, and an image it outlasts waits for the next run."""
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TransientError, ConnectionError, TimeoutError)):
         return True
@@ -66,13 +71,13 @@ def release_device_memory() -> None:
 def retrying(call, attempts: int, backoff: float, on_retry=None):
     """``call()``, retried on transient faults up to ``attempts`` times in all, waiting backoff·2^k between tries.
 
-    A permanent fault, or one that breaks the device, is raised at once; the last transient one is raised when
-    the attempts run out."""
+    A permanent fault, one that breaks the device or one whose retries are spent is raised at once; the last
+    transient one is raised when the attempts run out."""
     for attempt in range(attempts):
         try:
             return call()
         except Exception as exc:
-            if not is_transient(exc) or breaks_device(exc) or attempt == attempts - 1:
+            if not is_transient(exc) or breaks_device(exc) or isinstance(exc, SpentRetries) or attempt == attempts - 1:
                 raise
             release_device_memory()
             if on_retry:

@@ -193,11 +193,18 @@ def test_engine_pool_placement(local_ray, settings, expect):
 
 
 class DiesOnPoison:
-    """Stands in for VLMEngine: answers every request, except that a request saying "poison" ends its process the
-    way a dead engine core ends VLMEngine's."""
+    """Stands in for VLMEngine: answers every request, except that a request saying "poison", or about an image
+    listed in ``model``/poison, ends its process the way a dead engine core ends VLMEngine's. Each process it starts
+    in leaves a ``pid-*`` file in ``model`` (when that is a directory)."""
 
     def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
-        pass
+        import os
+
+        self.poison = set()
+        if os.path.isdir(model):
+            open(os.path.join(model, f"pid-{os.getpid()}"), "w").close()
+            if os.path.exists(os.path.join(model, "poison")):
+                self.poison = set(open(os.path.join(model, "poison")).read().split())
 
     def ready(self):
         return True
@@ -205,9 +212,9 @@ class DiesOnPoison:
     def chat(self, encoded_images, requests, max_tokens):
         import os
 
-        if any(text == "poison" for _, text in requests):
+        if any(text == "poison" or key in self.poison for key, text in requests):
             os._exit(1)
-        return [{"text": f"answer to {text}"} for _, text in requests]
+        return [{"text": f"answer to {text}", "finish_reason": "stop"} for _, text in requests]
 
 
 def test_a_request_that_kills_the_engine_every_time_fails_instead_of_restarting_it_forever(local_ray):
@@ -218,4 +225,26 @@ def test_a_request_that_kills_the_engine_every_time_fails_instead_of_restarting_
         with pytest.raises(local_ray.exceptions.RayActorError):
             local_ray.get(engines[0].chat.remote({}, [("sa_1", "poison")], 8), timeout=60)
         # the engine restarted each time the call was sent again, and serves the next call
-        assert local_ray.get(engines[0].chat.remote({}, [("sa_1", "hello")], 8), timeout=60) == [{"text": "answer to hello"}]
+        assert local_ray.get(engines[0].chat.remote({}, [("sa_1", "hello")], 8), timeout=60)[0]["text"] == "answer to hello"
+
+
+def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_next_run(local_ray, tmp_path):
+    import os
+
+    from actors.caption import Captioner
+    from actors.vlm import ENGINE_CALL_RETRIES, vlm_engines
+    from sculpt import samples, schema
+    from sculpt.stage import StageActor
+
+    (tmp_path / "poison").write_text("u/1")
+    cfg = config.load(None, [f"models.vlm={tmp_path}"])
+    picture = samples.jpeg_bytes(samples.photo("rocket")[:32, :32])
+    rows = [schema.new_row("u", i, f"sa_{i}", image_bytes=picture) for i in range(3)]
+    with vlm_engines(cfg, config.build_stages(cfg), engine_class=DiesOnPoison):
+        out = StageActor(Captioner(), attempts=3, backoff_seconds=0.0)(schema.to_table(rows)).to_pylist()
+    assert [bool(r["transient_error"]) for r in out] == [False, True, False]  # pending, for the next run
+    assert "the VLM engine died on this call" in out[1]["transient_error"]
+    assert out[0]["caption"] and out[2]["caption"] and out[1]["status"] != "error"
+    # the batch's call and then the image's own, each sent to the engine 1 + ENGINE_CALL_RETRIES times: no more
+    starts = [name for name in os.listdir(tmp_path) if name.startswith("pid-")]
+    assert len(starts) == 1 + 2 * (1 + ENGINE_CALL_RETRIES)
