@@ -98,13 +98,14 @@ class ExportError(RuntimeError):
 def data_files(out: str, s3: S3Options = S3Options()) -> list[str]:
     """The output's Parquet files (paths inside their filesystem), bookkeeping (``_*``) left out.
 
-    When the output has markers, only committed units count: a Parquet file without its marker belongs to a
-    unit that a rerun will replace.
+    In a sculpt output only committed units count: a Parquet file without its marker belongs to a unit that a
+    rerun will replace (the first unit of a job killed before its marker was written, too). A folder of Parquet
+    files that sculpt did not write (no job file, no markers) is read whole.
     """
     fs, path = storage.filesystem(out, s3)
     names = [n for n in storage.list_names(out, s3, ".parquet") if not n.startswith("_")]
     committed = {n[: -len(".json")] for n in storage.list_names(storage.join(out, MARKERS), s3, ".json")}
-    if committed:
+    if committed or storage.read_bytes(storage.join(out, JOB_FILE), s3) is not None:
         names = [n for n in names if n[: -len(".parquet")] in committed]
     return [f"{path}/{n}" for n in names]
 

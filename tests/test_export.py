@@ -193,6 +193,8 @@ def test_uncommitted_units_and_bookkeeping_are_not_exported(out, tmp_path):
     assert [p.rsplit("/", 1)[1] for p in export.data_files(out)] == ["sa_000000.parquet"]
     counts = export.export(out, str(tmp_path / "g.jsonl"), "gseval", keep_all=True)
     assert counts == {"images": 2, "pairs": 4}
+    os.remove(f"{out}/_markers/sa_000000.json")  # no unit committed yet: nothing to export, though Parquet is there
+    assert export.data_files(out) == [] and os.path.exists(f"{out}/sa_000000.parquet")
 
 
 def test_rows_stream_in_batches_in_index_order(tmp_path, monkeypatch):
