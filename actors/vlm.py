@@ -33,8 +33,8 @@ class VLMEngine:
     When the engine core dies (its process killed, a CUDA fault), the actor ends its own process: Ray restarts
     it with a new engine (``max_restarts=-1``) and sends the calls in flight there again, up to
     ``ENGINE_CALL_RETRIES`` times, so callers wait instead of receiving errors. A call the engine dies on every
-    time then fails as a transient fault (``RayActorError``): its stage retries it within ``faults.attempts`` and
-    leaves its unit pending, instead of the engine restarting forever.
+    time then fails (``VLMStage.ask`` raises ``errors.SpentRetries``): its stage tries its images one by one and
+    leaves the one the engine dies on pending, instead of the engine restarting forever.
     """
 
     def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int, max_in_flight: int = 256):

@@ -53,6 +53,12 @@ def breaks_device(exc: BaseException) -> bool:
     return is_transient(exc) and any(text in str(exc) for text in BROKEN_DEVICE_MESSAGES)
 
 
+def retried_here(exc: BaseException) -> bool:
+    """A transient fault that a retry in this process may cure: not one that broke the device, nor one whose
+    retries were spent below."""
+    return is_transient(exc) and not breaks_device(exc) and not isinstance(exc, SpentRetries)
+
+
 def describe(exc: BaseException) -> str:
     """One line for logs and error rows: the class and the first line of the message."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -77,7 +83,7 @@ def retrying(call, attempts: int, backoff: float, on_retry=None):
         try:
             return call()
         except Exception as exc:
-            if not is_transient(exc) or breaks_device(exc) or isinstance(exc, SpentRetries) or attempt == attempts - 1:
+            if not retried_here(exc) or attempt == attempts - 1:
                 raise
             release_device_memory()
             if on_retry:
