@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pyarrow.dataset as pads
 
-from sculpt import config, pipeline, samples
+from sculpt import config, pipeline, samples, shards
 from sculpt.cli import status
 from sculpt.output import OutputStore
 from tests import helpers
@@ -218,6 +219,30 @@ def test_a_shard_read_in_order_waits_at_chunks_in_flight_too(local_ray, tmp_path
     rows = output_rows(tmp_path / "out")
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(8)]
     assert summary["committed_now"] == 8 and 1 <= summary["chunks_in_flight_peak"] <= 3
+
+
+def test_ray_datas_per_block_statistics_are_kept_to_the_last_blocks_of_each_operator(local_ray, sample_shards,
+                                                                                     monkeypatch, tmp_path):
+    import ray.data
+
+    def blocks_described(callbacks):
+        ctx = ray.data.DataContext.get_current()
+        monkeypatch.setattr(ctx, "custom_execution_callback_classes", callbacks)
+        ds = ray.data.range(60, override_num_blocks=60).map_batches(lambda batch: batch, batch_size=1)
+        assert sum(len(batch["id"]) for batch in ds.iter_batches(batch_size=None)) == 60
+        return [int(n) for n in re.findall(r"(\d+) blocks produced", ds.stats())]
+
+    monkeypatch.setattr(pipeline, "BLOCK_STATS_KEPT", 3)
+    described = blocks_described([])
+    assert described and all(n == 60 for n in described), described  # one per block (ray-project/ray#66016)
+    kept = blocks_described([pipeline.forget_old_block_stats()])
+    assert kept and all(n <= 6 for n in kept), kept
+
+    cfg, stages = job(sample_shards[:1], tmp_path / "out", [hold("a", tmp_path / "logs", 0.5)])
+    for _ in range(2):
+        pipeline.build_dataset([shards.Segment(str(sample_shards[0]))], stages, cfg, gate=None)
+    registered = ray.data.DataContext.get_current().custom_execution_callback_classes
+    assert registered.count(pipeline.forget_old_block_stats()) == 1
 
 
 def test_the_chunks_whose_rows_may_still_be_in_their_reader():
