@@ -77,16 +77,22 @@ class OutputStore:
     def prepare(self, job: dict, overwrite: bool = False) -> set[str]:
         """Check the output against this job (or wipe it with ``overwrite``); returns the committed units."""
         existing = self.job()
-        # Only committed units can be mixed up; a job file alone (a run refused before its first commit) is not.
-        if existing and existing["fingerprint"] != job["fingerprint"] and self.committed():
-            if not overwrite:
-                changes = _differences(existing["settings"], job["settings"])
+        # another job's output, or one whose job file is gone (a clear killed part-way); the same config's output
+        # is resumed even with overwrite, so that rerunning the very command that started a job never wipes it
+        another = existing is None or existing["fingerprint"] != job["fingerprint"]
+        # only units can be mixed up; a job file alone (a run refused before its first commit) cannot
+        if another and not overwrite and (self.committed() or storage.list_names(self.uri, self.s3, ".parquet")):
+            if existing is None:
                 raise IncompatibleOutput(
-                    f"{self.uri} holds output of a different config (fingerprint {existing['fingerprint']}, now "
-                    f"{job['fingerprint']}):\n  " + "\n  ".join(changes[:8]) + "\nRerun with the same config to resume, "
-                    "choose another output path, or pass --overwrite to delete that output and start over."
-                )
-        if overwrite:
+                    f"{self.uri} holds Parquet files but no sculpt job file (another tool's, or a sculpt output whose "
+                    "deletion was stopped): choose another output path, or pass --overwrite to delete them.")
+            changes = _differences(existing["settings"], job["settings"])
+            raise IncompatibleOutput(
+                f"{self.uri} holds output of a different config (fingerprint {existing['fingerprint']}, now "
+                f"{job['fingerprint']}):\n  " + "\n  ".join(changes[:8]) + "\nRerun with the same config to resume, "
+                "choose another output path, or pass --overwrite to delete that output and start over."
+            )
+        if another and overwrite:
             self.clear()
         for folder in (storage.TMP_DIR, f"{MARKERS}/{storage.TMP_DIR}"):  # a killed run's half-written files
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
@@ -95,13 +101,14 @@ class OutputStore:
         return self.committed()
 
     def clear(self) -> None:
-        """Delete what sculpt wrote here, and only that."""
-        fs, path = storage.filesystem(self.uri, self.s3)
-        for name in storage.list_names(self.uri, self.s3):
-            if name.endswith(".parquet") or name == JOB_FILE:
-                fs.delete_file(f"{path}/{name}")
+        """Delete what sculpt wrote here, and only that: the markers first and the job file last, so that a clear
+        stopped part-way leaves no unit that looks committed, and is refused as another job's output."""
         for folder in (MARKERS, storage.TMP_DIR):
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
+        fs, path = storage.filesystem(self.uri, self.s3)
+        names = storage.list_names(self.uri, self.s3)
+        for name in [n for n in names if n.endswith(".parquet")] + [n for n in names if n == JOB_FILE]:
+            fs.delete_file(f"{path}/{name}")
 
     def read_unit(self, unit: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = storage.filesystem(self.data_uri(unit), self.s3)

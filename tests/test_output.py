@@ -5,7 +5,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from sculpt import schema
+from sculpt import schema, storage
 from sculpt.output import IncompatibleOutput, OutputStore, UnitWriter
 
 JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"model": "m1"}}]}, "model_ids": {"a": "m1"}}
@@ -102,6 +102,50 @@ def test_rerun_with_another_config_is_refused_then_overwritten(tmp_path):
     assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob("_markers/*"))
     assert (tmp_path / "notes.txt").read_text() == "user file"
     assert store.job()["fingerprint"] == "f2"
+
+
+def test_overwrite_on_the_same_config_resumes_instead_of_wiping_the_jobs_work(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB, overwrite=True)  # a job started with --overwrite, killed, then the same command again
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(rows("u", [0], size=1))
+    writer.commit()
+    assert store.prepare(JOB, overwrite=True) == {"u"} and list(tmp_path.glob("*.parquet"))
+
+
+def test_a_clear_stopped_part_way_leaves_no_unit_that_looks_committed(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    for unit in ("u1", "u2"):
+        writer = UnitWriter(store, unit, JOB)
+        writer.add(rows(unit, [0], size=1))
+        writer.commit()
+    deleted, real_filesystem = [], storage.filesystem
+
+    class StoppedAfterOneFile:  # the run is stopped once its first data file is gone
+        def __init__(self, fs):
+            self.fs = fs
+
+        def delete_file(self, path):
+            if deleted:
+                raise KeyboardInterrupt
+            deleted.append(path)
+            self.fs.delete_file(path)
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    monkeypatch.setattr(storage, "filesystem", lambda *a, **k: (lambda fs, path: (StoppedAfterOneFile(fs), path))(
+        *real_filesystem(*a, **k)))
+    other = {**JOB, "fingerprint": "f2", "settings": {"stages": []}}
+    with pytest.raises(KeyboardInterrupt):
+        store.prepare(other, overwrite=True)
+    monkeypatch.undo()
+    assert deleted and store.committed() == set()  # markers went first: nothing looks committed
+    assert store.job()["fingerprint"] == JOB["fingerprint"]  # the job file goes last
+    with pytest.raises(IncompatibleOutput):
+        store.prepare(other)  # still the first job's (its data half deleted): refused without --overwrite
+    assert store.prepare(other, overwrite=True) == set() and not list(tmp_path.glob("*.parquet"))
 
 
 def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_files(tmp_path):

