@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sculpt import schema, stats, storage
+from sculpt import errors, schema, stats, storage
 from sculpt.storage import S3Options
 
 JOB_FILE = "_sculpt_job.json"
@@ -262,10 +262,16 @@ def write_parts(table: pa.Table, out: str, s3: S3Options) -> pa.Table:
                    "unit_end": ends[0].as_py() if len(ends) else None,
                    "transient_error": reasons[0].as_py() if len(reasons) else None}
         if receipt["transient_error"] is None:
-            receipt["part"] = f"{unit}/{uuid.uuid4().hex}.parquet"
-            if not storage.is_s3(out):  # S3 has no folders (a marker object would outlive the unit)
-                fs.create_dir(f"{root}/{unit}", recursive=True)
-            pq.write_table(rows, f"{root}/{receipt['part']}", filesystem=fs, compression="zstd")
+            part = f"{unit}/{uuid.uuid4().hex}.parquet"
+            try:
+                if not storage.is_s3(out):  # S3 has no folders (a marker object would outlive the unit)
+                    fs.create_dir(f"{root}/{unit}", recursive=True)
+                pq.write_table(rows, f"{root}/{part}", filesystem=fs, compression="zstd")
+                receipt["part"] = part
+            except Exception as exc:
+                if not storage.is_store_fault(exc, out):
+                    raise
+                receipt["transient_error"] = f"write: {errors.describe(exc)}"  # the unit stays pending
         receipts.append(receipt)
     return pa.Table.from_pylist(receipts, schema=RECEIPT_SCHEMA)
 
@@ -283,7 +289,8 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
     """
     fs, root = storage.filesystem(storage.join(store.uri, PARTS), store.s3)
     written = storage.read_bytes(store.marker_uri(unit), store.s3)
-    if written and not any(fs.get_file_info(f"{root}/{part}").is_file for part in parts):
+    if written and (not redo or not any(fs.get_file_info(f"{root}/{part}").is_file for part in parts)):
+        _drop_parts(store, unit)  # a retried task: its first try got as far as the marker
         return json.loads(written)
     writer = UnitWriter(store, unit, job)
     try:
@@ -298,8 +305,17 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
     except BaseException:
         writer.abort()
         raise
-    storage.delete_tree(f"{storage.join(store.uri, PARTS)}/{unit}", store.s3)
+    _drop_parts(store, unit)
     return marker
+
+
+def _drop_parts(store: OutputStore, unit: str) -> None:
+    """Delete a committed unit's part files; what a fault leaves goes at the next run's start (``prepare``)."""
+    try:
+        storage.delete_tree(f"{storage.join(store.uri, PARTS)}/{unit}", store.s3)
+    except Exception as exc:
+        if not storage.is_store_fault(exc, store.uri):
+            raise
 
 
 def shard_progress(markers: list[dict]) -> dict[str, dict]:

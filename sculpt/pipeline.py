@@ -13,7 +13,6 @@ cluster (Parquet, then marker).
 from __future__ import annotations
 
 import datetime
-import errno
 import functools
 import json
 import logging
@@ -282,9 +281,9 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                 unit = commits.pop(ref)
                 try:
                     marker = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause
-                    if not isinstance(cause, OSError) or cause.errno == errno.ENOSPC:
+                except ray.exceptions.RayError as exc:  # the commit's error, or its worker's death past retries
+                    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                    if not (storage.is_store_fault(cause, store.uri) or errors.is_transient(cause)):
                         raise cause from None  # a full disk or an error budget stops the job with one line
                     pending[unit] = f"write: {errors.describe(cause)}"  # the output store, past its own retries
                     progress.print(f"left {unit} pending: {pending[unit]}")

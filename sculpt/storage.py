@@ -6,6 +6,7 @@ instance roles...); ``S3Options.endpoint`` points at any S3-compatible store (Mi
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import os
@@ -97,6 +98,17 @@ def list_files(pattern: str, s3: S3Options = S3Options(), suffixes: tuple[str, .
     if not files and info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such input: {pattern}")
     return files
+
+
+def is_store_fault(exc: BaseException, uri: str) -> bool:
+    """A fault of the store at ``uri`` past its clients' own retries, which leaves a unit pending: pyarrow raises
+    OSError, boto3 its own errors. A full local disk is not one (the job stops: every unit would fail)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, OSError):
+        return exc.errno != errno.ENOSPC or is_s3(uri)  # on S3, a worker's staging disk: another may have room
+    return isinstance(exc, (Boto3Error, BotoCoreError, ClientError))
 
 
 def read_bytes(uri: str, s3: S3Options = S3Options()) -> bytes | None:

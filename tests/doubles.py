@@ -154,15 +154,18 @@ class TakesTurns(Stage):
 
 
 class FailingStore(OutputStore):
-    """An output store whose writes of one unit's data file raise ``OSError(code)`` (runs where commits run)."""
+    """An output store whose writes of one unit's data file fail (runs where commits run): ``fault`` is an errno
+    (``OSError``), an exception to raise, or "exit" (the commit's worker dies, every try)."""
 
-    def __init__(self, uri: str, unit: str, code: int):
+    def __init__(self, uri: str, unit: str, fault):
         super().__init__(uri)
-        self.unit, self.code = unit, code
+        self.unit, self.fault = unit, fault
 
     def data_uri(self, unit: str) -> str:
         if unit == self.unit:
-            raise OSError(self.code, f"{os.strerror(self.code)} (injected)")
+            if self.fault == "exit":
+                os._exit(1)
+            raise OSError(self.fault, f"{os.strerror(self.fault)} (injected)") if isinstance(self.fault, int) else self.fault
         return super().data_uri(unit)
 
 

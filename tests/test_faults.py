@@ -168,6 +168,8 @@ def test_a_bad_yaml_file_is_one_line(tmp_path):
 def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(local_ray, sample_shards, tmp_path):
     import errno
 
+    from boto3.exceptions import S3UploadFailedError
+
     from sculpt import errors
     from tests.doubles import FailingStore
 
@@ -182,6 +184,15 @@ def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(
     assert list(summary["pending"]) == [unit] and summary["pending"][unit].startswith("write: OSError")
     assert summary["committed_now"] == 2 and unit not in OutputStore(str(out)).committed()
     assert not list((out / "_markers" / "_tmp").glob("stale*")) and not list((out / "_tmp").glob(f"{unit}*"))
+
+    # boto3's own errors past its retries (not OSError), and a commit whose worker died on every try: pending too
+    for fault, says in [(S3UploadFailedError("Failed to upload: SlowDown (reached max retries: 9)"), "write: S3UploadFailedError"),
+                        ("exit", "write: WorkerCrashedError")]:
+        todo = planning.plan(cfg, stages)
+        todo.store = FailingStore(str(out), unit, fault)
+        summary = pipeline.run(cfg, stages, todo)
+        assert list(summary["pending"]) == [unit] and summary["pending"][unit].startswith(says), summary["pending"]
+        assert summary["committed_now"] == 0 and unit not in OutputStore(str(out)).committed()
 
     todo = planning.plan(cfg, stages)
     todo.store = FailingStore(str(out), unit, errno.ENOSPC)

@@ -148,6 +148,32 @@ def test_a_clear_stopped_part_way_leaves_no_unit_that_looks_committed(tmp_path, 
     assert store.prepare(other, overwrite=True) == set() and not list(tmp_path.glob("*.parquet"))
 
 
+def test_a_part_file_the_store_refuses_leaves_its_unit_pending_in_the_receipt(tmp_path):
+    from sculpt.output import write_parts
+
+    (tmp_path / "_tmp").write_text("a file where the parts' folder goes")  # every part write fails (OSError)
+    (receipt,) = write_parts(rows("sa_000001-00000", [0, 1], size=2), str(tmp_path), storage.S3Options()).to_pylist()
+    assert receipt["part"] is None and receipt["transient_error"].startswith("write: "), receipt
+    assert receipt["indices"] == [0, 1]
+
+
+def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_parts_are_left(tmp_path):
+    from sculpt.output import commit_unit, write_parts
+
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    parts = [write_parts(rows("sa_000001-00000", [i], size=2), store.uri, store.s3).to_pylist()[0]["part"]
+             for i in (0, 1)]
+    kept = (tmp_path / "_tmp" / "parts" / parts[1]).read_bytes()
+    marker = commit_unit(store, "sa_000001-00000", JOB, parts)
+    left = tmp_path / "_tmp" / "parts" / parts[1]
+    left.parent.mkdir(parents=True)
+    left.write_bytes(kept)  # the first try died deleting its parts
+    assert commit_unit(store, "sa_000001-00000", JOB, parts) == marker
+    assert not list((tmp_path / "_tmp" / "parts").rglob("*.parquet"))
+    assert store.read_unit("sa_000001-00000").num_rows == 2
+
+
 def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_files(tmp_path):
     """Mid-run: one unit committed, another's rows in part files, a third's half-gathered in _tmp. pyarrow over OUT
     and Hugging Face `datasets` over the data files (as the README says) see the committed rows, each once."""
