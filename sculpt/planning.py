@@ -100,11 +100,19 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
         if config.output.redo_errors:
             redo = {unit: rows for unit, rows in _error_rows(store, committed).items()
                     if shards.parse_unit(unit)[0] in uris}
-        for unit, indices in redo.items():
+        for unit, indices in list(redo.items()):
             shard, chunk = shards.parse_unit(unit)
             end = _marker(store, shard, chunk)["end"]
-            segments.append(shards.Segment(uris[shard], config.input.chunk_images, _start(store, shard, chunk),
-                                           chunk + 1, None if end["last"] else end["next_offset"], {chunk: indices}))
+            if end.get("members") is not None:
+                start = shards.Position(chunk, end["offset"], end["members"], end["index"])
+            elif chunk == 0 or shards.unit_name(shard, chunk - 1) in committed:
+                start = _start(store, shard, chunk)  # a marker from before sculpt recorded a chunk's own start
+            else:
+                print(f"[sculpt] {unit}: its error rows are redone in a run after chunk {chunk - 1} is committed")
+                del redo[unit]
+                continue
+            segments.append(shards.Segment(uris[shard], config.input.chunk_images, start, chunk + 1,
+                                           None if end["last"] else end["next_offset"], {chunk: indices}))
     except BaseException:
         lease.release()
         raise

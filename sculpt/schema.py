@@ -66,6 +66,8 @@ UNIT_END_TYPE = pa.struct([
     ("size", pa.int32()),  # rows the unit yields
     ("bytes_read", pa.int64()),  # input bytes read for it
     ("offset", pa.int64()),  # tar offset of its first member
+    ("members", pa.int64()),  # tar members before it
+    ("index", pa.int32()),  # its first image index
     ("next_offset", pa.int64()),  # tar offset of the next chunk's first member (uncompressed tars seek here)
     ("next_members", pa.int64()),  # tar members before the next chunk (compressed tars skip these)
     ("next_index", pa.int32()),  # the next chunk's first image index

@@ -209,7 +209,7 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
     chunk, first, count = start.chunk, start.index, start.index  # this chunk, its first image's index, images so far
     resume_at, members_done = start.offset, start.members  # where a reopened stream starts; members consumed
     bytes_read = chunk_bytes = 0  # bytes read in all; at this chunk's start
-    chunk_offset = start.offset
+    chunk_offset, chunk_members = start.offset, start.members  # where this chunk began
     only = segment.only or {}
 
     def add(key: str) -> None:
@@ -220,17 +220,18 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
         count += 1
 
     def end_chunk(last: bool, read: int) -> list[dict]:
-        nonlocal chunk, first, chunk_bytes, chunk_offset
+        nonlocal chunk, first, chunk_bytes, chunk_offset, chunk_members
         if not rows and count == first:  # a shard (or what is left of one) without images: one row says so
             rows.append(schema.mark_error(schema.new_row(shard, first, "", unit=unit_name(shard, chunk)), "read",
                                           shard_error or f"shard {uri} holds no images"))
-        end = {"size": max(count - first, 1), "bytes_read": read - chunk_bytes, "offset": chunk_offset, "next_offset": resume_at,
-               "next_members": members_done, "next_index": max(count, first + 1), "last": last}
+        end = {"size": max(count - first, 1), "bytes_read": read - chunk_bytes, "offset": chunk_offset,
+               "members": chunk_members, "index": first, "next_offset": resume_at, "next_members": members_done,
+               "next_index": max(count, first + 1), "last": last}
         for row in rows:
             row["unit_end"] = end
         done = rows[:]
         rows.clear()
-        chunk, first, chunk_bytes, chunk_offset = chunk + 1, count, read, resume_at
+        chunk, first, chunk_bytes, chunk_offset, chunk_members = chunk + 1, count, read, resume_at, members_done
         return done
 
     if before_chunk:

@@ -130,6 +130,26 @@ def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, t
     assert sum(m["rows"] for m in markers.values()) == 12 and sum(m["errors"] for m in markers.values()) == 0
 
 
+def test_redo_errors_of_a_chunk_whose_predecessor_a_kill_left_uncommitted(local_ray, sample_shards, tmp_path):
+    broken, out = tmp_path / "broken", tmp_path / "out"
+    broken.write_text("sa_4")  # the shard's last image: in its second chunk
+    stages = [faulty(broken_file=str(broken))]
+    cfg, built = job(sample_shards[:1], out, stages, "input.chunk_images=2", "faults.min_errors=2")
+    pipeline.run(cfg, built)
+    first = "sa_000000-00000"  # commits come in any order: a kill may leave the first chunk uncommitted
+    (out / "_markers" / f"{first}.json").unlink()
+    (out / f"{first}.parquet").unlink()
+
+    broken.unlink()
+    cfg, built = job(sample_shards[:1], out, stages, "input.chunk_images=2", "faults.min_errors=2", "output.redo_errors=true")
+    todo = planning.plan(cfg, built)
+    assert list(todo.redo) == ["sa_000000-00001"] and len(todo.segments) == 2  # the first chunk, then the redo
+    summary = pipeline.run(cfg, built, todo)
+    after = rows_of(out)
+    assert summary["committed_now"] == 2 and not summary["pending"]
+    assert sorted(r["index"] for r in after) == [0, 1, 2, 3] and all(r["status"] == "empty" for r in after)
+
+
 def annotate(*argv):
     """workflows/annotate.py in a fresh interpreter: (exit code, stdout, stderr)."""
     import subprocess
