@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from actors.ground import Grounder  # noqa: E402
-from sculpt import grounding, prompts, samples, schema  # noqa: E402
+from sculpt import config, grounding, prompts, samples, schema  # noqa: E402
 from sculpt.models.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE  # noqa: E402
 
 # The caption's own text at each grounded span, a phrase repeated once per box of its group.
@@ -148,6 +148,8 @@ def test_a_kit_knows_the_code_that_wrote_it(tiny_models, tmp_path):
     assert written_version(str(tmp_path)) is None  # no kit: the demo writes one
     (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": tiny_models}))  # a kit from before versions
     assert written_version(str(tmp_path)) is None  # stale: rewritten
+    # what `sculpt models tiny DIR` says to do with it: the kit's models.yaml is a config file
+    assert config.load(os.path.join(kit_dir, "models.yaml")).models.vlm == tiny_models["vlm"]
 
 
 def test_writing_the_kit_prints_no_progress_of_its_own(tiny_models, capfd):

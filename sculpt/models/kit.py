@@ -77,11 +77,14 @@ def kit_version() -> str:
     return digest.hexdigest()[:16]
 
 
+KIT_VERSION_FILE = "kit_version"
+
+
 def written_version(directory: str) -> str | None:
     """The kit_version of the kit in ``directory`` (None: none there, or one older than versions)."""
     try:
-        with open(os.path.join(directory, "models.yaml")) as f:
-            return yaml.safe_load(f).get("kit_version")
+        with open(os.path.join(directory, KIT_VERSION_FILE)) as f:
+            return f.read().strip()
     except FileNotFoundError:
         return None
 
@@ -94,6 +97,8 @@ def write_tiny_models(directory: str, seed: int = 0) -> dict[str, str]:
     paths = {}
     for key, module in WRITERS.items():
         paths[key] = importlib.import_module(module).write(os.path.join(os.path.abspath(directory), key), seed)
-    with open(os.path.join(directory, "models.yaml"), "w") as f:
-        yaml.safe_dump({"models": paths, "kit_version": kit_version()}, f)
+    with open(os.path.join(directory, "models.yaml"), "w") as f:  # a config file: --config DIR/models.yaml
+        yaml.safe_dump({"models": paths}, f)
+    with open(os.path.join(directory, KIT_VERSION_FILE), "w") as f:
+        f.write(kit_version())
     return paths
