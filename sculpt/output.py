@@ -195,8 +195,9 @@ class UnitWriter:
             if stage != "read" and n >= max(min_errors, 1) and n > max_share * rows:
                 examples = "\n    ".join(self.first_errors.get(stage, []))
                 return (f"stage {stage} failed {n} of {rows} images of unit {self.unit} (over faults.max_error_share="
-                        f"{max_share:g}); not committed. First errors:\n    {examples}\nFix the cause (model path, "
-                        "device, config) and rerun; raise faults.max_error_share if such failures are expected.")
+                        f"{max_share:g}, at least faults.min_errors={min_errors}); not committed. First errors:\n    "
+                        f"{examples}\nFix the cause (model path, device, config) and rerun; raise "
+                        "faults.max_error_share or faults.min_errors if such failures are expected.")
         return None
 
     def abort(self) -> None:

@@ -55,7 +55,8 @@ def demo_settings() -> list[str]:
         models = job_config.yaml.safe_load(f)["models"]
     print("[sculpt] demo: tiny models on the CPU — the text models act out one trained scene and the mask models "
           "are random, so the demo shows the machinery, not annotation quality. The real models on a GPU cluster: ray job submit "
-          "--working-dir . -- python workflows/annotate.py --config workflows/annotate.yaml", flush=True)
+          "--address http://127.0.0.1:8265 --working-dir . -- python workflows/annotate.py --config job.yaml (a copy of "
+          "workflows/annotate.yaml with your buckets; README: On a GPU cluster)", flush=True)
     return [f"input.shards=[{shard_dir}]", f"output.path={os.path.join(DEMO_DIR, 'out')}", *DEMO_SETTINGS,
             *(f"models.{key}={path}" for key, path in models.items())]
 
