@@ -88,8 +88,9 @@ def list_files(pattern: str, s3: S3Options = S3Options(), suffixes: tuple[str, .
     fs, path = filesystem(pattern, s3)
     if glob.has_magic(path):
         root = path[: min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        return sorted(f"s3://{i.path}" for i in infos if i.is_file and fnmatch.fnmatchcase(i.path, path))
+        deeper = "/" in path[len(root) + 1:]  # a wildcard above the last segment: list the whole tree below root
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=deeper, allow_not_found=True))
+        return sorted(f"s3://{i.path}" for i in infos if i.is_file and _glob_match(i.path.split("/"), path.split("/")))
     info = fs.get_file_info(path)
     if info.is_file:
         return [pattern]
@@ -109,6 +110,16 @@ def is_store_fault(exc: BaseException, uri: str) -> bool:
     if isinstance(exc, OSError):
         return exc.errno != errno.ENOSPC or is_s3(uri)  # on S3, a worker's staging disk: another may have room
     return isinstance(exc, (Boto3Error, BotoCoreError, ClientError))
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """A path (its segments) against a glob's segments as the local glob matches them: ``*``, ``?`` and ``[...]``
+    within one segment, ``**`` any number of segments."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
 def read_bytes(uri: str, s3: S3Options = S3Options()) -> bytes | None:

@@ -39,6 +39,21 @@ def test_listing_globs_and_prefixes(s3_server, bucket):
         storage.list_files(f"s3://{name}/nothing/", s3)
 
 
+def test_an_s3_glob_matches_what_the_same_glob_matches_on_a_local_disk(s3_server, bucket, tmp_path):
+    client, name = bucket
+    keys = ["g/sa1b/sa_000010.tar", "g/sa1b/val/sa_000011.tar", "g/sa1b/val/deep/sa_000012.tar", "g/sa1b-old/sa_000013.tar"]
+    for key in keys:
+        client.put_object(Bucket=name, Key=key, Body=b"x")
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"x")
+    s3 = storage.S3Options(endpoint=s3_server)
+    for pattern, shards in [("g/sa1b/*.tar", ["sa_000010"]), ("g/sa1b*/sa_*.tar", ["sa_000013", "sa_000010"]),
+                            ("g/sa1b/*/sa_*.tar", ["sa_000011"]),
+                            ("g/sa1b/**/*.tar", ["sa_000010", "sa_000012", "sa_000011"])]:
+        listed = (storage.list_files(f"s3://{name}/{pattern}", s3), storage.list_files(str(tmp_path / pattern)))
+        assert [[shard_name(u) for u in found] for found in listed] == [shards, shards], pattern
+
+
 def test_a_directory_lists_compressed_shards_too(s3_server, bucket, tmp_path):
     client, name = bucket
     for key in ("packed/sa_000007.tar.gz", "packed/sa_000008.tgz", "packed/sa_000009.tar", "packed/notes.txt"):
