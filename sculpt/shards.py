@@ -298,6 +298,16 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
     yield end_chunk(segment.stop_offset is None or compressed or bool(shard_error), bytes_read)
 
 
+def _members_before(tar: tarfile.TarFile, stop_offset: int | None) -> Iterator[tarfile.TarInfo]:
+    """The tar's members up to ``stop_offset``, where a committed chunk begins: its header is not read."""
+    member = tar.next()
+    while member is not None:
+        yield member
+        if stop_offset is not None and tar.offset >= stop_offset:
+            return
+        member = tar.next()
+
+
 def split(segment: Segment) -> list[Segment]:
     """The segment as one segment per chunk, so that its chunks are read in parallel — where the input allows.
 
@@ -311,10 +321,10 @@ def split(segment: Segment) -> list[Segment]:
     starts, first, count, members = [start], start.index, start.index, start.members
     pending: dict[str, set[str]] = {}  # as the reader pairs members: key -> kinds seen
     try:
-        with open(segment.uri, "rb") as f:
+        with open(segment.uri, "rb", buffering=0) as f:  # unbuffered: no read-ahead into a committed chunk
             f.seek(start.offset)
             with tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
+                for member in _members_before(tar, segment.stop_offset):
                     parsed = _member_key(member.name) if member.isfile() else None
                     if parsed is not None:
                         if count - first >= segment.chunk_images and not pending:

@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -255,6 +256,28 @@ def test_split_finds_every_chunk_start_without_reading_images_and_chunks_read_al
     compressed = tmp_path / "sa_000008.tar.gz"
     compressed.write_bytes(__import__("gzip").compress(data))
     assert shards.split(shards.Segment(str(compressed), chunk_images=2)) == [shards.Segment(str(compressed), chunk_images=2)]
+
+
+def test_splitting_a_run_of_chunks_reads_no_byte_of_the_committed_chunk_after_it(tmp_path, monkeypatch):
+    path = six_image_shard(tmp_path)
+    pieces = shards.split(shards.Segment(str(path), chunk_images=2))
+    stop_offset, reached = pieces[2].start.offset, []
+
+    class Counted(io.FileIO):  # what the OS is asked for: the furthest byte read
+        def readinto(self, buffer):
+            n = super().readinto(buffer)
+            reached.append(self.tell())
+            return n
+
+        def read(self, size=-1):
+            data = super().read(size)
+            reached.append(self.tell())
+            return data
+
+    monkeypatch.setattr(shards, "open", lambda file, mode, buffering=-1: io.BufferedReader(Counted(file)) if buffering
+                        else Counted(file), raising=False)
+    assert shards.split(shards.Segment(str(path), chunk_images=2, stop=2, stop_offset=stop_offset)) == pieces[:2]
+    assert reached and max(reached) <= stop_offset
 
 
 def test_a_chunk_does_not_cut_an_image_from_its_metadata(tmp_path):
