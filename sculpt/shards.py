@@ -234,6 +234,10 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
         chunk, first, chunk_bytes, chunk_offset, chunk_members = chunk + 1, count, read, resume_at, members_done
         return done
 
+    def given_up(failure: str) -> list[dict]:  # one row that leaves the chunk pending
+        return [schema.new_row(shard, -1, "", unit=unit_name(shard, chunk), status=schema.ERROR, error=failure,
+                               transient_error=failure)]
+
     if before_chunk:
         before_chunk(unit_name(shard, chunk))
     for attempt in range(options.read_attempts):
@@ -274,6 +278,9 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
                             del rows[:-1]
             break
         except PERMANENT_OS_ERRORS as exc:
+            if start.chunk or count > start.index:  # readable before (a resume, or images in): a fault, not data
+                yield given_up(f"read: shard {uri} became unreadable after {count} images ({errors.describe(exc)})")
+                return
             shard_error = f"shard {uri} is unreadable ({type(exc).__name__}: {exc})"
             break
         except (tarfile.TarError, EOFError) as exc:
@@ -281,10 +288,8 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
             break
         except OSError as exc:
             if attempt == options.read_attempts - 1:
-                failure = (f"read: shard {uri} still failed after {options.read_attempts} attempts, {count} images in "
-                           f"({errors.describe(exc)})")
-                yield [schema.new_row(shard, -1, "", unit=unit_name(shard, chunk), status=schema.ERROR, error=failure,
-                                      transient_error=failure)]
+                yield given_up(f"read: shard {uri} still failed after {options.read_attempts} attempts, {count} images "
+                               f"in ({errors.describe(exc)})")
                 return
             time.sleep(options.retry_backoff * 2**attempt)
         finally:

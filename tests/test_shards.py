@@ -200,6 +200,17 @@ def test_a_shard_that_keeps_failing_is_left_pending_not_cut_short(tmp_path, monk
     assert all(r["unit_end"] is None for r in rows)  # no row claims the shard is complete
 
 
+def test_a_shard_gone_when_a_resume_reads_it_leaves_the_chunk_pending_not_the_shard_done(tmp_path):
+    path = six_image_shard(tmp_path)
+    first = chunk_rows(shards.Segment(str(path), chunk_images=2))[1]["unit_end"]
+    path.unlink()  # a mount gone, a shard being replaced
+    start = shards.Position(1, first["next_offset"], first["next_members"], first["next_index"])
+    rows = [row for batch in shards.read_segment(shards.Segment(str(path), 2, start)) for row in batch]
+    assert len(rows) == 1 and "became unreadable" in rows[0]["transient_error"] and rows[0]["unit_end"] is None
+    (fresh,) = [row for batch in shards.read_segment(shards.Segment(str(path), 2)) for row in batch]
+    assert fresh["transient_error"] is None and fresh["unit_end"]["last"]  # from the start: bad input, an error row
+
+
 def test_error_rows_keep_the_image_id_their_member_name_gives(tmp_path):
     path = tmp_path / "sa_000011.tar"
     samples.write_tar(str(path), [("./sa_77.jpg", b""), ("./sa_77.json", b"{not json"), ("./sa_78.jpg", b"")]
