@@ -49,7 +49,12 @@ class Lease:
                 return None, None
             return json.loads(got["Body"].read()), got["ETag"]
         data = storage.read_bytes(self.uri)
-        return (json.loads(data), data.decode()) if data else (None, None)
+        if data is None:
+            return None, None
+        try:
+            return json.loads(data), data.decode()
+        except ValueError:  # empty or cut short (a full disk, an older sculpt): nobody's, so taken over
+            return {}, data.decode(errors="replace")
 
     def _write(self, expected: str | None) -> bool:
         """Write our record if the file is still as we last read it (``expected``; None: absent)."""
@@ -69,11 +74,16 @@ class Lease:
         path = os.path.abspath(self.uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if expected is None:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
             try:
-                with open(path, "x") as f:
+                with open(tmp, "w") as f:
                     f.write(body)
+                os.link(tmp, path)  # the whole file appears at once, and only where there is none
             except FileExistsError:
                 return False
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         else:
             # the compare and the write under one lock: two jobs taking over a stale lease at once cannot both win
             with open(path + ".lock", "a") as lock:
@@ -97,11 +107,20 @@ class Lease:
                 pass
         return False
 
+    def _written_by_us(self) -> bool:
+        """After a conditional write was refused: whether the lease is ours all the same (S3 answered a write that
+        landed with a timeout, and the client's retry of it failed its condition). Then we carry on from it."""
+        holder, version = self._read()
+        if holder and holder.get("owner") == self.record["owner"]:
+            self.version = version
+            return True
+        return False
+
     def acquire(self) -> Lease:
         holder, version = self._read()
         if holder is not None and not self._free(holder):
             raise OutputBusy(_busy(self.uri, holder, self.ttl))
-        if not self._write(version):
+        if not self._write(version) and not self._written_by_us():
             holder, _ = self._read()
             raise OutputBusy(_busy(self.uri, holder or {}, self.ttl))
         self._renewer = threading.Thread(target=self._renew_every, args=(self.ttl / 3,), daemon=True,
@@ -109,12 +128,18 @@ class Lease:
         self._renewer.start()
         return self
 
+    def renew(self) -> bool:
+        """Renew the lease; False (and ``lost`` says why) once another job has taken it over."""
+        if self._write(self.version) or self._written_by_us():
+            return True
+        holder, _ = self._read()
+        self.lost = "this job lost its lease: " + _busy(self.uri, holder or {}, self.ttl)
+        return False
+
     def _renew_every(self, seconds: float) -> None:
         while not self._stop.wait(seconds):
             try:
-                if not self._write(self.version):
-                    holder, _ = self._read()
-                    self.lost = "this job lost its lease: " + _busy(self.uri, holder or {}, self.ttl)
+                if not self.renew():
                     return
             except Exception as exc:  # an unreachable store: try again at the next beat
                 print(f"[sculpt] warning: could not renew the lease on {self.uri}: {exc}", flush=True)

@@ -250,6 +250,30 @@ def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(t
     assert json.loads(lease_file.read_text())["owner"] == other.record["owner"]  # not ours to delete
 
 
+def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_path):
+    from sculpt.lease import Lease
+
+    out = str(tmp_path / "out")
+    lease = Lease(out, ttl_seconds=1000).acquire()  # no renewal in the test's time
+    assert lease._write(lease.version)
+    lease.version = "what the lost answer would have said"  # the store has our write; we never learnt its version
+    assert lease.renew() and lease.lost is None
+    assert lease.renew()  # from the version read back
+    lease.release()
+    assert not (tmp_path / "out" / "_lease.json").exists()
+
+
+def test_an_empty_lease_file_is_nobodys(tmp_path):
+    from sculpt.lease import Lease
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_lease.json").write_text("")  # a create cut short (a full disk, a kill)
+    lease = Lease(str(tmp_path / "out")).acquire()
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == lease.record["owner"]
+    lease.release()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "_lease.json.lock"]  # no temp file
+
+
 def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, monkeypatch):
     import threading
     import time
