@@ -28,7 +28,12 @@ TRANSIENT_MESSAGES = ("CUDA out of memory", "CUDA error", "CUBLAS_STATUS", "CUDN
 # Device faults after which the process's CUDA context stays broken: every later call in it fails the same way, so
 # they are not retried in the process (sculpt.stage.StageActor restarts its actor instead).
 BROKEN_DEVICE_MESSAGES = ("illegal memory access", "device-side assert", "unspecified launch failure",
-                          "misaligned address", "illegal instruction")
+                          "misaligned address", "illegal instruction", "uncorrectable ECC error", "launch timed out",
+                          "hardware stack error", "invalid program counter", "not supported on global/shared address",
+                          "CUDA error: unknown error")
+# CUDA errors of the installation, not of a batch: no retry or restart cures them, so they are permanent (the
+# error budget then stops the job with the message, instead of every unit staying pending).
+SETUP_MESSAGES = ("no kernel image is available", "driver version is insufficient")
 
 
 class TransientError(RuntimeError):
@@ -41,6 +46,8 @@ class SpentRetries(TransientError):
 
 
 def is_transient(exc: BaseException) -> bool:
+    if any(text in str(exc) for text in SETUP_MESSAGES):
+        return False
     if isinstance(exc, (TransientError, ConnectionError, TimeoutError)):
         return True
     if any(cls.__name__ in TRANSIENT_CLASSES for cls in type(exc).__mro__):

@@ -328,17 +328,19 @@ def test_same_image_features_compares_the_encoder_weights(predictor):
 class FixedDecoder(torch.nn.Module):
     def __init__(self, logits, scores):
         super().__init__()
-        self.out = (logits, scores, None, None)
+        self.out, self.asked = (logits, scores, None, None), {}
 
-    def forward(self, **_):
+    def forward(self, **asked):
+        self.asked = asked
         return self.out
 
 
-def test_decode_keeps_the_mask_of_the_best_predicted_iou(predictor, monkeypatch):
+def test_decode_takes_sam2s_single_mask_as_evf_sam_does(predictor, monkeypatch):
     model = predictor.model
-    logits = torch.arange(3.0).view(1, 3, 1, 1).expand(2, 3, 4, 4).clone()  # mask k is the constant k
-    scores = torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.1, 0.2]])
-    monkeypatch.setattr(model.visual_model, "sam_mask_decoder", FixedDecoder(logits, scores))
+    logits = torch.tensor([5.0, -5.0]).view(2, 1, 1, 1).expand(2, 1, 4, 4).clone()
+    decoder = FixedDecoder(logits, torch.ones(2, 1))
+    monkeypatch.setattr(model.visual_model, "sam_mask_decoder", decoder)
     features = {"image_embed": None, "high_res_feats": None}
-    best = model.decode(features, torch.zeros(2, 1, model.config.out_dim))
-    assert best[:, 0, 0].tolist() == [1.0, 0.0]
+    masks = model.decode(features, torch.zeros(2, 1, model.config.out_dim))
+    assert decoder.asked["multimask_output"] is False  # hustvl's EvfSam2Model, in training and inference
+    assert masks.shape == (2, 4, 4) and masks[:, 0, 0].tolist() == [5.0, -5.0]

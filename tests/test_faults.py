@@ -97,6 +97,23 @@ def test_a_stage_failing_most_images_stops_the_job_before_it_commits(local_ray, 
     assert OutputStore(str(tmp_path / "out")).committed() == set()
 
 
+@pytest.mark.parametrize("message, transient, breaks", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True, False),
+    ("CUDA error: an illegal memory access was encountered", True, True),
+    ("CUDA error: uncorrectable ECC error encountered", True, True),
+    ("CUDA error: the launch timed out and was terminated", True, True),
+    ("CUDA error: unknown error", True, True),
+    ("CUDA error: no kernel image is available for execution on the device", False, False),
+    ("CUDA error: CUDA driver version is insufficient for CUDA runtime version", False, False),
+    ("unknown error", False, False),
+])
+def test_cuda_faults_are_told_apart(message, transient, breaks):
+    from sculpt import errors
+
+    fault = RuntimeError(message)
+    assert (errors.is_transient(fault), errors.breaks_device(fault)) == (transient, breaks)
+
+
 def test_redo_errors_reprocesses_only_the_error_rows(local_ray, sample_shards, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.write_text("sa_2 sa_6")  # one image in each of two shards: under the error budget

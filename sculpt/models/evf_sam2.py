@@ -283,19 +283,21 @@ class EvfSam2(nn.Module):
         return self.text_hidden_fcs[0](hidden[:, :1])
 
     def decode(self, features, prompts):
-        """Low-resolution mask logits (N×h×w) of the best of SAM2's three multimask outputs per prompt."""
+        """Low-resolution mask logits (N×h×w), one mask per prompt, as hustvl's EvfSam2Model decodes them in
+        training and in ``inference`` (``multimask_output=False``: SAM2's single-mask token, with its own fallback to
+        the most stable of the other three where configured, ``dynamic_multimask_via_stability``)."""
         sam = self.visual_model
         _, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)  # the no-mask embedding
-        logits, scores, _, _ = sam.sam_mask_decoder(
+        logits, _, _, _ = sam.sam_mask_decoder(
             image_embeddings=features["image_embed"],
             image_pe=sam.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=prompts.to(dense.dtype),
             dense_prompt_embeddings=dense,
-            multimask_output=True,
+            multimask_output=False,
             repeat_image=True,
             high_res_features=features["high_res_feats"],
         )
-        return logits[torch.arange(len(logits)), scores.argmax(dim=1)]
+        return logits[:, 0]
 
 
 FEATURE_KEYS = ("image_encoder.", "sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.", "no_mem_embed")
