@@ -14,8 +14,8 @@ reference ``model/evf_sam2.py`` + ``inference.py`` and loads the official checkp
 
 Inference as the reference does it: BEiT-3 sees the image resized to 224 (bicubic, no antialias, mean/std 0.5)
 and the XLM-R sentencepiece tokens; SAM2 sees the image squash-resized to 1024 (bilinear on uint8) with
-ImageNet mean/std; the prompt token plus the no-mask dense embedding go to SAM2's mask decoder with multimask
-output; the mask of the best predicted IoU is upsampled straight to the original size and thresholded at 0.
+ImageNet mean/std; the prompt token plus the no-mask dense embedding go to SAM2's mask decoder for its single
+mask (``multimask_output=False``), which is upsampled straight to the original size and thresholded at 0.
 All expressions of one image run as one padded batch (padded text positions are masked keys, so padding
 does not change the result).
 
