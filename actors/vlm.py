@@ -54,7 +54,7 @@ class VLMEngine:
         from vllm import SamplingParams
 
         pictures = {key: Image.fromarray(images.load_rgb(data)) for key, data in encoded_images.items()}
-        conversations = [conversation(pictures[key], text) for key, text in requests]
+        conversations = [conversation(pictures[key], text, key) for key, text in requests]
         try:
             return self.answer(conversations, SamplingParams(max_tokens=max_tokens, temperature=0.0))
         except Exception as exc:
@@ -165,9 +165,13 @@ class EngineLoop:
         await asyncio.sleep(0.1)  # let the engine's cancelled tasks finish on this loop
 
 
-def conversation(picture, text: str) -> list[dict]:
-    """One user turn: the image first, then the text (the order that lets requests share the image prefix)."""
-    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture}, {"type": "text", "text": text}]}]
+def conversation(picture, text: str, key: str) -> list[dict]:
+    """One user turn: the image first, then the text (the order that lets requests share the image prefix).
+
+    ``key`` names the image (``image_key``: one per image of a job) for vLLM's multimodal caches, which otherwise
+    hash every request's full-size pixels (~10 MB for an SA-1B image; dozens of requests per image)."""
+    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture, "uuid": key},
+                                         {"type": "text", "text": text}]}]
 
 
 @contextlib.contextmanager

@@ -74,6 +74,21 @@ def test_requests_about_one_image_share_the_image_prefix(engine):
     assert second["cached_tokens"] >= 256  # the image tile came from the engine's prefix cache
 
 
+def test_requests_name_their_image_so_that_vllm_hashes_no_pixels(engine, monkeypatch):
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    hashed, hash_kwargs = [], MultiModalHasher.hash_kwargs.__func__
+
+    def recording(cls, algorithm, /, **kwargs):
+        hashed.append(type(kwargs.get("image")).__name__)
+        return hash_kwargs(cls, algorithm, **kwargs)
+
+    monkeypatch.setattr(MultiModalHasher, "hash_kwargs", classmethod(recording))
+    coffee = {"s/1": samples.jpeg_bytes(samples.photo("coffee"))}
+    (answer,) = engine.chat(coffee, [("s/1", prompts.CAPTION_PROMPT)], max_tokens=2)
+    assert answer["text"] and set(hashed) <= {"str"}  # the image's key (image_key), if anything: not its pixels
+
+
 def test_concurrent_callers_reach_the_engine_together(engine):
     """Eight callers with two requests each: the engine holds more requests at once than any caller sends."""
     import threading
