@@ -26,9 +26,10 @@ class VLMEngine:
 
     ``chat`` takes the images of a batch once and any number of text requests about them; it may be called from
     many threads at once (the Ray actor is threaded, ``max_concurrency`` = ``max_in_flight``). Each call decodes
-    and renders (chat template, image tiling) in its own thread, then hands its prompts to the one event loop
-    that owns the engine (``EngineLoop``), one ``generate`` per request, so vLLM schedules the requests of all
-    callers together (up to ``max_in_flight``) instead of one ``LLM.chat`` call after another.
+    its images in its own thread, then hands its conversations to the one event loop that owns the engine
+    (``EngineLoop``), which renders them (chat template, image tiling) and sends one ``generate`` per request,
+    so vLLM schedules the requests of all callers together (up to ``max_in_flight``) instead of one ``LLM.chat``
+    call after another.
 
     When the engine core dies (its process killed, a CUDA fault), the actor ends its own process: Ray restarts
     it with a new engine (``max_restarts=-1``) and sends the calls in flight there again, up to
@@ -73,8 +74,7 @@ class VLMEngine:
         answers: list[dict] = [{}] * len(conversations)
         todo = list(range(len(conversations)))
         for _ in range(RESENDS + 1):
-            rendered = self.loop.render([conversations[i] for i in todo])
-            for i, answer in zip(todo, self.loop.generate(rendered, params)):
+            for i, answer in zip(todo, self.loop.generate([conversations[i] for i in todo], params)):
                 answers[i] = answer
             todo = [i for i in todo if answers[i]["finish_reason"] == "error"]
             if not todo:
@@ -128,14 +128,15 @@ class EngineLoop:
         self.tok_params = self.engine.renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
         self.slots = asyncio.Semaphore(self.max_in_flight)
 
-    def render(self, conversations: list) -> list:
-        """Engine prompts of chat conversations, rendered in the calling thread."""
-        return self.engine.renderer.render_chat(conversations, self.chat_params, self.tok_params)[1]
+    def generate(self, conversations: list, params) -> list[dict]:
+        """Answers to chat conversations, from any thread."""
+        return self._run(self._answers(conversations, params))
 
-    def generate(self, prompts: list, params) -> list[dict]:
-        return self._run(self._answers(prompts, params))
-
-    async def _answers(self, prompts: list, params) -> list[dict]:
+    async def _answers(self, conversations: list, params) -> list[dict]:
+        # Rendered on this loop, where vLLM's renderer processes images on its one worker thread in arrival order:
+        # the frontend's image cache then tells the engine core "cached" only of images sent to it before
+        # (rendered from many threads at once, requests overtook each other and vLLM's cache asserted).
+        _, prompts = await self.engine.renderer.render_chat_async(conversations, self.chat_params, self.tok_params)
         return list(await asyncio.gather(*(self._answer(p, params) for p in prompts)))
 
     async def _answer(self, prompt, params) -> dict:

@@ -90,12 +90,14 @@ def test_requests_name_their_image_so_that_vllm_hashes_no_pixels(engine, monkeyp
 
 
 def test_concurrent_callers_reach_the_engine_together(engine):
-    """Eight callers with two requests each: the engine holds more requests at once than any caller sends."""
+    """Eight callers with two requests each, two callers per image: the engine holds more requests at once than
+    any caller sends, and its image caches never drift (each image reaches the engine core before a request that
+    names it as cached; rendered in the callers' threads, they overtook each other and vLLM asserted)."""
     import threading
 
     photos = {name: samples.jpeg_bytes(samples.photo(name)) for name in ("astronaut", "coffee", "chelsea", "rocket")}
     answers, start = [], threading.Barrier(8)
-    before = engine.load()["served"]
+    before, drifted_before = engine.load()["served"], engine.load()["retryable_errors"]
 
     def caller(i):
         name = list(photos)[i % len(photos)]
@@ -112,6 +114,7 @@ def test_concurrent_callers_reach_the_engine_together(engine):
     assert len(answers) == 16 and all(a["text"] for a in answers)
     assert load["served"] - before == 16 and load["in_flight"] == 0
     assert load["peak_in_flight"] > 2  # more than one caller's requests were in the engine at once
+    assert load["retryable_errors"] == drifted_before
 
 
 def test_requests_vllm_answers_with_its_retryable_error_are_rendered_and_sent_again(engine, monkeypatch):
