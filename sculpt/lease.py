@@ -7,7 +7,10 @@ finds the lease held and is refused with a message that says who holds it. A lea
 and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
 an exclusive create or a locked compare-and-write locally — so two jobs racing for one output cannot both win.
 A job that finds at a renewal that another took the output over (it stalled past the ttl) stops at its next
-receipt (``check``).
+receipt (``check``). A job whose renewals fail (the store unreachable) commits nothing once half the ttl has
+passed since its last renewal, until one lands: another job can take a lease over only after the whole ttl, so
+a commit is never made on a lease that may have lapsed. The conditional renewal decides: it lands if nobody
+took the output over meanwhile, and the job goes on; it is refused if another did, and the job stops.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Lease:
         self.uri, self.s3, self.ttl = storage.join(out.rstrip("/"), LEASE_FILE), s3, ttl_seconds
         self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self.version = None  # the ETag (S3) or content (local) of our lease file as last written
+        self.renewed_at = 0.0  # time.monotonic() of our last write that landed
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.lost: str | None = None  # why this job no longer holds the output, once another job took it over
@@ -70,6 +74,7 @@ class Lease:
                 if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 raise
+            self.renewed_at = time.monotonic()
             return True
         path = os.path.abspath(self.uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -91,7 +96,7 @@ class Lease:
                 if self._read()[1] != expected:
                     return False
                 storage.write_atomic(self.uri, body.encode())
-        self.version = body
+        self.version, self.renewed_at = body, time.monotonic()
         return True
 
     # -- the lease ------------------------------------------------------------------------------------------------
@@ -112,7 +117,7 @@ class Lease:
         landed with a timeout, and the client's retry of it failed its condition). Then we carry on from it."""
         holder, version = self._read()
         if holder and holder.get("owner") == self.record["owner"]:
-            self.version = version
+            self.version, self.renewed_at = version, time.monotonic()  # our write landed then, or later
             return True
         return False
 
@@ -137,17 +142,30 @@ class Lease:
         return False
 
     def _renew_every(self, seconds: float) -> None:
-        while not self._stop.wait(seconds):
+        wait = seconds
+        while not self._stop.wait(wait):
             try:
                 if not self.renew():
                     return
-            except Exception as exc:  # an unreachable store: try again at the next beat
+                wait = seconds
+            except Exception as exc:  # an unreachable store: try again soon
                 print(f"[sculpt] warning: could not renew the lease on {self.uri}: {exc}", flush=True)
+                wait = seconds / 4
 
-    def check(self) -> None:
-        """Stop the job once another one has taken the output over (its start clears this job's temporary files)."""
+    def check(self, poll_seconds: float = 1.0) -> None:
+        """Stop the job once another one has taken the output over (its start clears this job's temporary files);
+        wait while the lease is past half its ttl unrenewed, until a renewal lands or finds it taken over."""
+        announced = False
+        while not self.lost and not self._stop.is_set() and time.monotonic() - self.renewed_at > self.ttl / 2:
+            if not announced:
+                print(f"[sculpt] the lease on {self.uri} was last renewed {time.monotonic() - self.renewed_at:.0f} s "
+                      "ago (the store is unreachable?); commits wait until a renewal lands", flush=True)
+                announced = True
+            self._stop.wait(poll_seconds)
         if self.lost:
             raise OutputBusy(self.lost)
+        if announced:
+            print(f"[sculpt] the lease on {self.uri} is renewed; commits go on", flush=True)
 
     def release(self) -> None:
         self._stop.set()

@@ -250,6 +250,82 @@ def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(t
     assert json.loads(lease_file.read_text())["owner"] == other.record["owner"]  # not ours to delete
 
 
+def lease_with_outage(out: str, ttl: float, monkeypatch):
+    """A held lease whose store refuses every write (an unreachable S3) while ``outage`` is set."""
+    import errno
+    import threading
+
+    from sculpt.lease import Lease
+
+    lease, outage = Lease(out, ttl_seconds=ttl).acquire(), threading.Event()
+    real = lease._write
+
+    def write(expected):
+        if outage.is_set():
+            raise OSError(errno.EHOSTUNREACH, "No route to host")
+        return real(expected)
+
+    monkeypatch.setattr(lease, "_write", write)
+    return lease, outage
+
+
+def check_in_thread(lease) -> tuple:
+    import threading
+
+    raised = []
+
+    def check():
+        try:
+            lease.check(poll_seconds=0.02)
+        except Exception as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    return thread, raised
+
+
+def test_a_job_whose_lease_cannot_be_renewed_commits_nothing_until_a_renewal_lands(tmp_path, monkeypatch):
+    """Past half its ttl unrenewed, check() waits (no receipt is taken in, so nothing is committed): another job
+    could take the lease over after the whole ttl. A renewal that lands then lets the job go on."""
+    import time
+
+    lease, outage = lease_with_outage(str(tmp_path / "out"), 0.8, monkeypatch)  # renews every 0.27 s
+    outage.set()
+    time.sleep(0.6)  # past ttl / 2 since the last renewal
+    thread, raised = check_in_thread(lease)
+    thread.join(0.5)
+    assert thread.is_alive()  # waiting, not committing
+    outage.clear()  # the store answers again: the next renewal (within ttl / 12) lands
+    thread.join(5)
+    assert not thread.is_alive() and raised == [] and lease.lost is None
+    assert time.monotonic() - lease.renewed_at < 0.4
+    lease.release()
+    assert not (tmp_path / "out" / "_lease.json").exists()
+
+
+def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_answers(tmp_path, monkeypatch):
+    import time
+
+    from sculpt.lease import Lease, OutputBusy
+
+    lease, outage = lease_with_outage(str(tmp_path / "out"), 0.8, monkeypatch)
+    outage.set()
+    time.sleep(0.6)
+    thread, raised = check_in_thread(lease)
+    other = Lease(str(tmp_path / "out"))
+    other.record["pid"] = 1
+    assert other._write(lease.version)  # it found the lease stale and took the output over
+    thread.join(0.3)
+    assert thread.is_alive()
+    outage.clear()  # our renewal is refused: the file is no longer as we wrote it
+    thread.join(5)
+    assert not thread.is_alive() and len(raised) == 1 and isinstance(raised[0], OutputBusy)
+    assert "this job lost its lease" in str(raised[0])
+    lease.release()
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == other.record["owner"]
+
+
 def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_path):
     from sculpt.lease import Lease
 
