@@ -61,7 +61,7 @@ class VLMEngine:
         except Exception as exc:
             if self.loop.engine.errored or type(exc).__name__ == "EngineDeadError":
                 print(f"[sculpt] VLM engine died ({errors.describe(exc)}); restarting this engine actor", flush=True)
-                os._exit(1)  # an unexpected exit: Ray restarts the actor and retries the calls in flight
+                end_process()
             raise
 
     def answer(self, conversations: list, params) -> list[dict]:
@@ -164,6 +164,18 @@ class EngineLoop:
         self.engine.shutdown()
         self.engine = None  # collected now, while the interpreter can still run its finaliser
         await asyncio.sleep(0.1)  # let the engine's cancelled tasks finish on this loop
+
+
+def end_process() -> None:
+    """End this actor's process, and its children with it: an unexpected exit, so Ray restarts the actor and
+    retries the calls in flight. The engine core is a child process that outlives ``os._exit`` (seen for
+    minutes on the CPU); left running, it would hold the GPU memory the restarted actor's engine needs."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    os._exit(1)
 
 
 def conversation(picture, text: str, key: str) -> list[dict]:

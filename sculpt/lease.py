@@ -7,9 +7,9 @@ finds the lease held and is refused with a message that says who holds it. A lea
 and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
 an exclusive create or a locked compare-and-write locally — so two jobs racing for one output cannot both win.
 A job that finds at a renewal that another took the output over (it stalled past the ttl) stops at its next
-receipt (``check``). A job whose renewals fail (the store unreachable) commits nothing once half the ttl has
+receipt (``check``). A job whose renewals fail (the store unreachable) starts no commit once half the ttl has
 passed since its last renewal, until one lands: another job can take a lease over only after the whole ttl, so
-a commit is never made on a lease that may have lapsed. The conditional renewal decides: it lands if nobody
+the commits a job starts have half the ttl to land before anyone can take the output over. The conditional renewal decides: it lands if nobody
 took the output over meanwhile, and the job goes on; it is refused if another did, and the job stops.
 """
 
@@ -51,17 +51,21 @@ class Lease:
                 got = client.get_object(Bucket=bucket, Key=key)
             except client.exceptions.NoSuchKey:
                 return None, None
-            return json.loads(got["Body"].read()), got["ETag"]
-        data = storage.read_bytes(self.uri)
-        if data is None:
-            return None, None
+            data, version = got["Body"].read(), got["ETag"]
+        else:
+            data = storage.read_bytes(self.uri)
+            if data is None:
+                return None, None
+            version = data.decode(errors="replace")
         try:
-            return json.loads(data), data.decode()
-        except ValueError:  # empty or cut short (a full disk, an older sculpt): nobody's, so taken over
-            return {}, data.decode(errors="replace")
+            return json.loads(data), version
+        except ValueError:  # empty or cut short (a full disk, an older sculpt, a tool): nobody's, so taken over
+            return {}, version
 
     def _write(self, expected: str | None) -> bool:
         """Write our record if the file is still as we last read it (``expected``; None: absent)."""
+        # the lease counts from its stamp, not from when the write was answered (S3's retries can take minutes)
+        stamped = time.monotonic()
         body = json.dumps({**self.record, "renewed": time.time()})
         if storage.is_s3(self.uri):
             import botocore.exceptions
@@ -74,7 +78,7 @@ class Lease:
                 if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 raise
-            self.renewed_at = time.monotonic()
+            self.renewed_at = stamped
             return True
         path = os.path.abspath(self.uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -83,7 +87,13 @@ class Lease:
             try:
                 with open(tmp, "w") as f:
                     f.write(body)
-                os.link(tmp, path)  # the whole file appears at once, and only where there is none
+                try:
+                    os.link(tmp, path)  # the whole file appears at once, and only where there is none
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links here (FUSE mounts of object stores, some SMB): an exclusive create
+                    with open(path, "x") as f:
+                        f.write(body)
             except FileExistsError:
                 return False
             finally:
@@ -96,7 +106,7 @@ class Lease:
                 if self._read()[1] != expected:
                     return False
                 storage.write_atomic(self.uri, body.encode())
-        self.version, self.renewed_at = body, time.monotonic()
+        self.version, self.renewed_at = body, stamped
         return True
 
     # -- the lease ------------------------------------------------------------------------------------------------
@@ -117,7 +127,9 @@ class Lease:
         landed with a timeout, and the client's retry of it failed its condition). Then we carry on from it."""
         holder, version = self._read()
         if holder and holder.get("owner") == self.record["owner"]:
-            self.version, self.renewed_at = version, time.monotonic()  # our write landed then, or later
+            # counted from the stamp of the write that landed (our own wall clock wrote it)
+            self.version = version
+            self.renewed_at = time.monotonic() - max(0.0, time.time() - holder.get("renewed", 0.0))
             return True
         return False
 

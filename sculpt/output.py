@@ -290,9 +290,11 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
     """
     fs, root = storage.filesystem(storage.join(store.uri, PARTS), store.s3)
     written = storage.read_bytes(store.marker_uri(unit), store.s3)
-    if written and (not redo or not any(fs.get_file_info(f"{root}/{part}").is_file for part in parts)):
+    marker = json.loads(written) if written else None
+    ours = marker is not None and marker.get("fingerprint") == job["fingerprint"]  # else a cleared job's, landed late
+    if ours and (not redo or not any(fs.get_file_info(f"{root}/{part}").is_file for part in parts)):
         _drop_parts(store, unit)  # a retried task: its first try got as far as the marker
-        return json.loads(written)
+        return marker
     writer = UnitWriter(store, unit, job)
     try:
         if redo:

@@ -278,7 +278,8 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
                             del rows[:-1]
             break
         except PERMANENT_OS_ERRORS as exc:
-            if start.chunk or count > start.index:  # readable before (a resume, or images in): a fault, not data
+            # readable before (a resume, a redo, a chunk that split found, or images in): a fault, not data
+            if start.chunk or count > start.index or segment.only or segment.stop_offset is not None:
                 yield given_up(f"read: shard {uri} became unreadable after {count} images ({errors.describe(exc)})")
                 return
             shard_error = f"shard {uri} is unreadable ({type(exc).__name__}: {exc})"

@@ -174,6 +174,21 @@ def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_part
     assert store.read_unit("sa_000001-00000").num_rows == 2
 
 
+def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path):
+    """A job cleared with --overwrite whose commit landed late leaves its marker: not a retry of this commit."""
+    from sculpt.output import commit_unit, write_parts
+
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    old_job = {**JOB, "fingerprint": "f0"}
+    (old,) = write_parts(rows("sa_000001-00000", [0], size=1), store.uri, store.s3).to_pylist()
+    commit_unit(store, "sa_000001-00000", old_job, [old["part"]])
+    (new,) = write_parts(rows("sa_000001-00000", [0, 1], size=2), store.uri, store.s3).to_pylist()
+    marker = commit_unit(store, "sa_000001-00000", JOB, [new["part"]])
+    assert marker["fingerprint"] == "f1" and store.read_unit("sa_000001-00000").num_rows == 2
+    assert json.loads((tmp_path / "_markers" / "sa_000001-00000.json").read_text())["fingerprint"] == "f1"
+
+
 def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_files(tmp_path):
     """Mid-run: one unit committed, another's rows in part files, a third's half-gathered in _tmp. pyarrow over OUT
     and Hugging Face `datasets` over the data files (as the README says) see the committed rows, each once."""
@@ -324,6 +339,46 @@ def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_
     assert "this job lost its lease" in str(raised[0])
     lease.release()
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == other.record["owner"]
+
+
+def test_a_lease_counts_from_its_stamp_not_from_when_the_store_answered(tmp_path, monkeypatch):
+    """A renewal the store answers late (S3's retries): the other jobs read the stamp, so the ttl runs from it."""
+    import time
+
+    from sculpt import lease as lease_module
+
+    lease = lease_module.Lease(str(tmp_path / "out"), ttl_seconds=1.0)
+    lease._write(None)
+    real = lease_module.storage.write_atomic
+
+    def slow(*args, **kwargs):
+        time.sleep(0.7)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lease_module.storage, "write_atomic", slow)
+    assert lease.renew()
+    assert time.monotonic() - lease.renewed_at >= 0.7  # past half the ttl: check() would wait for the next one
+    stamp = json.loads((tmp_path / "out" / "_lease.json").read_text())["renewed"]
+    lease.version = "lost"  # the answer lost: the lease read back counts from its own stamp too
+    assert lease._written_by_us() and abs((time.monotonic() - lease.renewed_at) - (time.time() - stamp)) < 0.1
+
+
+def test_a_lease_is_taken_where_the_disk_has_no_hard_links(tmp_path, monkeypatch):
+    import errno
+
+    from sculpt import lease as lease_module
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # gcsfuse, blobfuse, some SMB mounts
+
+    monkeypatch.setattr(lease_module.os, "link", no_links)
+    out = str(tmp_path / "out")
+    held = lease_module.Lease(out).acquire()
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == held.record["owner"]
+    with pytest.raises(lease_module.OutputBusy):
+        lease_module.Lease(out).acquire()
+    held.release()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
 def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_path):

@@ -178,3 +178,16 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
     rows = pads.dataset(f"{name}/out", format="parquet", filesystem=storage.filesystem(f"s3://{name}", storage.S3Options(endpoint=s3_server))[0]).to_table()
     assert rows.num_rows == 12 and len(set(zip(rows["shard"].to_pylist(), rows["index"].to_pylist()))) == 12
     assert pipeline.run(cfg, stages)["committed_now"] == 0  # the lease is free again: a rerun plans and finds all done
+
+
+def test_an_empty_lease_object_on_s3_is_nobodys(s3_server, bucket):
+    from sculpt.lease import LEASE_FILE, Lease
+
+    client, name = bucket
+    client.put_object(Bucket=name, Key=f"out/{LEASE_FILE}", Body=b"")  # left by a tool, or a write cut short
+    lease = Lease(f"s3://{name}/out", storage.S3Options(endpoint=s3_server)).acquire()
+    body = json.loads(client.get_object(Bucket=name, Key=f"out/{LEASE_FILE}")["Body"].read())
+    assert body["owner"] == lease.record["owner"]
+    lease.release()
+    left = [o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/").get("Contents", [])]
+    assert left in ([], ["out/"]), left  # at most the folder marker pyarrow leaves

@@ -211,6 +211,17 @@ def test_a_shard_gone_when_a_resume_reads_it_leaves_the_chunk_pending_not_the_sh
     assert fresh["transient_error"] is None and fresh["unit_end"]["last"]  # from the start: bad input, an error row
 
 
+def test_a_shard_gone_when_a_redo_or_a_split_chunk_reads_it_leaves_the_chunk_pending(tmp_path):
+    """Chunk 0 read again (--redo-errors) or as a piece that split() found: the shard was readable before."""
+    path = six_image_shard(tmp_path)
+    pieces = shards.split(shards.Segment(str(path), chunk_images=2))
+    assert len(pieces) == 3 and pieces[0].stop_offset is not None
+    path.unlink()
+    for segment in (pieces[0], shards.Segment(str(path), chunk_images=2, only={0: [1]})):
+        rows = [row for batch in shards.read_segment(segment) for row in batch]
+        assert len(rows) == 1 and "became unreadable" in rows[0]["transient_error"] and rows[0]["unit_end"] is None
+
+
 def test_error_rows_keep_the_image_id_their_member_name_gives(tmp_path):
     path = tmp_path / "sa_000011.tar"
     samples.write_tar(str(path), [("./sa_77.jpg", b""), ("./sa_77.json", b"{not json"), ("./sa_78.jpg", b"")]

@@ -24,6 +24,24 @@ def engine(tiny_vlm):
     engine.shutdown()
 
 
+def test_an_engine_actor_that_ends_itself_takes_its_engine_core_along():
+    """The engine core, a child process, outlives os._exit: left running, it would hold the GPU's memory."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = ("import subprocess; from actors.vlm import end_process; "
+              "core = subprocess.Popen(['sleep', '600']); print(core.pid, flush=True); end_process()")
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    core = int(ended.stdout.split()[0])
+    assert ended.returncode == 1, ended.stderr
+    if psutil.pid_exists(core):  # dead, perhaps not yet reaped (an orphan's reaper is pid 1)
+        assert psutil.Process(core).status() == psutil.STATUS_ZOMBIE
+
+
 def test_engine_plan_places_fractions_and_tensor_parallel():
     half = vlm.engine_plan(0.5, 1, 1, {})
     assert half["actor"] == {"num_cpus": 1, "num_gpus": 0.5} and half["bundles"] is None
