@@ -286,14 +286,15 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
     """Gather a unit's part files into its Parquet file and write its marker (in the cluster); returns the marker.
 
     ``redo``: the unit is committed already and the parts redo its error rows. Safe to run again (a retried task):
-    once the marker is written and the parts are gone, it returns that marker.
+    once the marker is written and any of the parts is gone, it returns that marker.
     """
     fs, root = storage.filesystem(storage.join(store.uri, PARTS), store.s3)
     written = storage.read_bytes(store.marker_uri(unit), store.s3)
     marker = json.loads(written) if written else None
     ours = marker is not None and marker.get("fingerprint") == job["fingerprint"]  # else a cleared job's, landed late
-    if ours and (not redo or not any(fs.get_file_info(f"{root}/{part}").is_file for part in parts)):
-        _drop_parts(store, unit)  # a retried task: its first try got as far as the marker
+    # a retried task whose first try got as far as the marker (a redo's parts go only once it is written)
+    if ours and (not redo or not all(fs.get_file_info(f"{root}/{part}").is_file for part in parts)):
+        _drop_parts(store, unit)
         return marker
     writer = UnitWriter(store, unit, job)
     try:

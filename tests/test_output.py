@@ -174,6 +174,28 @@ def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_part
     assert store.read_unit("sa_000001-00000").num_rows == 2
 
 
+def test_a_redo_commit_tried_again_after_it_deleted_some_of_its_parts_returns_its_marker(tmp_path):
+    from sculpt.output import commit_unit, write_parts
+
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    unit = "sa_000001-00000"
+    first = rows(unit, [0, 1, 2], size=3).to_pylist()
+    for row in first[1:]:
+        schema.mark_error(row, "a", "CUDA error: unspecified launch failure")
+    (receipt,) = write_parts(schema.to_table(first), store.uri, store.s3).to_pylist()
+    assert commit_unit(store, unit, JOB, [receipt["part"]])["errors"] == 2
+    redone = [write_parts(rows(unit, [i]), store.uri, store.s3).to_pylist()[0]["part"] for i in (1, 2)]
+    kept = (tmp_path / "_tmp" / "parts" / redone[0]).read_bytes()
+    marker = commit_unit(store, unit, JOB, redone, redo=True)
+    assert marker["errors"] == 0 and store.read_unit(unit).num_rows == 3
+    left = tmp_path / "_tmp" / "parts" / redone[0]
+    left.parent.mkdir(parents=True)
+    left.write_bytes(kept)  # the first try died deleting its parts: one is left
+    assert commit_unit(store, unit, JOB, redone, redo=True) == marker
+    assert sorted(store.read_unit(unit)["index"].to_pylist()) == [0, 1, 2]
+
+
 def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path):
     """A job cleared with --overwrite whose commit landed late leaves its marker: not a retry of this commit."""
     from sculpt.output import commit_unit, write_parts
