@@ -9,7 +9,8 @@ an exclusive create or a locked compare-and-write locally — so two jobs racing
 A job that finds at a renewal that another took the output over (it stalled past the ttl) stops at its next
 receipt (``check``). A job whose renewals fail (the store unreachable) starts no commit once half the ttl has
 passed since its last renewal, until one lands: another job can take a lease over only after the whole ttl, so
-the commits a job starts have half the ttl to land before anyone can take the output over. The conditional renewal decides: it lands if nobody
+the commits a job starts have half the ttl to land before anyone can take the output over, and each looks at
+the lease once more before it writes (``confirm``). The conditional renewal decides: it lands if nobody
 took the output over meanwhile, and the job goes on; it is refused if another did, and the job stops.
 """
 
@@ -45,22 +46,7 @@ class Lease:
 
     # -- the conditional writes -----------------------------------------------------------------------------------
     def _read(self) -> tuple[dict | None, str | None]:
-        if storage.is_s3(self.uri):
-            client, (bucket, key) = storage.s3_client(self.s3), storage.bucket_key(self.uri)
-            try:
-                got = client.get_object(Bucket=bucket, Key=key)
-            except client.exceptions.NoSuchKey:
-                return None, None
-            data, version = got["Body"].read(), got["ETag"]
-        else:
-            data = storage.read_bytes(self.uri)
-            if data is None:
-                return None, None
-            version = data.decode(errors="replace")
-        try:
-            return json.loads(data), version
-        except ValueError:  # empty or cut short (a full disk, an older sculpt, a tool): nobody's, so taken over
-            return {}, version
+        return read_holder(self.uri, self.s3)
 
     def _write(self, expected: str | None) -> bool:
         """Write our record if the file is still as we last read it (``expected``; None: absent)."""
@@ -187,6 +173,35 @@ class Lease:
         if holder and holder.get("owner") == self.record["owner"]:
             fs, path = storage.filesystem(self.uri, self.s3)
             fs.delete_file(path)
+
+
+def read_holder(uri: str, s3: storage.S3Options) -> tuple[dict | None, str | None]:
+    """The lease file's record and version (ETag on S3, content locally); (None, None) when there is none."""
+    if storage.is_s3(uri):
+        client, (bucket, key) = storage.s3_client(s3), storage.bucket_key(uri)
+        try:
+            got = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey:
+            return None, None
+        data, version = got["Body"].read(), got["ETag"]
+    else:
+        data = storage.read_bytes(uri)
+        if data is None:
+            return None, None
+        version = data.decode(errors="replace")
+    try:
+        return json.loads(data), version
+    except ValueError:  # empty or cut short (a full disk, an older sculpt, a tool): nobody's, so taken over
+        return {}, version
+
+
+def confirm(out: str, s3: storage.S3Options, owner: str) -> None:
+    """Raise ``OutputBusy`` unless the job ``owner`` still holds the output's lease: a commit's last look before
+    it writes, so that a commit started before a takeover does not land in the new job's output."""
+    uri = storage.join(out.rstrip("/"), LEASE_FILE)
+    holder, _ = read_holder(uri, s3)
+    if (holder or {}).get("owner") != owner:
+        raise OutputBusy("this job lost its lease: " + _busy(uri, holder or {}, TTL_SECONDS))
 
 
 def _busy(uri: str, holder: dict, ttl: float) -> str:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sculpt import errors, schema, stats, storage
+from sculpt import errors, lease, schema, stats, storage
 from sculpt.storage import S3Options
 
 JOB_FILE = "_sculpt_job.json"
@@ -282,8 +282,11 @@ class ErrorBudgetExceeded(RuntimeError):
 
 
 def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo: bool = False,
-                error_budget: tuple[float, int] = (1.0, 1 << 30)) -> dict:
+                error_budget: tuple[float, int] = (1.0, 1 << 30), lease_owner: str | None = None) -> dict:
     """Gather a unit's part files into its Parquet file and write its marker (in the cluster); returns the marker.
+
+    ``lease_owner``: the running job's lease (``sculpt.lease``), confirmed as still its own before anything is
+    written to the unit's final names.
 
     ``redo``: the unit is committed already and the parts redo its error rows. Safe to run again (a retried task):
     once the marker is written and any of the parts is gone, it returns that marker.
@@ -305,6 +308,8 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
         over = writer.over_error_budget(*error_budget)
         if over:
             raise ErrorBudgetExceeded(over)
+        if lease_owner is not None:
+            lease.confirm(store.uri, store.s3, lease_owner)
         marker = writer.commit()
     except BaseException:
         writer.abort()

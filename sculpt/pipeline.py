@@ -266,6 +266,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
         gate, device_faults = start_gate(config), start_device_faults()
         commit = ray.remote(output.commit_unit).options(num_cpus=0)
         budget = (config.faults.max_error_share, config.faults.min_errors)
+        owner = todo.lease.record["owner"] if todo.lease is not None else None
         received: dict[str, _Received] = {}
         finished: set[str] = set()  # units whose rows are all in: later receipts for them are repeats
         commits: dict = {}  # commit task -> its unit
@@ -330,7 +331,7 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     if got.expected is not None and len(got.seen) >= got.expected:
                         # commits are CPU-less tasks: unbounded, Ray would start a worker process for each at once
                         settle(wait_for=len(commits) + 1 - config.output.committers)
-                        commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget)] = unit
+                        commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget, owner)] = unit
                         del received[unit]
                         finished.add(unit)
                         gate.release.remote(unit)

@@ -211,6 +211,27 @@ def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path
     assert json.loads((tmp_path / "_markers" / "sa_000001-00000.json").read_text())["fingerprint"] == "f1"
 
 
+def test_a_commit_whose_job_lost_its_lease_writes_nothing(tmp_path):
+    """A commit started before another job took the output over: its last look at the lease stops it."""
+    from sculpt.lease import Lease, OutputBusy
+    from sculpt.output import commit_unit, write_parts
+
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    ours = Lease(str(tmp_path), ttl_seconds=1000).acquire()  # no renewal within the test
+    (receipt,) = write_parts(rows("sa_000001-00000", [0], size=1), store.uri, store.s3).to_pylist()
+    other = Lease(str(tmp_path))
+    other.record["pid"] = 1
+    assert other._write(ours.version)  # it found our lease stale and took the output over
+    with pytest.raises(OutputBusy, match="this job lost its lease: .* held by pid 1"):
+        commit_unit(store, "sa_000001-00000", JOB, [receipt["part"]], lease_owner=ours.record["owner"])
+    assert store.committed() == set() and not os.path.exists(store.data_uri("sa_000001-00000"))
+    marker = commit_unit(store, "sa_000001-00000", JOB, [receipt["part"]], lease_owner=other.record["owner"])
+    assert marker["rows"] == 1 and store.committed() == {"sa_000001-00000"}
+    ours.release()
+    assert (tmp_path / "_lease.json").exists()  # the other job's, not ours to delete
+
+
 def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_files(tmp_path):
     """Mid-run: one unit committed, another's rows in part files, a third's half-gathered in _tmp. pyarrow over OUT
     and Hugging Face `datasets` over the data files (as the README says) see the committed rows, each once."""
