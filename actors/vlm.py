@@ -41,6 +41,9 @@ class VLMEngine:
     def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int, max_in_flight: int = 256):
         from transformers import AutoConfig
 
+        # vLLM times chat-template renders (against a client's malicious template) from when they queue behind
+        # every other caller's on its render thread; this is the model's own template
+        os.environ.setdefault("VLLM_CHAT_TEMPLATE_RENDER_TIMEOUT", "0")
         trust = bool(engine_kwargs.get("trust_remote_code"))
         model_type = AutoConfig.from_pretrained(model, trust_remote_code=trust).model_type
         self.loop = EngineLoop(dict(model=model, mm_processor_kwargs=vlm.tiling_kwargs(model_type, max_tiles, min_tiles),

@@ -9,9 +9,10 @@ an exclusive create or a locked compare-and-write locally — so two jobs racing
 A job that finds at a renewal that another took the output over (it stalled past the ttl) stops at its next
 receipt (``check``). A job whose renewals fail (the store unreachable) starts no commit once half the ttl has
 passed since its last renewal, until one lands: another job can take a lease over only after the whole ttl, so
-the commits a job starts have half the ttl to land before anyone can take the output over, and each looks at
-the lease once more before it writes (``confirm``). The conditional renewal decides: it lands if nobody
-took the output over meanwhile, and the job goes on; it is refused if another did, and the job stops.
+the commits a job starts have half the ttl to land before anyone can take the output over; each also looks
+at the lease once more before it writes (``confirm``). The conditional renewal decides: it lands if nobody
+took the output over meanwhile, and the job goes on; it is refused if another did, and the job stops, as it
+does when renewals keep failing for ``STALL_TTLS`` ttls (lost credentials, say).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from sculpt import storage
 
 LEASE_FILE = "_lease.json"
 TTL_SECONDS = 90.0  # a lease not renewed for this long is free; the holder renews at a third of it
+STALL_TTLS = 10  # a job that cannot renew its lease for this many ttls stops (lasting: credentials, permissions)
 
 
 class OutputBusy(RuntimeError):
-    """Another job holds the output."""
+    """Another job holds the output, or may: this job can no longer show that it holds it."""
 
 
 class Lease:
@@ -43,6 +45,7 @@ class Lease:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.lost: str | None = None  # why this job no longer holds the output, once another job took it over
+        self.last_error: str | None = None  # the last renewal's failure
 
     # -- the conditional writes -----------------------------------------------------------------------------------
     def _read(self) -> tuple[dict | None, str | None]:
@@ -61,7 +64,8 @@ class Lease:
             try:
                 self.version = client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)["ETag"]
             except botocore.exceptions.ClientError as exc:
-                if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
+                # NoSuchKey: If-Match on a lease someone deleted (a user, or a job that took over and ended)
+                if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                     return False
                 raise
             self.renewed_at = stamped
@@ -77,9 +81,11 @@ class Lease:
                     os.link(tmp, path)  # the whole file appears at once, and only where there is none
                 except FileExistsError:
                     raise
-                except OSError:  # no hard links here (FUSE mounts of object stores, some SMB): an exclusive create
-                    with open(path, "x") as f:
-                        f.write(body)
+                except OSError:  # no hard links here (FUSE mounts of object stores, some SMB): an exclusive create,
+                    with open(path + ".lock", "a") as lock:  # under the lock a takeover of an empty file takes
+                        fcntl.flock(lock, fcntl.LOCK_EX)
+                        with open(path, "x") as f:
+                            f.write(body)
             except FileExistsError:
                 return False
             finally:
@@ -145,20 +151,28 @@ class Lease:
             try:
                 if not self.renew():
                     return
-                wait = seconds
+                wait = seconds if self._unrenewed() < self.ttl / 2 else 0  # it landed late: renew again at once
             except Exception as exc:  # an unreachable store: try again soon
-                print(f"[sculpt] warning: could not renew the lease on {self.uri}: {exc}", flush=True)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                print(f"[sculpt] warning: could not renew the lease on {self.uri}: {self.last_error}", flush=True)
                 wait = seconds / 4
+
+    def _unrenewed(self) -> float:
+        return time.monotonic() - self.renewed_at
 
     def check(self, poll_seconds: float = 1.0) -> None:
         """Stop the job once another one has taken the output over (its start clears this job's temporary files);
         wait while the lease is past half its ttl unrenewed, until a renewal lands or finds it taken over."""
         announced = False
-        while not self.lost and not self._stop.is_set() and time.monotonic() - self.renewed_at > self.ttl / 2:
+        while not self.lost and not self._stop.is_set() and self._unrenewed() > self.ttl / 2:
             if not announced:
-                print(f"[sculpt] the lease on {self.uri} was last renewed {time.monotonic() - self.renewed_at:.0f} s "
-                      "ago (the store is unreachable?); commits wait until a renewal lands", flush=True)
+                print(f"[sculpt] the lease on {self.uri} was last renewed {self._unrenewed():.0f} s ago (the store "
+                      "is unreachable?); commits wait until a renewal lands", flush=True)
                 announced = True
+            if self._unrenewed() > STALL_TTLS * self.ttl:
+                raise OutputBusy(f"this job could not renew its lease on {self.uri} for {self._unrenewed():.0f} s "
+                                 f"({self.last_error or 'no answer'}); it stopped, its committed chunks kept. Fix "
+                                 "the store's access and rerun the same command to resume.")
             self._stop.wait(poll_seconds)
         if self.lost:
             raise OutputBusy(self.lost)

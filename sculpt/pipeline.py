@@ -331,6 +331,8 @@ def _annotate(config: JobConfig, stages: list[Stage], todo: Plan) -> dict:
                     if got.expected is not None and len(got.seen) >= got.expected:
                         # commits are CPU-less tasks: unbounded, Ray would start a worker process for each at once
                         settle(wait_for=len(commits) + 1 - config.output.committers)
+                        if todo.lease is not None:
+                            todo.lease.check()  # settling may have taken long: no commit starts on a stale lease
                         commits[commit.remote(store, unit, job, got.parts, unit in todo.redo, budget, owner)] = unit
                         del received[unit]
                         finished.add(unit)

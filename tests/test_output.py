@@ -384,6 +384,22 @@ def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == other.record["owner"]
 
 
+def test_a_job_whose_lease_renewals_keep_failing_stops_with_the_last_error(tmp_path, monkeypatch):
+    import time
+
+    from sculpt import lease as lease_module
+
+    monkeypatch.setattr(lease_module, "STALL_TTLS", 3)
+    lease, outage = lease_with_outage(str(tmp_path / "out"), 0.3, monkeypatch)
+    outage.set()  # for good: lost credentials, a revoked permission
+    time.sleep(0.3)  # past ttl / 2
+    thread, raised = check_in_thread(lease)
+    thread.join(10)
+    assert not thread.is_alive() and len(raised) == 1 and isinstance(raised[0], lease_module.OutputBusy)
+    assert "could not renew its lease" in str(raised[0]) and "No route to host" in str(raised[0])
+    lease.release()
+
+
 def test_a_lease_counts_from_its_stamp_not_from_when_the_store_answered(tmp_path, monkeypatch):
     """A renewal the store answers late (S3's retries): the other jobs read the stamp, so the ttl runs from it."""
     import time
@@ -421,7 +437,7 @@ def test_a_lease_is_taken_where_the_disk_has_no_hard_links(tmp_path, monkeypatch
     with pytest.raises(lease_module.OutputBusy):
         lease_module.Lease(out).acquire()
     held.release()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["_lease.json.lock"]  # no lease, no temp file
 
 
 def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_path):

@@ -191,3 +191,17 @@ def test_an_empty_lease_object_on_s3_is_nobodys(s3_server, bucket):
     lease.release()
     left = [o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/").get("Contents", [])]
     assert left in ([], ["out/"]), left  # at most the folder marker pyarrow leaves
+
+
+def test_a_job_whose_s3_lease_was_deleted_learns_it_at_its_next_renewal(s3_server, bucket):
+    """If-Match on a key that is gone answers 404: the lease is no longer ours (a user deleted it, as the busy
+    message offers, or a job that took it over has ended), not an unreachable store to wait for."""
+    from sculpt.lease import LEASE_FILE, Lease, OutputBusy
+
+    client, name = bucket
+    lease = Lease(f"s3://{name}/out", storage.S3Options(endpoint=s3_server), ttl_seconds=1000).acquire()
+    client.delete_object(Bucket=name, Key=f"out/{LEASE_FILE}")
+    assert not lease.renew() and lease.lost
+    with pytest.raises(OutputBusy, match="this job lost its lease"):
+        lease.check()
+    lease.release()
