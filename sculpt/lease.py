@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 
-from sculpt import storage
+from sculpt import errors, storage
 
 LEASE_FILE = "_lease.json"
 TTL_SECONDS = 90.0  # a lease not renewed for this long is free; the holder renews at a third of it
@@ -81,8 +81,9 @@ class Lease:
                     os.link(tmp, path)  # the whole file appears at once, and only where there is none
                 except FileExistsError:
                     raise
-                except OSError:  # no hard links here (FUSE mounts of object stores, some SMB): an exclusive create,
-                    with open(path + ".lock", "a") as lock:  # under the lock a takeover of an empty file takes
+                except OSError:  # no hard links (FUSE mounts of object stores, some SMB): an exclusive create,
+                    # under the lock that a takeover of the file (empty until written) also takes
+                    with open(path + ".lock", "a") as lock:
                         fcntl.flock(lock, fcntl.LOCK_EX)
                         with open(path, "x") as f:
                             f.write(body)
@@ -183,10 +184,16 @@ class Lease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        holder, _ = self._read()
-        if holder and holder.get("owner") == self.record["owner"]:
-            fs, path = storage.filesystem(self.uri, self.s3)
-            fs.delete_file(path)
+        try:
+            holder, _ = self._read()
+            if holder and holder.get("owner") == self.record["owner"]:
+                fs, path = storage.filesystem(self.uri, self.s3)
+                fs.delete_file(path)
+        except Exception as exc:  # the store unreachable: the job's own outcome (or error) is what matters
+            if not storage.is_store_fault(exc, self.uri):
+                raise
+            print(f"[sculpt] warning: could not give back the lease on {self.uri} ({errors.describe(exc)}); it is "
+                  f"free after {self.ttl:.0f} s without renewal", flush=True)
 
 
 def read_holder(uri: str, s3: storage.S3Options) -> tuple[dict | None, str | None]:

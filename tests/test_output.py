@@ -400,6 +400,19 @@ def test_a_job_whose_lease_renewals_keep_failing_stops_with_the_last_error(tmp_p
     lease.release()
 
 
+def test_a_lease_that_cannot_be_given_back_leaves_the_jobs_own_outcome(tmp_path, monkeypatch, capsys):
+    import errno
+
+    lease, outage = lease_with_outage(str(tmp_path / "out"), 1000, monkeypatch)
+
+    def unreachable():
+        raise OSError(errno.EHOSTUNREACH, "No route to host")
+
+    monkeypatch.setattr(lease, "_read", unreachable)
+    lease.release()  # no exception to hide the job's own error (in a finally)
+    assert "could not give back the lease" in capsys.readouterr().out
+
+
 def test_a_lease_counts_from_its_stamp_not_from_when_the_store_answered(tmp_path, monkeypatch):
     """A renewal the store answers late (S3's retries): the other jobs read the stamp, so the ttl runs from it."""
     import time
