@@ -38,7 +38,7 @@ class OutputBusy(RuntimeError):
 
 class Lease:
     def __init__(self, out: str, s3: storage.S3Options = storage.S3Options(), ttl_seconds: float = TTL_SECONDS):
-        self.uri, self.s3, self.ttl = storage.join(out.rstrip("/"), LEASE_FILE), s3, ttl_seconds
+        self.uri, self.s3, self.ttl = lease_uri(out), s3, ttl_seconds
         self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self.version = None  # the ETag (S3) or content (local) of our lease file as last written
         self.renewed_at = 0.0  # time.monotonic() of our last write that landed
@@ -196,6 +196,10 @@ class Lease:
                   f"free after {self.ttl:.0f} s without renewal", flush=True)
 
 
+def lease_uri(out: str) -> str:
+    return storage.join(out.rstrip("/"), LEASE_FILE)
+
+
 def read_holder(uri: str, s3: storage.S3Options) -> tuple[dict | None, str | None]:
     """The lease file's record and version (ETag on S3, content locally); (None, None) when there is none."""
     if storage.is_s3(uri):
@@ -219,7 +223,7 @@ def read_holder(uri: str, s3: storage.S3Options) -> tuple[dict | None, str | Non
 def confirm(out: str, s3: storage.S3Options, owner: str) -> None:
     """Raise ``OutputBusy`` unless the job ``owner`` still holds the output's lease: a commit's last look before
     it writes, so that a commit started before a takeover does not land in the new job's output."""
-    uri = storage.join(out.rstrip("/"), LEASE_FILE)
+    uri = lease_uri(out)
     holder, _ = read_holder(uri, s3)
     if (holder or {}).get("owner") != owner:
         raise OutputBusy("this job lost its lease: " + _busy(uri, holder or {}, TTL_SECONDS))
