@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from actors.vlm import VLMStage, image_key
-from sculpt import prompts, schema
+from sculpt.annotation import prompts
+from sculpt import schema
 
 
 class Captioner(VLMStage):

@@ -1,8 +1,8 @@
 """The ground stage: Florence-2 ``<CAPTION_TO_PHRASE_GROUNDING>`` turns each caption's phrases into boxes.
 
 Runs transformers' native ``Florence2ForConditionalGeneration``. Images are decoded, resized and normalised on
-the model's device (``sculpt.images.decode_on``, the processor's torchvision backend) and encoded once each;
-captions longer than the encoder's text budget are split by sentence (sculpt.grounding) and every chunk is
+the model's device (``sculpt.annotation.images.decode_on``, the processor's torchvision backend) and encoded once each;
+captions longer than the encoder's text budget are split by sentence (sculpt.annotation.grounding) and every chunk is
 generated against its image's encoding, up to ``prompts_per_call`` chunks together. The processor's own
 ``post_process_generation`` turns ``<loc_…>`` tokens into pixel boxes.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 
-from sculpt import categories, grounding, groups, images, precision, schema
+from sculpt.annotation import categories, grounding, groups, images
+from sculpt.models import precision
+from sculpt import schema
 from sculpt.stage import Stage
 
 
@@ -24,9 +26,9 @@ class Grounder(Stage):
     - ``prompts_per_call`` (16): caption chunks per ``generate`` call
     - ``min_box_size`` (1.0 px): narrower or lower boxes are dropped
     - ``duplicate_iou`` (0.9): of two boxes of one image overlapping this much, the later is dropped
-    - ``categories`` (all four): the kinds of phrase kept, of stuff, part, single, multi (``sculpt.groups.categorise``);
+    - ``categories`` (all four): the kinds of phrase kept, of stuff, part, single, multi (``sculpt.annotation.groups.categorise``);
       e.g. [single, multi] grounds no stuff and no parts
-    - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 weights on CUDA, float32 on CPU)
+    - ``device``, ``dtype``: see ``sculpt.models.precision`` (None: bfloat16/float16 weights on CUDA, float32 on CPU)
 
     Why these settings: 3 beams is what Florence-2's authors run for grounding (their published examples and
     evaluation); greedy decoding costs about a third of the decoder time, unmeasured for quality, so it is a

@@ -1,11 +1,11 @@
 """The mask stage: SAM2 turns each grounded box into a mask (``sam2`` package, ``SAM2ImagePredictor``).
 
-Images are decoded on the model's device (``sculpt.images.decode_on``: nvJPEG on CUDA) and squashed there to
+Images are decoded on the model's device (``sculpt.annotation.images.decode_on``: nvJPEG on CUDA) and squashed there to
 SAM2's square input. The images of a batch are embedded together (``images_at_once`` at a time, ``SAM2ImagePredictor.set_image_batch``);
 all boxes of an image go to the mask decoder as one batched prompt. The decoder's
 low-resolution logits are brought to the image's own resolution a few masks at a time and turned into COCO RLE
 at once, so an image with many boxes never holds all its full-resolution float masks in memory. Thresholding and
-the RLE run lengths happen on the model's device (``sculpt.rle.encode_tensors``); full masks never cross to the
+the RLE run lengths happen on the model's device (``sculpt.annotation.rle.encode_tensors``); full masks never cross to the
 host, pycocotools only compresses the runs.
 """
 
@@ -17,7 +17,9 @@ import os
 
 import numpy as np
 
-from sculpt import groups, images, precision, rle, schema
+from sculpt.annotation import groups, images, rle
+from sculpt.models import precision
+from sculpt import schema
 from sculpt.stage import Stage
 
 
@@ -73,8 +75,8 @@ class Masker(Stage):
     - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
     - ``images_at_once`` (4): images whose SAM2 embeddings are computed as one batch
     - ``groups`` (true): add a multi-object group for each phrase grounded to several masked boxes
-      (``sculpt.groups``: the union of their masks, its members listed)
-    - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
+      (``sculpt.annotation.groups``: the union of their masks, its members listed)
+    - ``device``, ``dtype``: see ``sculpt.models.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "mask"

@@ -9,8 +9,9 @@ the image. Each image is also asked for negatives (expressions of something it d
 from __future__ import annotations
 
 from actors.vlm import VLMStage, image_key
-from sculpt import prompts, rle, schema
-from sculpt.categories import NEGATIVE
+from sculpt.annotation import prompts, rle
+from sculpt import schema
+from sculpt.annotation.categories import NEGATIVE
 
 
 class Referrer(VLMStage):

@@ -1,10 +1,11 @@
-"""Verify stage: EVF-SAM2 segments each object from its referring expression alone, and ``sculpt.verify`` judges
+"""Verify stage: EVF-SAM2 segments each object from its referring expression alone, and ``sculpt.annotation.verify`` judges
 the pair against the SAM2 mask and the image's other objects (agreement and ambiguity), or, for a negative,
 against nothing. The figures are recorded for every pair, kept or not."""
 
 from __future__ import annotations
 
-from sculpt import errors, images, rle, schema, verify
+from sculpt import errors, schema
+from sculpt.annotation import images, rle, verify
 from sculpt.stage import Stage
 
 
@@ -19,7 +20,7 @@ class Verifier(Stage):
       mode); None: stuff and part for a -multitask checkpoint, none for the others
     - ``prefix`` (""): prepended to every expression
     - ``keep_masks`` (false): store the verifier's own mask per pair (``verifier_mask``), to audit the filter
-    - ``device``, ``dtype``: see ``sculpt.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
+    - ``device``, ``dtype``: see ``sculpt.models.precision`` (None: bfloat16/float16 autocast on CUDA, float32 on CPU)
     """
 
     name = "verify"

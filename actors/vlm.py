@@ -13,7 +13,9 @@ import os
 import threading
 import uuid
 
-from sculpt import errors, images, vlm
+from sculpt import errors
+from sculpt.annotation import images
+from sculpt.engine import vlm
 from sculpt.stage import Stage
 
 

@@ -1,17 +1,17 @@
 """The five-stage chain on tiny models: sculpt's Ray pipeline versus a plain sequential loop in one process.
 
 Both run the same Stage objects (``sculpt.config.build_stages``: caption, ground, mask, refer, verify on the
-tiny checkpoints of ``sculpt.models.kit.write_tiny_models``, plus ``Boxes``: the tiny Florence-2 finds no boxes, so
+tiny checkpoints of ``sculpt.testing.kit.write_tiny_models``, plus ``Boxes``: the tiny Florence-2 finds no boxes, so
 a stand-in after it gives each image ``--objects`` boxes for mask, refer and verify to work on) over the same
 sample shards with the same settings
 (one actor per stage, ``input.batch_images`` and every stage's ``batch_size`` = 2, short generations), and both
-write the same Parquet units through ``sculpt.output``.
+write the same Parquet units through ``sculpt.outputs.store``.
 
-- ray: a local Ray with logical GPUs, ``actors.vlm.vlm_engines`` (one vLLM engine actor) + ``sculpt.pipeline.run``.
+- ray: a local Ray with logical GPUs, ``actors.vlm.vlm_engines`` (one vLLM engine actor) + ``sculpt.engine.pipeline.run``.
 - sequential: one process (torch's default threads; and again with OMP_NUM_THREADS=1, which is what Ray gives
   every 1-CPU actor); the vLLM engine is an in-process ``actors.vlm.VLMEngine`` and the two VLM stages'
   ``ask`` goes straight to it (a local adapter in place of the Ray actor lookup); every other stage's
-  ``setup()`` runs in this process. Shards are read with ``sculpt.shards.read_shard``; each block goes through
+  ``setup()`` runs in this process. Shards are read with ``sculpt.io.shards.read_shard``; each block goes through
   the stages in order (``sculpt.stage.StageActor``, the same per-batch wrapper the Ray actors run) in chunks of
   the stage's ``batch_size``, and into a ``UnitWriter``.
 
@@ -130,16 +130,16 @@ def run_ray(cfg, stages, go: str) -> dict:
     import ray
 
     from actors.vlm import vlm_engines
-    from sculpt import pipeline
+    from sculpt.engine import pipeline, progress
 
     outputs = []
-    rows = pipeline.Progress.rows
+    rows = progress.Progress.rows
 
     def record(progress, n):  # the driver's per-block hook: when each block left the last stage
         outputs.append(time.monotonic())
         rows(progress, n)
 
-    pipeline.Progress.rows = record
+    progress.Progress.rows = record
     scratch = os.path.dirname(go)
     ready_dir, log_dir = tempfile.mkdtemp(dir=scratch), tempfile.mkdtemp(dir=scratch)
     for stage in stages:
@@ -183,8 +183,10 @@ def run_sequential(cfg, stages, go: str) -> dict:
     import pyarrow as pa
 
     from actors.vlm import VLMEngine
-    from sculpt import planning, schema, shards, vlm
-    from sculpt.output import UnitWriter
+    from sculpt.engine import planning, vlm
+    from sculpt import schema
+    from sculpt.io import shards
+    from sculpt.outputs.store import UnitWriter
     from sculpt.stage import StageActor
 
     open(go, "w").close()
@@ -266,8 +268,8 @@ def main() -> None:
         return
     import pyarrow.dataset as pads
 
-    from sculpt import samples
-    from sculpt.models.kit import write_tiny_models
+    from sculpt.testing import samples
+    from sculpt.testing.kit import write_tiny_models
 
     work = tempfile.mkdtemp(prefix="sculpt-chain-")
     shard_dir = os.path.join(work, "in")

@@ -34,7 +34,10 @@ import ray  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the driver benchmark's chain (a "benchmarks" package is installed too)
 from pipeline_efficiency import DRIVER_CHUNKS, chain, job_config  # noqa: E402
-from sculpt import config, output, pipeline, planning, samples  # noqa: E402
+from sculpt import config  # noqa: E402
+from sculpt.outputs import store as output
+from sculpt.engine import pipeline, planning, dataset, progress
+from sculpt.testing import samples
 
 EVERY = 20  # commits between samples
 
@@ -55,9 +58,9 @@ def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()
 
     if part == "dataset":
         todo = planning.plan(cfg, stages)
-        gate = pipeline.start_gate(cfg)
+        gate = dataset.start_gate(cfg)
         done = set()
-        receipts_stream = pipeline.build_dataset(todo.segments, stages, cfg, gate).iter_batches(
+        receipts_stream = dataset.build_dataset(todo.segments, stages, cfg, gate).iter_batches(
             batch_size=None, batch_format="pyarrow", prefetch_batches=0)
         for receipts in receipts_stream:
             for receipt in receipts.to_pylist():
@@ -69,13 +72,13 @@ def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()
         return points
     if part == "no-commit":
         output.commit_unit = marker_only  # the engine makes its commit task from output.commit_unit at run time
-    unit = pipeline.Progress.unit
+    unit = progress.Progress.unit
 
     def counted(self, marker, shard_done):
         unit(self, marker, shard_done)
         sample(self.chunks)
 
-    pipeline.Progress.unit = counted
+    progress.Progress.unit = counted
     with contextlib.redirect_stdout(sys.stderr):
         pipeline.run(cfg, stages)
     return points

@@ -33,7 +33,7 @@ def florence2_large(directory: str) -> str:
     import torch
     from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
 
-    from sculpt.models import tiny_florence2
+    from sculpt.testing import tiny_florence2
 
     kit = tiny_florence2.write(os.path.join(directory, "florence2-kit"), train=False)
     image_processor = CLIPImageProcessor(
@@ -76,7 +76,7 @@ def evf_sam2_large(directory: str) -> str:
 
     from safetensors.torch import save_file
 
-    from sculpt.models import tiny_evf_sam2
+    from sculpt.testing import tiny_evf_sam2
     from sculpt.models.evf_sam2 import TOKENIZER_FILE, EvfConfig, EvfSam2
 
     kit = tiny_evf_sam2.write(os.path.join(directory, "evf-kit"))
@@ -96,8 +96,9 @@ def rows(images: int, objects: int, width: int, height: int):
     import numpy as np
     from PIL import Image
 
-    from sculpt import samples, schema
-    from sculpt.models import kit
+    from sculpt.testing import samples
+    from sculpt import schema
+    from sculpt.testing import kit
 
     rng = np.random.default_rng(0)
     photo = np.asarray(Image.fromarray(samples.photo("astronaut")).resize((width, height)))
@@ -154,7 +155,8 @@ def main() -> int:
     from actors.ground import Grounder
     from actors.mask import Masker
     from actors.verify import Verifier
-    from sculpt import precision, schema
+    from sculpt.models import precision
+    from sculpt import schema
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -164,7 +166,7 @@ def main() -> int:
     directory = args.dir or tempfile.mkdtemp(prefix="sculpt-gpu-stages-")
     started = time.perf_counter()
     if args.tiny:
-        from sculpt.models.kit import write_tiny_models
+        from sculpt.testing.kit import write_tiny_models
 
         paths = write_tiny_models(directory)
         width, height = 451, 300
@@ -187,7 +189,7 @@ def main() -> int:
             for r in table_rows:
                 r["objects"] = []
         if name == "verify":  # the verifier needs masks: full-box masks stand in for SAM2's
-            from sculpt import rle
+            from sculpt.annotation import rle
             import numpy as np
 
             for r in table_rows:

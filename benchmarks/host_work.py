@@ -4,17 +4,17 @@ An SA-1B-format shard of 2250 x 1500 photographs with 100 object-like masks per 
 (benchmarks/sa1b_like.py) is read and processed step by step, each step timed on its own (best of ``--repeat``
 passes over all images, then per image):
 
-- read: ``sculpt.shards.read_shard`` — tar stream, member pairing, json parse, header check + 1/8 draft decode
-- decode: ``sculpt.images.load_rgb`` — full decode to an upright RGB array
+- read: ``sculpt.io.shards.read_shard`` — tar stream, member pairing, json parse, header check + 1/8 draft decode
+- decode: ``sculpt.annotation.images.load_rgb`` — full decode to an upright RGB array
 - model inputs as the stages make them: SAM2 (``images.squash`` to 1024, then ``sam2``'s SAM2Transforms of the
   squashed image), EVF-SAM2 (``sculpt.models.evf_sam2.sam2_input`` 1024 + ``beit3_input`` 224), Florence-2
   (transformers' CLIPImageProcessor, 768), InternVL (transformers' GotOcr2ImageProcessor, 448 tiles, max 6)
-- RLE of 50 full-resolution masks as the masker and the verifier do it (``sculpt.rle.encode_tensors``): run lengths
+- RLE of 50 full-resolution masks as the masker and the verifier do it (``sculpt.annotation.rle.encode_tensors``): run lengths
   counted by torch where the masks are (``rle.run_lengths``), then pycocotools compresses them; area + IoU:
   ``rle.area`` and ``rle.iou`` of 50
 - Arrow: ``schema.to_table`` + ``Table.to_pylist`` of rows carrying the image and 50 objects (what every stage
   actor does with its batch)
-- Parquet: ``sculpt.output.UnitWriter`` add + commit of rows with 50 objects (local disk)
+- Parquet: ``sculpt.outputs.store.UnitWriter`` add + commit of rows with 50 objects (local disk)
 
 Each step is counted as often as the code as written runs it per image, and marked by where it runs on a GPU
 node: the device steps (decode by nvJPEG, resize and normalisation, RLE run lengths) cost GPU time there, not
@@ -43,9 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sa1b_like  # noqa: E402  (benchmarks/, the script's own folder)
-from sculpt import images, rle, schema, shards  # noqa: E402
+from sculpt.annotation import images, rle  # noqa: E402
+from sculpt import schema
+from sculpt.io import shards
 from sculpt.models import evf_sam2  # noqa: E402
-from sculpt.output import OutputStore, UnitWriter  # noqa: E402
+from sculpt.outputs.store import OutputStore, UnitWriter  # noqa: E402
 
 WORDS = ("the small red mug on the left side of the wooden table next to a blue plate with two "
          "cookies under a lamp behind").split()

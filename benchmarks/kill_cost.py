@@ -34,8 +34,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pyarrow.dataset as pads  # noqa: E402
 
-from sculpt import samples  # noqa: E402
-from sculpt.output import OutputStore  # noqa: E402
+from sculpt.testing import samples  # noqa: E402
+from sculpt.outputs.store import OutputStore  # noqa: E402
 
 
 def worked(log_dir: str) -> set[str]:

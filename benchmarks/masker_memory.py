@@ -1,6 +1,6 @@
 """Peak memory and time of the masker for 50 boxes on a 1500 x 2250 image: early RLE vs full-resolution float masks.
 
-Variants, each in a fresh process on the tiny SAM2 checkpoint (sculpt.models.tiny_sam2; the decoder's 256 x 256
+Variants, each in a fresh process on the tiny SAM2 checkpoint (sculpt.testing.tiny_sam2; the decoder's 256 x 256
 logits and everything after them have the real model's sizes, only the image encoder is tiny):
 
 - ``early-rle``: actors.mask.Masker.predict — one decoder call for all boxes, then masks brought to full resolution
@@ -39,7 +39,7 @@ def inputs(n_boxes: int):
     import cv2
     import numpy as np
 
-    from sculpt import samples
+    from sculpt.testing import samples
 
     image = cv2.resize(samples.photo("coffee"), (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR)
     rng = np.random.default_rng(0)
@@ -66,7 +66,7 @@ def measure(variant: str, checkpoint: str, n_boxes: int, masks_at_once: int, rep
     import torch
 
     from actors.mask import Masker
-    from sculpt import rle
+    from sculpt.annotation import rle
 
     stage = Masker(model=checkpoint, masks_at_once=masks_at_once)
     stage.setup()
@@ -127,7 +127,7 @@ def main():
         print(json.dumps(measure(variant, checkpoint, args.boxes, int(at_once), args.repeat)))
         return
 
-    from sculpt.models import tiny_sam2
+    from sculpt.testing import tiny_sam2
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = tiny_sam2.write(tmp)

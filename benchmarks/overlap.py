@@ -1,6 +1,6 @@
 """Host/device overlap inside one stage actor: throughput against max(host, device) and against their sum.
 
-A stage decodes each 2250 x 1500 JPEG on the host (``sculpt.images.load_rgb``, what the masker does) and then
+A stage decodes each 2250 x 1500 JPEG on the host (``sculpt.annotation.images.load_rgb``, what the masker does) and then
 holds its ``device_turn`` for a fixed device time per image, a sleep that releases the GIL as CUDA work does.
 ``StageActor`` is called from ``batches_in_flight`` threads at once, as Ray Data calls an actor with
 ``max_concurrent_calls_per_actor`` (tests/test_host_device.py shows that wiring on a real Ray). With one batch in
@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sa1b_like  # noqa: E402  (benchmarks/, the script's own folder)
-from sculpt import images, samples, schema  # noqa: E402
+from sculpt.annotation import images  # noqa: E402
+from sculpt.testing import samples
+from sculpt import schema
 from sculpt.stage import Stage, StageActor  # noqa: E402
 
 

@@ -3,15 +3,15 @@
 Two sets of SA-1B-format shards at SA-1B-like resolution:
 
 - object-like: 2250 x 1500 photographs with 100 region masks each (benchmarks/sa1b_like.py);
-- threshold: ``sculpt.samples.make_sample_shards(scale=3)`` — the photographs enlarged 3x, with the sample
+- threshold: ``sculpt.testing.samples.make_sample_shards(scale=3)`` — the photographs enlarged 3x, with the sample
   shards' two intensity-threshold masks per image (ragged, pixel-level edges: a worst case for RLE).
 
 JSON side: the json members' bytes per annotation as they lie in the tar (and the share that is the
 ``segmentation`` field), and for scale the same members zstd-compressed and the packed bitmap (H x W / 8).
-Parquet side: each shard is read by ``sculpt.shards.read_shard`` with
-``keep_source_annotations``, every annotation's mask is decoded and encoded again by ``sculpt.rle`` (as the
+Parquet side: each shard is read by ``sculpt.io.shards.read_shard`` with
+``keep_source_annotations``, every annotation's mask is decoded and encoded again by ``sculpt.annotation.rle`` (as the
 masker hands masks over), put into the row as an object (``box`` from ``bbox``, ``area``, ``mask_score`` from
-``predicted_iou``; no text), and the rows are written by ``sculpt.output.UnitWriter`` (zstd); bytes per mask
+``predicted_iou``; no text), and the rows are written by ``sculpt.outputs.store.UnitWriter`` (zstd); bytes per mask
 is the Parquet file's size over the masks in it.
 
     PYTHONPATH=. python benchmarks/parquet_size.py [--images 6]
@@ -34,8 +34,11 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 import sa1b_like  # noqa: E402  (benchmarks/, the script's own folder)
-from sculpt import rle, samples, schema, shards  # noqa: E402
-from sculpt.output import OutputStore, UnitWriter  # noqa: E402
+from sculpt.annotation import rle  # noqa: E402
+from sculpt.testing import samples
+from sculpt import schema
+from sculpt.io import shards
+from sculpt.outputs.store import OutputStore, UnitWriter  # noqa: E402
 
 
 def json_side(tar_path: str) -> dict:

@@ -34,8 +34,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
-from sculpt import config, pipeline, samples  # noqa: E402
-from sculpt.output import OutputStore  # noqa: E402
+from sculpt import config  # noqa: E402
+from sculpt.engine import pipeline
+from sculpt.testing import samples
+from sculpt.outputs.store import OutputStore  # noqa: E402
 
 
 def chain(scale: int, seconds: float) -> list[dict]:

@@ -1,8 +1,8 @@
 """Reader images/s per shard: one SA-1B-sized shard read in order, against its chunks read in parallel.
 
 The shard is written by benchmarks/sa1b_like.py (2250 x 1500 JPEGs with SA-1B json). "In order" is one
-``sculpt.shards.read_segment`` over the whole tar, as one reader task reads an S3 or compressed shard; "split" is
-``sculpt.shards.split`` (headers only) and then each chunk read by its own process, as reader tasks read a local
+``sculpt.io.shards.read_segment`` over the whole tar, as one reader task reads an S3 or compressed shard; "split" is
+``sculpt.io.shards.split`` (headers only) and then each chunk read by its own process, as reader tasks read a local
 tar's chunks. The header scan is timed separately. Page cache warm (the shard was just written and read once).
 
     .venv/bin/python benchmarks/reader_rate.py [--images 64 --chunk 16 --workers 2]
@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sa1b_like  # noqa: E402  (benchmarks/, the script's own folder)
-from sculpt import shards  # noqa: E402
+from sculpt.io import shards  # noqa: E402
 
 
 def read(segment: shards.Segment) -> int:

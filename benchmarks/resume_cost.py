@@ -44,7 +44,7 @@ import boto3  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 from moto.moto_server import threaded_moto_server as moto_server  # noqa: E402
 
-from sculpt import samples  # noqa: E402
+from sculpt.testing import samples  # noqa: E402
 
 BUCKET = "bench"
 

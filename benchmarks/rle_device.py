@@ -3,9 +3,9 @@
 Masks: smooth random blobs at 1500 x 2250 (coarse Gaussian noise brought up bilinear, thresholded — edges like
 SAM2's upsampled logits), in batches of 10 and 50. Paths, each on the same masks, best of ``--repeat``:
 
-- ``encode_many (numpy)``: ``sculpt.rle.encode_many`` on the C-contiguous N x H x W bool array — what the mask
+- ``encode_many (numpy)``: ``sculpt.annotation.rle.encode_many`` on the C-contiguous N x H x W bool array — what the mask
   and verify stages did before (after ``.cpu().numpy()`` of the masks): a column-major copy, pycocotools' encode
-- ``encode_tensors (cpu)``: ``sculpt.rle.encode_tensors`` on a CPU bool tensor — runs counted with torch, only
+- ``encode_tensors (cpu)``: ``sculpt.annotation.rle.encode_tensors`` on a CPU bool tensor — runs counted with torch, only
   pycocotools' compression on the host; ``compress only`` is pycocotools' share of it (``frPyObjects`` on the
   run lengths, computed beforehand)
 - on CUDA, when there is one: ``encode_tensors (cuda)`` on the masks in GPU memory (synchronised; includes the
@@ -61,7 +61,7 @@ def main() -> None:
     import torch
     from pycocotools import mask as coco_mask
 
-    from sculpt import rle
+    from sculpt.annotation import rle
 
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()

@@ -1,9 +1,9 @@
 """SA-1B-sized inputs for the benchmarks: 2250 x 1500 photographs with object-like masks, in SA-1B's tar format.
 
-Images are scikit-image's photographs (sculpt.samples.PHOTOS) resized to SA-1B's size (short side 1500, the
+Images are scikit-image's photographs (sculpt.testing.samples.PHOTOS) resized to SA-1B's size (short side 1500, the
 portrait one turned). Masks are regions found by Felzenszwalb's graph segmentation at three scales on a 1/4-size
 copy — fine parts, objects and large regions that overlap across scales, as SA-1B's multi-granular masks do —
-upsampled with smooth (bilinear, > 0.5) edges. Members are written by sculpt.samples (SA-1B's json layout, masks
+upsampled with smooth (bilinear, > 0.5) edges. Members are written by sculpt.testing.samples (SA-1B's json layout, masks
 encoded by pycocotools).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sculpt import samples
+from sculpt.testing import samples
 
 WIDTH, HEIGHT = 2250, 1500
 

@@ -26,7 +26,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from actors.verify import Verifier  # noqa: E402
-from sculpt import rle, samples, schema  # noqa: E402
+from sculpt.annotation import rle  # noqa: E402
+from sculpt.testing import samples
+from sculpt import schema
 from sculpt.models import evf_sam2, tiny_evf_sam2  # noqa: E402
 
 EXPRESSIONS = [

@@ -24,7 +24,8 @@ def run(model: str, concurrency: int, callers: int, requests: int, calls: int, m
     import ray
 
     from actors.vlm import VLMEngine
-    from sculpt import prompts, samples
+    from sculpt.annotation import prompts
+    from sculpt.testing import samples
 
     engine = ray.remote(VLMEngine).options(max_concurrency=concurrency, num_cpus=1).remote(
         model, {"max_model_len": 4096, "enforce_eager": True, "seed": 0, "enable_prefix_caching": True,
@@ -62,7 +63,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import ray
 
-    from sculpt.models import tiny_internvl
+    from sculpt.testing import tiny_internvl
 
     # Untrained weights rarely say end-of-sequence: every request generates --max-tokens tokens, so the engine's
     # own work, not the callers' image rendering, sets the pace (as an 8 B model on a GPU does).

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sculpt.storage import S3Options
+from sculpt.io.storage import S3Options
 
 
 def status(out: str, s3: S3Options, by_shard: bool = False) -> str:
     """Shards done/total, chunks, images and errors of an output path; ``by_shard``: a line per shard begun."""
-    from sculpt import report
-    from sculpt.output import OutputStore, shard_progress, shards_line
+    from sculpt.outputs import report
+    from sculpt.outputs.store import OutputStore, shard_progress, shards_line
 
     store = OutputStore(out, s3)
     job = store.job()
@@ -34,9 +34,9 @@ def status(out: str, s3: S3Options, by_shard: bool = False) -> str:
 
 
 def report(out: str, s3: S3Options, plots: str | None) -> int:
-    from sculpt import report as job_report
-    from sculpt.output import OutputStore
-    from sculpt.storage import is_s3, join
+    from sculpt.outputs import report as job_report
+    from sculpt.outputs.store import OutputStore
+    from sculpt.io.storage import is_s3, join
 
     store = OutputStore(out, s3)
     job = store.job()
@@ -56,9 +56,9 @@ def report(out: str, s3: S3Options, plots: str | None) -> int:
 
 
 def preview(args) -> int:
-    from sculpt import export
-    from sculpt import preview as gallery
-    from sculpt.storage import is_s3, join
+    from sculpt.outputs import export
+    from sculpt.outputs import preview as gallery
+    from sculpt.io.storage import is_s3, join
 
     dest = args.dest or ("sculpt-preview" if is_s3(args.output) else join(args.output, "_preview"))
     try:
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=6, help="images per shard")
     p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
     p = commands.add_parser("models", help="offline model checkpoints")
-    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny checkpoints of every model (see sculpt.models.kit)")
+    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny checkpoints of every model (see sculpt.testing.kit)")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     elif args.command == "report":
         return report(args.output, S3Options(endpoint=args.s3_endpoint), args.plots)
     elif args.command == "export":
-        from sculpt import export
+        from sculpt.outputs import export
 
         try:
             counts = export.export(args.output, args.dest, args.format, S3Options(endpoint=args.s3_endpoint),
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     elif args.command == "preview":
         return preview(args)
     elif args.command == "size":
-        from sculpt import sizing
+        from sculpt.engine import sizing
 
         costs = {}
         for item in args.cost:
@@ -172,12 +172,12 @@ def main(argv=None) -> int:
         print(f"# sculpt size --gpus {args.gpus}: {sizing.describe(plan)}")
         print(sizing.job_sections(plan))
     elif args.command == "samples":
-        from sculpt.samples import make_sample_shards
+        from sculpt.testing.samples import make_sample_shards
 
         for path in make_sample_shards(args.directory, args.shards, args.images, args.scale):
             print(path)
     elif args.command == "models":
-        from sculpt.models.kit import write_tiny_models
+        from sculpt.testing.kit import write_tiny_models
 
         for key, path in write_tiny_models(args.directory, args.seed).items():
             print(f"{key}: {path}")

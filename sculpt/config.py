@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
-from sculpt import images
+from sculpt.annotation import images
 from sculpt.models import DEFAULT_MODELS
+from sculpt import errors
 from sculpt.stage import Resources, Stage
-from sculpt.storage import S3Options
+from sculpt.io.storage import S3Options
 
 
 def _at_least(obj, minimum, *names, integer=True) -> None:
@@ -213,7 +214,7 @@ def default_stages() -> list[StageConfig]:
     return [StageConfig(name=name, **STAGE_DEFAULTS.get(name, {})) for name in BUILTIN_STAGES]
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.JobError, ValueError):
     pass
 
 

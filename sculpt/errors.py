@@ -36,6 +36,11 @@ BROKEN_DEVICE_MESSAGES = ("illegal memory access", "device-side assert", "unspec
 SETUP_MESSAGES = ("no kernel image is available", "driver version is insufficient")
 
 
+class JobError(Exception):
+    """A failure of the whole job that sculpt itself names (bad config, output held or refused, error budget spent):
+    it ends the job with one ``sculpt: error:`` line, its message, instead of a traceback."""
+
+
 class TransientError(RuntimeError):
     """A fault a retry may cure. Raise it from a custom stage for faults of your own (a remote service down)."""
 
@@ -104,12 +109,7 @@ def job_error(exc: BaseException) -> str | None:
 
     import yaml
 
-    from sculpt.config import ConfigError
-    from sculpt.lease import OutputBusy
-    from sculpt.output import IncompatibleOutput
-    from sculpt.output import ErrorBudgetExceeded
-
-    if isinstance(exc, (ConfigError, IncompatibleOutput, ErrorBudgetExceeded, FileNotFoundError, OutputBusy)):
+    if isinstance(exc, (JobError, FileNotFoundError)):
         return str(exc)
     if isinstance(exc, yaml.YAMLError):
         return f"the config file is not valid YAML: {' '.join(str(exc).split())}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from sculpt import rle
+from sculpt.annotation import rle
 
 MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
@@ -34,7 +34,7 @@ OBJECT_TYPE = pa.struct(
         ("verifier_mask", MASK_TYPE),  # the verifier's mask itself, with the verify stage's keep_masks
         # kept: iou >= threshold and iou - rival_iou >= margin; a negative: verifier_area <= negative_area x image
         ("kept", pa.bool_()),
-        ("category", pa.string()),  # stuff | part | single | multi | negative (sculpt.categories, sculpt.groups)
+        ("category", pa.string()),  # stuff | part | single | multi | negative (sculpt.annotation.categories, sculpt.annotation.groups)
         ("members", pa.list_(pa.int32())),  # a multi-object group: its members' indices in `objects`
         ("error", pa.string()),  # an object-level failure; null when fine
     ]

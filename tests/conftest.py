@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory):
     """Three SA-1B-format shards of four photographs each (read-only: copy before changing)."""
-    from sculpt.samples import make_sample_shards
+    from sculpt.testing.samples import make_sample_shards
 
     directory = tmp_path_factory.mktemp("samples")
     return make_sample_shards(str(directory), shards=3, images_per_shard=4)
@@ -26,7 +26,7 @@ def sample_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """The offline checkpoint kit, written once: {models key: directory}."""
-    from sculpt.models.kit import write_tiny_models
+    from sculpt.testing.kit import write_tiny_models
 
     return write_tiny_models(str(tmp_path_factory.mktemp("tiny-models")))
 

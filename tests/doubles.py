@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from sculpt import images, rle
-from sculpt.output import OutputStore
+from sculpt.annotation import images, rle
+from sculpt.outputs.store import OutputStore
 from sculpt.stage import Stage
 
 

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from sculpt import samples
+from sculpt.testing import samples
 
 
 def photo(name="chelsea"):

@@ -1,4 +1,4 @@
-"""The phrase-kind rule (sculpt/categories.py) against a golden set labelled by hand, and its fixed cases.
+"""The phrase-kind rule (sculpt/annotation/categories.py) against a golden set labelled by hand, and its fixed cases.
 
 Labels follow GSEval's classes (1 stuff, 2 part, 3 multi-object, 4 single object) as a person reading the phrase
 alone would give them; the rule's agreement with them is reported in docs/BENCHMARKS.md.
@@ -6,7 +6,7 @@ alone would give them; the rule's agreement with them is reported in docs/BENCHM
 
 import pytest
 
-from sculpt.categories import MULTI, PART, SINGLE, STUFF, category, head_noun
+from sculpt.annotation.categories import MULTI, PART, SINGLE, STUFF, category, head_noun
 
 S, P, M, O = STUFF, PART, MULTI, SINGLE
 GOLDEN = [  # (phrase, boxes it was grounded to, hand label)

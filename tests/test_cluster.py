@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from sculpt import config
-from sculpt.pipeline import resource_demand
-from sculpt.samples import make_sample_shards
+from sculpt.engine.cluster import resource_demand
+from sculpt.testing.samples import make_sample_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -32,7 +32,7 @@ def test_unknown_keys_and_stages_are_named_in_the_error():
 
 
 def test_example_config_loads_and_builds_the_chain():
-    from sculpt.pipeline import resource_demand
+    from sculpt.engine.cluster import resource_demand
 
     cfg = config.load("workflows/annotate.yaml")
     stages = config.build_stages(cfg)

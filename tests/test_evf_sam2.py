@@ -20,7 +20,7 @@ TINY_BEIT3 = Beit3Config(embed_dim=32, layers=2, heads=4, ffn_dim=64, vocab_size
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     pytest.importorskip("sam2")
-    from sculpt.models import tiny_evf_sam2
+    from sculpt.testing import tiny_evf_sam2
 
     return tiny_evf_sam2.write(str(tmp_path_factory.mktemp("evf") / "evf-sam2-tiny"))
 
@@ -67,7 +67,7 @@ def test_tiny_checkpoint_is_in_the_official_layout_and_loads_strictly(tiny, pred
 
 
 def test_the_writer_is_reproducible_per_seed(tiny, tmp_path):
-    from sculpt.models import tiny_evf_sam2
+    from sculpt.testing import tiny_evf_sam2
 
     first = checkpoint_tensors(tiny)
     again = checkpoint_tensors(tiny_evf_sam2.write(str(tmp_path / "again"), seed=0))
@@ -226,7 +226,7 @@ def test_a_sentencepiece_model_the_conversion_gets_wrong_is_refused(tiny, tmp_pa
 
     import sentencepiece
 
-    from sculpt.models import tiny_evf_sam2
+    from sculpt.testing import tiny_evf_sam2
 
     buffer = io.BytesIO()  # BPE: transformers' XLMRobertaTokenizer would read it as unigram and tokenize differently
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(tiny_evf_sam2.CORPUS), model_writer=buffer,

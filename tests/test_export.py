@@ -7,8 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sculpt import cli, export, images, rle, samples, schema, storage
-from sculpt.output import OutputStore, UnitWriter
+from sculpt import cli, schema
+from sculpt.outputs import export
+from sculpt.annotation import images, rle
+from sculpt.testing import samples
+from sculpt.io import storage
+from sculpt.outputs.store import OutputStore, UnitWriter
 from tests.helpers import encoded, exif_rotated_jpeg
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 2}
@@ -228,7 +232,7 @@ def test_rows_stream_in_batches_in_index_order(tmp_path, monkeypatch):
 def test_s3_output_exports_to_s3(s3_server, tmp_path):
     import boto3
 
-    from sculpt.storage import S3Options
+    from sculpt.io.storage import S3Options
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="export")
     s3 = S3Options(endpoint=s3_server)
@@ -338,7 +342,9 @@ def test_images_in_a_relative_folder_are_found_by_the_evaluator_given_that_folde
 
 
 def test_a_job_given_a_relative_input_has_its_shards_found_from_any_directory(sample_shards, tmp_path, monkeypatch):
-    from sculpt import config, planning, shards
+    from sculpt import config
+    from sculpt.engine import planning
+    from sculpt.io import shards
 
     monkeypatch.chdir(os.path.dirname(sample_shards[0]))
     name = os.path.basename(sample_shards[0])

@@ -7,8 +7,10 @@ import os
 import pyarrow.dataset as pads
 import pytest
 
-from sculpt import config, output, pipeline, planning
-from sculpt.output import OutputStore
+from sculpt import config
+from sculpt.outputs import store as output
+from sculpt.engine import pipeline, planning
+from sculpt.outputs.store import OutputStore
 
 
 def faulty(**params):
@@ -248,7 +250,7 @@ def test_a_job_refused_after_planning_gives_its_output_back(sample_shards, tmp_p
 
 
 def test_a_job_that_lost_its_output_to_another_stops_before_committing_more(local_ray, sample_shards, tmp_path):
-    from sculpt.lease import OutputBusy
+    from sculpt.io.lease import OutputBusy
 
     cfg, stages = job(sample_shards, tmp_path / "out", [faulty()])
     todo = planning.plan(cfg, stages)

@@ -13,8 +13,10 @@ pytest.importorskip("sam2")
 
 from actors.ground import Grounder  # noqa: E402
 from actors.mask import Masker, build_sam2_model  # noqa: E402
-from sculpt import grounding, rle, samples, schema  # noqa: E402
-from sculpt.models import tiny_florence2, tiny_sam2  # noqa: E402
+from sculpt.annotation import grounding, rle  # noqa: E402
+from sculpt.testing import samples
+from sculpt import schema
+from sculpt.testing import tiny_florence2, tiny_sam2  # noqa: E402
 from sculpt.stage import StageActor  # noqa: E402
 
 TASK = grounding.TASK
@@ -176,8 +178,8 @@ def test_grounder_encodes_each_image_once_for_all_its_chunks(tiny_models):
     """Two images, a caption chunk per sentence each (three): the vision tower runs once, on both images, and
     every chunk's generation (3 beams, the trained tiny model) equals the processor's own path, which encodes per
     prompt."""
-    from sculpt import images
-    from sculpt.models import kit
+    from sculpt.annotation import images
+    from sculpt.testing import kit
 
     sentences = [kit.CAPTION[s:e] for s, e in grounding.sentence_spans(kit.CAPTION)]
     probe = Grounder(model=tiny_models["ground"])

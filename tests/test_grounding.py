@@ -1,9 +1,9 @@
-"""Golden tests of sculpt.grounding: caption splitting, phrase spans and filtering, box cleaning. No model."""
+"""Golden tests of sculpt.annotation.grounding: caption splitting, phrase spans and filtering, box cleaning. No model."""
 
 import pytest
 
-from sculpt import grounding
-from sculpt.grounding import Chunk
+from sculpt.annotation import grounding
+from sculpt.annotation.grounding import Chunk
 
 CAPTION = (
     "A gray tabby cat lies on a wooden table. Next to it stands a white coffee cup with a spoon. "

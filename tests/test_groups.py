@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from sculpt import groups, rle, schema
+from sculpt.annotation import groups, rle
+from sculpt import schema
 
 CAPTION = "Two green plants stand by the window. A gray cat sits on the sofa with the cat's tail under the blue sky."
 

@@ -9,7 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sculpt import config, images, pipeline, samples  # noqa: E402
+from sculpt import config  # noqa: E402
+from sculpt.annotation import images
+from sculpt.engine import pipeline
+from sculpt.testing import samples
 from sculpt.stage import DeviceTurn, Resources, ray_options  # noqa: E402
 from tests.test_workflow import job, output_rows  # noqa: E402
 

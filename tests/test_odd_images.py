@@ -7,8 +7,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
-from sculpt import images, samples, schema, shards  # noqa: E402
-from sculpt.models import kit  # noqa: E402
+from sculpt.annotation import images  # noqa: E402
+from sculpt.testing import samples
+from sculpt import schema
+from sculpt.io import shards
+from sculpt.testing import kit  # noqa: E402
 from sculpt.stage import StageActor  # noqa: E402
 
 SHAPES = [(1, 60), (2, 60), (3, 60), (60, 1), (60, 2), (60, 3), (1, 1), (3, 3)]  # (height, width)

@@ -5,8 +5,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from sculpt import schema, storage
-from sculpt.output import IncompatibleOutput, OutputStore, UnitWriter
+from sculpt import schema
+from sculpt.io import storage
+from sculpt.outputs.store import IncompatibleOutput, OutputStore, UnitWriter
 
 JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"model": "m1"}}]}, "model_ids": {"a": "m1"}}
 
@@ -149,7 +150,7 @@ def test_a_clear_stopped_part_way_leaves_no_unit_that_looks_committed(tmp_path, 
 
 
 def test_a_part_file_the_store_refuses_leaves_its_unit_pending_in_the_receipt(tmp_path):
-    from sculpt.output import write_parts
+    from sculpt.outputs.store import write_parts
 
     (tmp_path / "_tmp").write_text("a file where the parts' folder goes")  # every part write fails (OSError)
     (receipt,) = write_parts(rows("sa_000001-00000", [0, 1], size=2), str(tmp_path), storage.S3Options()).to_pylist()
@@ -158,7 +159,7 @@ def test_a_part_file_the_store_refuses_leaves_its_unit_pending_in_the_receipt(tm
 
 
 def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_parts_are_left(tmp_path):
-    from sculpt.output import commit_unit, write_parts
+    from sculpt.outputs.store import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -175,7 +176,7 @@ def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_part
 
 
 def test_a_redo_commit_tried_again_after_it_deleted_some_of_its_parts_returns_its_marker(tmp_path):
-    from sculpt.output import commit_unit, write_parts
+    from sculpt.outputs.store import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -198,7 +199,7 @@ def test_a_redo_commit_tried_again_after_it_deleted_some_of_its_parts_returns_it
 
 def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path):
     """A job cleared with --overwrite whose commit landed late leaves its marker: not a retry of this commit."""
-    from sculpt.output import commit_unit, write_parts
+    from sculpt.outputs.store import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -213,8 +214,8 @@ def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path
 
 def test_a_commit_whose_job_lost_its_lease_writes_nothing(tmp_path):
     """A commit started before another job took the output over: its last look at the lease stops it."""
-    from sculpt.lease import Lease, OutputBusy
-    from sculpt.output import commit_unit, write_parts
+    from sculpt.io.lease import Lease, OutputBusy
+    from sculpt.outputs.store import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -236,7 +237,7 @@ def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_f
     """Mid-run: one unit committed, another's rows in part files, a third's half-gathered in _tmp. pyarrow over OUT
     and Hugging Face `datasets` over the data files (as the README says) see the committed rows, each once."""
     datasets = pytest.importorskip("datasets")
-    from sculpt.output import commit_unit, write_parts
+    from sculpt.outputs.store import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -259,7 +260,7 @@ def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
     import subprocess
     import sys
 
-    from sculpt.lease import LEASE_FILE, Lease, OutputBusy
+    from sculpt.io.lease import LEASE_FILE, Lease, OutputBusy
 
     out = str(tmp_path / "out")
     held = Lease(out).acquire()
@@ -289,7 +290,7 @@ def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
 def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(tmp_path):
     import time
 
-    from sculpt.lease import Lease, OutputBusy
+    from sculpt.io.lease import Lease, OutputBusy
 
     out = str(tmp_path / "out")
     slow = Lease(out, ttl_seconds=0.6).acquire()  # renews every 0.2 s
@@ -313,7 +314,7 @@ def lease_with_outage(out: str, ttl: float, monkeypatch):
     import errno
     import threading
 
-    from sculpt.lease import Lease
+    from sculpt.io.lease import Lease
 
     lease, outage = Lease(out, ttl_seconds=ttl).acquire(), threading.Event()
     real = lease._write
@@ -365,7 +366,7 @@ def test_a_job_whose_lease_cannot_be_renewed_commits_nothing_until_a_renewal_lan
 def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_answers(tmp_path, monkeypatch):
     import time
 
-    from sculpt.lease import Lease, OutputBusy
+    from sculpt.io.lease import Lease, OutputBusy
 
     lease, outage = lease_with_outage(str(tmp_path / "out"), 0.8, monkeypatch)
     outage.set()
@@ -387,7 +388,7 @@ def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_
 def test_a_job_whose_lease_renewals_keep_failing_stops_with_the_last_error(tmp_path, monkeypatch):
     import time
 
-    from sculpt import lease as lease_module
+    from sculpt.io import lease as lease_module
 
     monkeypatch.setattr(lease_module, "STALL_TTLS", 3)
     lease, outage = lease_with_outage(str(tmp_path / "out"), 0.3, monkeypatch)
@@ -417,7 +418,7 @@ def test_a_lease_counts_from_its_stamp_not_from_when_the_store_answered(tmp_path
     """A renewal the store answers late (S3's retries): the other jobs read the stamp, so the ttl runs from it."""
     import time
 
-    from sculpt import lease as lease_module
+    from sculpt.io import lease as lease_module
 
     lease = lease_module.Lease(str(tmp_path / "out"), ttl_seconds=1.0)
     lease._write(None)
@@ -438,7 +439,7 @@ def test_a_lease_counts_from_its_stamp_not_from_when_the_store_answered(tmp_path
 def test_a_lease_is_taken_where_the_disk_has_no_hard_links(tmp_path, monkeypatch):
     import errno
 
-    from sculpt import lease as lease_module
+    from sculpt.io import lease as lease_module
 
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")  # gcsfuse, blobfuse, some SMB mounts
@@ -454,7 +455,7 @@ def test_a_lease_is_taken_where_the_disk_has_no_hard_links(tmp_path, monkeypatch
 
 
 def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_path):
-    from sculpt.lease import Lease
+    from sculpt.io.lease import Lease
 
     out = str(tmp_path / "out")
     lease = Lease(out, ttl_seconds=1000).acquire()  # no renewal in the test's time
@@ -467,7 +468,7 @@ def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_
 
 
 def test_an_empty_lease_file_is_nobodys(tmp_path):
-    from sculpt.lease import Lease
+    from sculpt.io.lease import Lease
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "_lease.json").write_text("")  # a create cut short (a full disk, a kill)
@@ -481,8 +482,8 @@ def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, mo
     import threading
     import time
 
-    from sculpt import storage
-    from sculpt.lease import Lease, OutputBusy
+    from sculpt.io import storage
+    from sculpt.io.lease import Lease, OutputBusy
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "_lease.json").write_text(json.dumps({"owner": "gone", "host": "another-host", "pid": 1,

@@ -13,7 +13,10 @@ pytest.importorskip("sam2")
 
 from actors.ground import Grounder  # noqa: E402
 from actors.mask import Masker  # noqa: E402
-from sculpt import precision, rle, samples, schema  # noqa: E402
+from sculpt.models import precision  # noqa: E402
+from sculpt.annotation import rle
+from sculpt.testing import samples
+from sculpt import schema
 from sculpt.stage import StageActor  # noqa: E402
 
 REDUCED = ["bfloat16", "float16"]
@@ -46,7 +49,7 @@ def row(name, index, boxes=(), caption=None):
 
 @pytest.fixture(scope="module")
 def evf(tmp_path_factory):
-    from sculpt.models import tiny_evf_sam2
+    from sculpt.testing import tiny_evf_sam2
 
     return tiny_evf_sam2.write(str(tmp_path_factory.mktemp("evf") / "evf-sam2-tiny"))
 
@@ -68,7 +71,7 @@ def test_evf_sam2_predicts_in_reduced_precision(evf, dtype):
 
 @pytest.fixture(scope="module")
 def sam2_dir(tmp_path_factory):
-    from sculpt.models import tiny_sam2
+    from sculpt.testing import tiny_sam2
 
     return tiny_sam2.write(str(tmp_path_factory.mktemp("sam2") / "sam2"))
 
@@ -88,7 +91,7 @@ def test_masker_in_reduced_precision(sam2_dir, dtype):
 
 @pytest.fixture(scope="module")
 def florence_dir(tmp_path_factory):
-    from sculpt.models import tiny_florence2
+    from sculpt.testing import tiny_florence2
 
     return tiny_florence2.write(str(tmp_path_factory.mktemp("florence2") / "florence2"))
 
@@ -111,7 +114,7 @@ def test_grounder_in_reduced_precision(florence_dir, dtype):
     full = logits["float32"]
     assert (logits[dtype] - full).abs().max() <= 0.05 * (full.max() - full.min())
     # And the whole stage, on the caption the tiny model was trained to ground, finds the same boxes.
-    from sculpt.models import kit
+    from sculpt.testing import kit
 
     found = {d: StageActor(stage)(schema.to_table([row("chelsea", 0, caption=kit.CAPTION),
                                                    row("rocket", 1, caption=kit.CAPTION)])).to_pylist()

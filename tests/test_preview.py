@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sculpt import cli, preview, samples
+from sculpt import cli
+from sculpt.outputs import preview
+from sculpt.testing import samples
 from tests.test_export import obj, shard_output
 
 W, H = 200, 160
@@ -115,7 +117,7 @@ def test_error_and_empty_rows_get_cards_and_a_missing_output_is_refused(tmp_path
 def test_s3_output_previews_to_s3(s3_server, tmp_path):
     import boto3
 
-    from sculpt import storage
+    from sculpt.io import storage
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="preview")
     s3 = storage.S3Options(endpoint=s3_server)

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from sculpt import prompts
+from sculpt.annotation import prompts
 
 
 def test_box_to_text_scales_each_axis_by_its_own_size():

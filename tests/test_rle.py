@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sculpt import rle
+from sculpt.annotation import rle
 
 
 def test_roundtrip_and_area_match_the_mask():

@@ -6,10 +6,12 @@ import boto3
 import pyarrow.dataset as pads
 import pytest
 
-from sculpt import config, pipeline, planning, storage
+from sculpt import config
+from sculpt.engine import pipeline, planning
+from sculpt.io import storage
 from sculpt.cli import status
-from sculpt.output import OutputStore
-from sculpt.shards import shard_name
+from sculpt.outputs.store import OutputStore
+from sculpt.io.shards import shard_name
 
 
 @pytest.fixture
@@ -157,7 +159,7 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
 
 
 def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers(local_ray, s3_server, bucket, tmp_path):
-    from sculpt.lease import LEASE_FILE, OutputBusy
+    from sculpt.io.lease import LEASE_FILE, OutputBusy
 
     client, name = bucket
     left = client.create_multipart_upload(Bucket=name, Key="out/sa_000001-00000.parquet")  # a killed job's upload
@@ -181,7 +183,7 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
 
 
 def test_an_empty_lease_object_on_s3_is_nobodys(s3_server, bucket):
-    from sculpt.lease import LEASE_FILE, Lease
+    from sculpt.io.lease import LEASE_FILE, Lease
 
     client, name = bucket
     client.put_object(Bucket=name, Key=f"out/{LEASE_FILE}", Body=b"")  # left by a tool, or a write cut short
@@ -196,7 +198,7 @@ def test_an_empty_lease_object_on_s3_is_nobodys(s3_server, bucket):
 def test_a_job_whose_s3_lease_was_deleted_learns_it_at_its_next_renewal(s3_server, bucket):
     """If-Match on a key that is gone answers 404: the lease is no longer ours (a user deleted it, as the busy
     message offers, or a job that took it over has ended), not an unreachable store to wait for."""
-    from sculpt.lease import LEASE_FILE, Lease, OutputBusy
+    from sculpt.io.lease import LEASE_FILE, Lease, OutputBusy
 
     client, name = bucket
     lease = Lease(f"s3://{name}/out", storage.S3Options(endpoint=s3_server), ttl_seconds=1000).acquire()

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sculpt import images, samples, schema, shards
-from sculpt.shards import ReadOptions, read_shard, shard_name
+from sculpt.annotation import images
+from sculpt.testing import samples
+from sculpt import schema
+from sculpt.io import shards
+from sculpt.io.shards import ReadOptions, read_shard, shard_name
 from tests import helpers
 
 

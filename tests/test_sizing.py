@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from sculpt import cli, config, sizing
+from sculpt import cli, config
+from sculpt.engine import sizing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

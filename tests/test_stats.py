@@ -3,8 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from sculpt import cli, report, rle, schema, stats
-from sculpt.output import OutputStore, UnitWriter
+from sculpt import cli, schema
+from sculpt.outputs import report, stats
+from sculpt.annotation import rle
+from sculpt.outputs.store import OutputStore, UnitWriter
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 1}
 

@@ -11,8 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from actors.ground import Grounder  # noqa: E402
-from sculpt import config, grounding, prompts, samples, schema  # noqa: E402
-from sculpt.models.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE  # noqa: E402
+from sculpt import config, schema  # noqa: E402
+from sculpt.annotation import grounding, prompts
+from sculpt.testing import samples
+from sculpt.testing.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE  # noqa: E402
 
 # The caption's own text at each grounded span, a phrase repeated once per box of its group.
 PHRASES = ["A gray cat", "a red sofa", "the wooden floor", "Its long tail", "Two green plants", "Two green plants",
@@ -141,7 +143,7 @@ def test_a_kit_knows_the_code_that_wrote_it(tiny_models, tmp_path):
 
     import yaml
 
-    from sculpt.models.kit import kit_version, written_version
+    from sculpt.testing.kit import kit_version, written_version
 
     kit_dir = os.path.dirname(tiny_models["vlm"])
     assert written_version(kit_dir) == kit_version()  # the demo reuses this kit
@@ -156,7 +158,7 @@ def test_writing_the_kit_prints_no_progress_of_its_own(tiny_models, capfd):
     """The demo writes the kit on a fresh machine: its output is sculpt's lines, not a bar per checkpoint."""
     from transformers.utils import logging as transformers_logging
 
-    from sculpt.models import tiny_florence2
+    from sculpt.testing import tiny_florence2
 
     assert not transformers_logging.is_progress_bar_enabled()  # save_pretrained's "Writing model shards" bar
     capfd.readouterr()

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from actors.verify import Verifier
-from sculpt import rle, samples, schema, verify
+from sculpt.annotation import rle, verify
+from sculpt.testing import samples
+from sculpt import schema
 from sculpt.stage import StageActor
 
 
@@ -227,7 +229,7 @@ def test_stage_marks_an_undecodable_image():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     pytest.importorskip("sam2")
-    from sculpt.models import tiny_evf_sam2
+    from sculpt.testing import tiny_evf_sam2
 
     return tiny_evf_sam2.write(str(tmp_path_factory.mktemp("evf") / "evf-sam2-tiny"))
 
@@ -246,7 +248,7 @@ def test_stage_with_tiny_evf_sam2(tiny_checkpoint):
         assert out[0]["status"] == "ok"
         assert all(0 <= o["iou"] <= 1 and o["kept"] == (o["iou"] >= threshold) for o in got)
     # The stage's IoU is the IoU of the module's own masks with the SAM2 masks.
-    from sculpt import images as img
+    from sculpt.annotation import images as img
 
     decoded = img.load_rgb(samples.jpeg_bytes(image))
     masks = evf_sam2.load(tiny_checkpoint).predict(decoded, expressions)
@@ -267,8 +269,8 @@ def test_kept_verifier_masks_let_anyone_recompute_the_filter(tmp_path):
     IoU over idx-matched lines) give the mean of the IoUs the filter recorded."""
     import json
 
-    from sculpt import export
-    from sculpt.output import OutputStore, UnitWriter
+    from sculpt.outputs import export
+    from sculpt.outputs.store import OutputStore, UnitWriter
     from tests.test_export import gseval_giou
 
     image = samples.photo("chelsea")

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sculpt import prompts, samples, vlm
+from sculpt.annotation import prompts
+from sculpt.testing import samples
+from sculpt.engine import vlm
 
 pytest.importorskip("vllm")
 
@@ -166,7 +168,7 @@ def test_prefix_cache_counters(engine):
 
 
 def test_thin_images_are_captioned_whatever_their_aspect(engine):
-    from sculpt.models import kit
+    from sculpt.testing import kit
 
     photo = samples.photo("chelsea")
     thin = {f"{h}x{w}": samples.jpeg_bytes(np.ascontiguousarray(photo[:h, :w])) for h, w in

@@ -5,7 +5,8 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from sculpt import config, pipeline
+from sculpt import config
+from sculpt.engine import pipeline
 
 pytest.importorskip("vllm")
 
@@ -30,7 +31,7 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
 
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert summary["images"] == len(rows) == 4
-    from sculpt.models import kit
+    from sculpt.testing import kit
 
     assert [r["status"] for r in rows] == ["ok"] * 4  # the trained tiny model captions and refers every image
     for row in rows:
@@ -49,8 +50,8 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
     import numpy as np
 
     from actors.vlm import vlm_engines
-    from sculpt import rle
-    from sculpt.models import kit
+    from sculpt.annotation import rle
+    from sculpt.testing import kit
 
     overrides = [f"input.shards=[{sample_shards[1]}]", f"output.path={tmp_path / 'out'}", "vlm.max_tiles=2",
                  "vlm.max_model_len=4096", "vlm.enforce_eager=true", "stages.caption.params.max_tokens=32",
@@ -233,7 +234,8 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
 
     from actors.caption import Captioner
     from actors.vlm import ENGINE_CALL_RETRIES, vlm_engines
-    from sculpt import samples, schema
+    from sculpt.testing import samples
+    from sculpt import schema
     from sculpt.stage import StageActor
 
     (tmp_path / "poison").write_text("u/1")

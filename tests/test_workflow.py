@@ -12,9 +12,12 @@ import time
 
 import pyarrow.dataset as pads
 
-from sculpt import config, pipeline, samples, shards
+from sculpt import config
+from sculpt.engine import pipeline, dataset, progress
+from sculpt.testing import samples
+from sculpt.io import shards
 from sculpt.cli import status
-from sculpt.output import OutputStore
+from sculpt.outputs.store import OutputStore
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,32 +235,32 @@ def test_ray_datas_per_block_statistics_are_kept_to_the_last_blocks_of_each_oper
         assert sum(len(batch["id"]) for batch in ds.iter_batches(batch_size=None)) == 60
         return [int(n) for n in re.findall(r"(\d+) blocks produced", ds.stats())]
 
-    monkeypatch.setattr(pipeline, "BLOCK_STATS_KEPT", 3)
+    monkeypatch.setattr(dataset, "BLOCK_STATS_KEPT", 3)
     described = blocks_described([])
     assert described and all(n == 60 for n in described), described  # one per block (ray-project/ray#66016)
-    kept = blocks_described([pipeline.forget_old_block_stats()])
+    kept = blocks_described([dataset.forget_old_block_stats()])
     assert kept and all(n <= 6 for n in kept), kept
 
     cfg, stages = job(sample_shards[:1], tmp_path / "out", [hold("a", tmp_path / "logs", 0.5)])
     for _ in range(2):
-        pipeline.build_dataset([shards.Segment(str(sample_shards[0]))], stages, cfg, gate=None)
+        dataset.build_dataset([shards.Segment(str(sample_shards[0]))], stages, cfg, gate=None)
     registered = ray.data.DataContext.get_current().custom_execution_callback_classes
-    assert registered.count(pipeline.forget_old_block_stats()) == 1
+    assert registered.count(dataset.forget_old_block_stats()) == 1
 
 
 def test_the_chunks_whose_rows_may_still_be_in_their_reader():
     chunks = [["c0", 5000], ["c1", 1000], ["c2", 1500], ["c3", 0]]
-    assert pipeline.unsent_units(chunks, 1000) == ["c3", "c2", "c1"]  # c0 is followed by 2500 bytes >= 2 blocks
-    assert pipeline.unsent_units(chunks, 100) == ["c3", "c2"]
-    assert pipeline.unsent_units(chunks, None) == ["c3", "c2", "c1", "c0"]  # no block limit: all sent at the end
-    assert pipeline.unsent_units([], 100) == []
+    assert dataset.unsent_units(chunks, 1000) == ["c3", "c2", "c1"]  # c0 is followed by 2500 bytes >= 2 blocks
+    assert dataset.unsent_units(chunks, 100) == ["c3", "c2"]
+    assert dataset.unsent_units(chunks, None) == ["c3", "c2", "c1", "c0"]  # no block limit: all sent at the end
+    assert dataset.unsent_units([], 100) == []
 
 
 def test_the_chunk_gate_lets_readers_wait_holding_unsent_rows_only_within_its_spare_places():
     import asyncio
 
     async def scenario():
-        gate = pipeline.ChunkGate(limit=4, least=1)  # 3 places above the least safe bound
+        gate = dataset.ChunkGate(limit=4, least=1)  # 3 places above the least safe bound
 
         async def take(unit, reader, unsent):
             task = asyncio.ensure_future(gate.take(unit, reader, unsent))
@@ -286,7 +289,7 @@ def test_progress_shows_an_eta_from_this_runs_shards_once_one_is_done():
     import io
 
     lines = io.StringIO()
-    progress = pipeline.Progress(total=4, done=1, every=60, out=lines)  # one shard done before this run
+    progress = progress.Progress(total=4, done=1, every=60, out=lines)  # one shard done before this run
     progress.unit({"unit": "sa_1-00000", "images": 2, "errors": 0}, shard_done=False)
     assert "shards 1/4" in lines.getvalue() and "ETA" not in lines.getvalue()  # no shard of this run done yet
     progress.start -= 10  # this run has taken 10 s when its first shard is done

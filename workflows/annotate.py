@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from actors.vlm import vlm_engines  # noqa: E402
 from sculpt import config as job_config  # noqa: E402
-from sculpt import errors, pipeline, planning, samples  # noqa: E402
+from sculpt import errors  # noqa: E402
+from sculpt.engine import pipeline, planning, cluster, progress
+from sculpt.testing import samples
 
 DEMO_DIR = "sculpt-demo"
 # The demo on a CPU machine: logical CPUs and GPUs for the five stages, small images, short answers.
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def demo_settings() -> list[str]:
     """Sample shards and tiny models under sculpt-demo/ (made once), as config overrides."""
-    from sculpt.models.kit import kit_version, write_tiny_models, written_version
+    from sculpt.testing.kit import kit_version, write_tiny_models, written_version
 
     shard_dir, model_dir = os.path.join(DEMO_DIR, "shards"), os.path.join(DEMO_DIR, "models")
     if not os.path.isdir(shard_dir):
@@ -82,8 +84,8 @@ def main(argv=None) -> int:
         todo = planning.plan(config, stages)
         try:
             if todo.segments:
-                started_local_ray = pipeline.connect_ray(config)
-                pipeline.check_resources(config, stages, fixed_cluster=started_local_ray)
+                started_local_ray = cluster.connect_ray(config)
+                cluster.check_resources(config, stages, fixed_cluster=started_local_ray)
             with vlm_engines(config, stages if todo.segments else []):
                 summary = pipeline.run(config, stages, todo)
         finally:
@@ -94,12 +96,12 @@ def main(argv=None) -> int:
             raise
         print(f"sculpt: error: {message}", file=sys.stderr)
         return 2
-    print("\n".join(pipeline.describe(summary)))
+    print("\n".join(progress.describe(summary)))
     out = summary["output"]
     print(f"Rows: {out}/*.parquet (pyarrow.dataset or pandas; sculpt.schema.decode_masks for masks). "
           f"Totals: `sculpt status {out}`; statistics and plots: `sculpt report {out}`.")
     if not args.config and not args.input:  # the demo ends with a look at what it made
-        from sculpt import preview
+        from sculpt.outputs import preview
 
         written = preview.write_preview(out, os.path.join(out, "_preview"))
         print(f"Preview: open {os.path.abspath(written['index'])} in a browser ({written['cards']} images).")

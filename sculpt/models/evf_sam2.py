@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sculpt import precision
+from sculpt.models import precision
 
-from sculpt.verify import SEMANTIC_PREFIX, is_multitask  # noqa: E402
+from sculpt.annotation.verify import SEMANTIC_PREFIX, is_multitask  # noqa: E402
 SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
 TOKENIZER_FILE = "sentencepiece.bpe.model"
 SAM_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std on the 0-255 scale
@@ -412,7 +412,7 @@ def resolve(source: str) -> str:
 class Predictor:
     """EVF-SAM2 on one device: ``predict(image, expressions)`` -> N×H×W bool masks.
 
-    The weights stay float32; a reduced ``dtype`` runs the forward pass under autocast (``sculpt.precision``).
+    The weights stay float32; a reduced ``dtype`` runs the forward pass under autocast (``sculpt.models.precision``).
     """
 
     def __init__(self, model: EvfSam2, tokenizer, prefix: str = "", device="cpu", dtype: str = "float32"):
@@ -435,8 +435,8 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensor(self, image, expressions: list[str], features: dict | None = None,
                        chunk: int = 8) -> torch.Tensor:
-        """``predict``'s N×H×W bool masks as a tensor on the model's device (e.g. for ``sculpt.rle.encode_tensors``);
-        ``image`` may be a tensor already there (``sculpt.images.decode_on``)."""
+        """``predict``'s N×H×W bool masks as a tensor on the model's device (e.g. for ``sculpt.annotation.rle.encode_tensors``);
+        ``image`` may be a tensor already there (``sculpt.annotation.images.decode_on``)."""
         image = torch.as_tensor(image, device=self.device)
         height, width = image.shape[:2]
         if not expressions:
@@ -455,7 +455,7 @@ class Predictor:
 def load(source: str, device: str | None = None, dtype: str | None = None, prefix: str | None = None) -> Predictor:
     """EVF-SAM2 from a hub id or a local checkpoint directory, weights checked strictly.
 
-    device and dtype follow ``sculpt.precision.resolve`` (bfloat16 or float16 on CUDA, float32 on the CPU unless
+    device and dtype follow ``sculpt.models.precision.resolve`` (bfloat16 or float16 on CUDA, float32 on the CPU unless
     asked); prefix: prepended to every expression (None: ``default_prefix(source)``).
     """
     directory = resolve(source)

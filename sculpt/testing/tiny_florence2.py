@@ -8,7 +8,7 @@ tokenizer class (BART's), with Florence-2's special tokens, ``<loc_0>``…``<loc
 The image is 64×64 pixels (2×2 vision tokens + 1 = 5 image tokens, the real model has 24×24 + 1 = 577) and the
 text encoder has 160 positions, so a caption of a few sentences already needs splitting.
 
-The weights are briefly trained (``train_scene``) to ground the kit's scene caption (``sculpt.models.kit``) and
+The weights are briefly trained (``train_scene``) to ground the kit's scene caption (``sculpt.testing.kit``) and
 each run of its sentences, whatever the image; any other caption gets whatever the weights say.
 """
 
@@ -57,7 +57,7 @@ def _tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import BartTokenizer
 
-    from sculpt.models.kit import CAPTION, GROUNDING
+    from sculpt.testing.kit import CAPTION, GROUNDING
 
     bpe = ByteLevelBPETokenizer()
     # the scene's caption and phrases too: their words as whole tokens keep the grounding short (the ground
@@ -124,7 +124,7 @@ def write(directory: str, seed: int = 0, train: bool = True) -> str:
     torch.manual_seed(seed)
     model = Florence2ForConditionalGeneration(_config(tokenizer)).eval()
     if train:
-        from sculpt.models.kit import one_thread
+        from sculpt.testing.kit import one_thread
 
         with one_thread():
             train_scene(model, processor, seed)
@@ -135,10 +135,10 @@ def write(directory: str, seed: int = 0, train: bool = True) -> str:
 
 def scene_targets() -> dict[str, str]:
     """Caption chunk -> the generation that grounds it: every run of consecutive sentences of the caption, the
-    whole caption first (the chunks ``sculpt.grounding.split_caption`` can cut it into), their GROUNDING phrases
+    whole caption first (the chunks ``sculpt.annotation.grounding.split_caption`` can cut it into), their GROUNDING phrases
     in caption order, each phrase followed by its boxes' location tokens."""
-    from sculpt import grounding
-    from sculpt.models.kit import CAPTION, GROUNDING
+    from sculpt.annotation import grounding
+    from sculpt.testing.kit import CAPTION, GROUNDING
 
     spans = grounding.sentence_spans(CAPTION)
     chunks = [CAPTION[spans[first][0]:spans[first + length - 1][1]]
@@ -155,7 +155,7 @@ def _pictures(seed: int):
     """Photographs and a few noise and flat images, as the processor hands them to the model."""
     import numpy as np
 
-    from sculpt import samples
+    from sculpt.testing import samples
 
     noise = np.random.RandomState(seed)
     pictures = [samples.photo(name) for name in samples.PHOTOS]
@@ -174,7 +174,7 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> No
 
     import torch
 
-    from sculpt import grounding
+    from sculpt.annotation import grounding
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

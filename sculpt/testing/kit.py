@@ -21,7 +21,7 @@ import yaml
 
 # The scene the trained tiny models act out. Every GROUNDING phrase occurs in CAPTION, in this order; boxes are
 # Florence-2 location bins (x0, y0, x1, y1 in 0..999 of the image's width and height). The phrases cover every
-# kind (sculpt.categories): "the wooden floor" is stuff, "its long tail" a part, "two green plants" one phrase
+# kind (sculpt.annotation.categories): "the wooden floor" is stuff, "its long tail" a part, "two green plants" one phrase
 # grounded to two boxes (a group, multi), the rest single objects.
 CAPTION = ("A gray cat sits on a red sofa on the wooden floor. Its long tail hangs down. "
            "Two green plants stand beside the window.")
@@ -42,10 +42,10 @@ GROUNDING = {
 
 # `models` key -> the module whose write(directory, seed) writes that model's tiny checkpoint
 WRITERS = {
-    "vlm": "sculpt.models.tiny_internvl",
-    "ground": "sculpt.models.tiny_florence2",
-    "mask": "sculpt.models.tiny_sam2",
-    "verify": "sculpt.models.tiny_evf_sam2",
+    "vlm": "sculpt.testing.tiny_internvl",
+    "ground": "sculpt.testing.tiny_florence2",
+    "mask": "sculpt.testing.tiny_sam2",
+    "verify": "sculpt.testing.tiny_evf_sam2",
 }
 
 
@@ -68,7 +68,7 @@ def kit_version() -> str:
     code is stale."""
     import hashlib
 
-    from sculpt import prompts
+    from sculpt.annotation import prompts
 
     digest = hashlib.sha256()
     for module in [__name__, prompts.__name__, *WRITERS.values()]:

@@ -25,14 +25,15 @@ import threading
 import time
 import uuid
 
-from sculpt import errors, storage
+from sculpt import errors
+from sculpt.io import storage
 
 LEASE_FILE = "_lease.json"
 TTL_SECONDS = 90.0  # a lease not renewed for this long is free; the holder renews at a third of it
 STALL_TTLS = 10  # a job that cannot renew its lease for this many ttls stops (lasting: credentials, permissions)
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(errors.JobError):
     """Another job holds the output, or may: this job can no longer show that it holds it."""
 
 

@@ -2,7 +2,7 @@
 committed under its output, and the lease that makes it the output's only writer.
 
 A resume that has nothing left, a refused config or an output held by another job is known here, before any
-cluster is touched; ``sculpt.pipeline`` runs the plan.
+cluster is touched; ``sculpt.engine.pipeline`` runs the plan.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.compute as pc
 
-from sculpt import prompts, schema, shards, storage
+from sculpt.annotation import prompts
+from sculpt import schema
+from sculpt.io import shards, storage
 from sculpt.config import JobConfig
-from sculpt.lease import Lease
-from sculpt.output import OutputStore, fingerprint
+from sculpt.io.lease import Lease
+from sculpt.outputs.store import OutputStore, fingerprint
 from sculpt.stage import Stage
 
 SCHEMA_VERSION = 3  # 3: units are chunks of shards

@@ -5,7 +5,7 @@ A mask travels and is stored as ``{"size": [height, width], "counts": str}`` —
 
 ``encode_tensors`` is the path for masks that are torch tensors (on a GPU, or the CPU): the run lengths are
 counted with torch where the masks are, only those small arrays cross to the host, and pycocotools compresses
-them — the same bytes as ``pycocotools.mask.encode``. torch is imported only there: ``import sculpt.rle`` stays
+them — the same bytes as ``pycocotools.mask.encode``. torch is imported only there: ``import sculpt.annotation.rle`` stays
 free of it.
 """
 

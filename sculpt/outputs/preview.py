@@ -29,8 +29,11 @@ import tempfile
 
 import numpy as np
 
-from sculpt import export, images, rle, schema, storage
-from sculpt.storage import S3Options
+from sculpt.outputs import export
+from sculpt.annotation import images, rle
+from sculpt import schema
+from sculpt.io import storage
+from sculpt.io.storage import S3Options
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60)]
@@ -274,8 +277,3 @@ def screenshot(html_path: str, png_path: str, size: tuple[int, int] = (1280, 900
         small.save(png_path, optimize=True)
     return png_path
 
-
-if __name__ == "__main__":
-    from sculpt import cli
-
-    sys.exit(cli.main(["preview", *sys.argv[1:]]))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import html
 import os
 
-from sculpt import stats
-from sculpt.output import OutputStore, shards_line
+from sculpt.outputs import stats
+from sculpt.outputs.store import OutputStore, shards_line
 
 
 def job_stats(store: OutputStore) -> tuple[dict, list[dict]]:

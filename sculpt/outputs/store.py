@@ -4,7 +4,7 @@ Layout under the output path (local or s3://)::
 
     _sculpt_job.json                the job's config fingerprint, stages and model ids (first run)
     sa_000000-00000.parquet          the rows of the shard's first chunk; appears whole or not at all
-    _markers/sa_000000-00000.json   written after the Parquet file: counts and statistics (sculpt/stats.py),
+    _markers/sa_000000-00000.json   written after the Parquet file: counts and statistics (sculpt/outputs/stats.py),
                                      where the shard's next chunk starts (``end``), fingerprint, model ids, timings
     _stats.json                      the whole job's statistics, rewritten at the end of each run
     _tmp/                            in-flight writes (``parts/<unit>/``: rows written in the cluster, awaiting
@@ -30,14 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sculpt import errors, lease, schema, stats, storage
-from sculpt.storage import S3Options
+from sculpt import errors, schema
+from sculpt.io import lease, storage
+from sculpt.outputs import stats
+from sculpt.io.storage import S3Options
 
 JOB_FILE = "_sculpt_job.json"
 MARKERS = "_markers"
 
 
-class IncompatibleOutput(RuntimeError):
+class IncompatibleOutput(errors.JobError):
     pass
 
 
@@ -277,7 +279,7 @@ def write_parts(table: pa.Table, out: str, s3: S3Options) -> pa.Table:
     return pa.Table.from_pylist(receipts, schema=RECEIPT_SCHEMA)
 
 
-class ErrorBudgetExceeded(RuntimeError):
+class ErrorBudgetExceeded(errors.JobError):
     """A model stage failed too many images of a unit: the job stops before writing a dataset of errors."""
 
 
@@ -285,7 +287,7 @@ def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo
                 error_budget: tuple[float, int] = (1.0, 1 << 30), lease_owner: str | None = None) -> dict:
     """Gather a unit's part files into its Parquet file and write its marker (in the cluster); returns the marker.
 
-    ``lease_owner``: the running job's lease (``sculpt.lease``), confirmed as still its own before anything is
+    ``lease_owner``: the running job's lease (``sculpt.io.lease``), confirmed as still its own before anything is
     written to the unit's final names.
 
     ``redo``: the unit is committed already and the parts redo its error rows. Safe to run again (a retried task):
@@ -329,7 +331,7 @@ def _drop_parts(store: OutputStore, unit: str) -> None:
 
 def shard_progress(markers: list[dict]) -> dict[str, dict]:
     """Shard -> its committed chunks, their images, and whether it is done (every chunk up to its last)."""
-    from sculpt.shards import parse_unit
+    from sculpt.io.shards import parse_unit
 
     found: dict[str, dict] = {}
     for marker in markers:

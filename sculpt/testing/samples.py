@@ -14,7 +14,7 @@ import tarfile
 
 import numpy as np
 
-from sculpt import rle
+from sculpt.annotation import rle
 
 # Colour photographs in skimage.data, a mix of landscape, portrait (rocket is turned) and square shapes.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")

@@ -17,8 +17,9 @@ import dataclasses
 import io
 from dataclasses import dataclass
 
-from sculpt import errors, images, schema
-from sculpt.storage import SHARD_SUFFIXES, S3Options, filesystem, is_s3
+from sculpt import errors, schema
+from sculpt.annotation import images
+from sculpt.io.storage import SHARD_SUFFIXES, S3Options, filesystem, is_s3
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 READ_BUFFER = 8 << 20  # one ranged GET per 8 MiB on S3, not per tar record

@@ -55,8 +55,8 @@ def train_bpe(corpus: list[str], vocab_size: int) -> tuple[dict, list]:
 def _tokenizer():
     from transformers import Qwen2Tokenizer
 
-    from sculpt import prompts
-    from sculpt.models.kit import CAPTION
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import CAPTION
 
     # sculpt's prompts too: their words as whole tokens make the prompts short (half the tokens), training quick;
     # and the scene's caption, which then fits the caption stage's 32 tokens
@@ -121,7 +121,7 @@ def write(directory: str, seed: int = 0, max_tiles: int = 4, train: bool = True)
     model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                                                do_sample=False)
     if train:
-        from sculpt.models.kit import one_thread
+        from sculpt.testing.kit import one_thread
 
         with one_thread():
             train_scene(model, processor, seed)
@@ -169,7 +169,7 @@ def _pictures(seed: int):
     import numpy as np
     from PIL import Image
 
-    from sculpt import samples
+    from sculpt.testing import samples
 
     noise = np.random.RandomState(seed)
     pictures = [Image.fromarray(samples.photo(name)) for name in samples.PHOTOS]
@@ -178,7 +178,7 @@ def _pictures(seed: int):
 
 def _caption(rng):
     """The caption a refer, group or negative prompt of the training set quotes: mostly the scene's."""
-    from sculpt.models.kit import CAPTION
+    from sculpt.testing.kit import CAPTION
 
     return CAPTION if rng.random() < 0.6 else rng.choice(CORPUS + ["A cat.", None])
 
@@ -192,8 +192,8 @@ def _box(rng, width: int, height: int):
 
 
 def _refer_text(rng, width: int, height: int) -> str:
-    from sculpt import prompts
-    from sculpt.models.kit import GROUNDING
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import GROUNDING
 
     caption = _caption(rng)
     phrase = rng.choice(list(GROUNDING) + ["the " + rng.choice(_OTHER_WORDS), None])
@@ -202,8 +202,8 @@ def _refer_text(rng, width: int, height: int) -> str:
 
 def _group_text(rng, width: int, height: int) -> str:
     """A group refer prompt: a phrase (the scene's, a plural of the corpus, or none) and 2-3 member boxes."""
-    from sculpt import prompts
-    from sculpt.models.kit import GROUNDING
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import GROUNDING
 
     caption = _caption(rng)
     phrase = rng.choice(list(GROUNDING) + [rng.choice(["the ", "two ", ""]) + rng.choice(_OTHER_WORDS) + "s", None])
@@ -214,8 +214,8 @@ def _group_text(rng, width: int, height: int) -> str:
 
 def _negative_text(rng) -> str:
     """A negative prompt: some of the scene's phrases and the corpus's as what is present, 1-3 wanted."""
-    from sculpt import prompts
-    from sculpt.models.kit import GROUNDING
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import GROUNDING
 
     caption = _caption(rng)
     pool = list(GROUNDING) + ["the " + word for word in _OTHER_WORDS]
@@ -223,7 +223,7 @@ def _negative_text(rng) -> str:
 
 
 def _prompt_text(rng, task: str, width: int, height: int) -> str:
-    from sculpt import prompts
+    from sculpt.annotation import prompts
 
     if task == "caption":
         return prompts.CAPTION_PROMPT
@@ -248,8 +248,8 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> di
 
     import torch
 
-    from sculpt import prompts
-    from sculpt.models.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, NEGATIVE
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, NEGATIVE
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

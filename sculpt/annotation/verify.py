@@ -1,7 +1,7 @@
 """The noise filter of GSSculpt (paper section 3.4): keep a text-mask pair when the mask that a referring
 segmentation model draws from the text alone overlaps the annotated mask with IoU >= a threshold (0.5).
 
-Pure logic, no model: which objects are judged, the IoU (pycocotools, through ``sculpt.rle``) and the verdict.
+Pure logic, no model: which objects are judged, the IoU (pycocotools, through ``sculpt.annotation.rle``) and the verdict.
 The verify stage (``actors/verify.py``) runs EVF-SAM2 and hands its masks here.
 """
 
@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from sculpt import rle
-from sculpt.categories import NEGATIVE
+from sculpt.annotation import rle
+from sculpt.annotation.categories import NEGATIVE
 
 DEFAULT_THRESHOLD = 0.5
 # The ambiguity test: the pair's IoU must beat the verifier mask's IoU with any other object of the image by this

@@ -74,7 +74,7 @@ def negative_prompt(caption: str | None, present: list[str], count: int) -> str:
 def clean_negatives(text: str, count: int, present: list[str]) -> list[str]:
     """Up to ``count`` usable expressions, one per line of the answer; a line naming the head noun of something
     present is dropped (it may well be there), as are unusable and repeated lines."""
-    from sculpt.categories import head_noun
+    from sculpt.annotation.categories import head_noun
 
     present_heads = {head_noun(p)[0] for p in present if p}
     out: list[str] = []

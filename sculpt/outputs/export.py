@@ -15,7 +15,7 @@ Formats (``FORMATS``):
 - ``gseval``: GroundingSuite's GSEval jsonl, one pair a line — ``idx``, ``image_path``, ``class_id``, ``label``
   (the expression), ``caption``, ``box`` (x0, y0, x1, y1 pixels), ``segmentation`` (COCO RLE, counts a string),
   plus ``shard``/``index``/``object``/``phrase``/``iou``/``kept``, which GroundingSuite's evaluator ignores.
-  ``class_id`` comes from the pair's category (``sculpt.categories``; 4, single, for outputs without one).
+  ``class_id`` comes from the pair's category (``sculpt.annotation.categories``; 4, single, for outputs without one).
   Negatives (no target) go only to ``hf``, the one format with a place for a pair without a region.
 - ``coco``: one COCO instances JSON (``images``, ``annotations`` with RLE ``segmentation`` and xywh ``bbox``,
   one category ``object``) plus RefCOCO-style ``refs`` (``ref_id``, ``ann_id``, ``image_id``, ``sentences``);
@@ -29,7 +29,7 @@ Formats (``FORMATS``):
   phrase, iou and kept. ``LABEL_STUDIO_CONFIG`` is the labeling config these results fit.
 
 The output is read a record batch at a time (``pyarrow.dataset``), and written as it goes: memory stays bounded
-by a batch whatever the output's size. OUT and DEST may be local paths or ``s3://`` URIs (``sculpt.storage``);
+by a batch whatever the output's size. OUT and DEST may be local paths or ``s3://`` URIs (``sculpt.io.storage``);
 each exported file appears whole or not at all.
 """
 
@@ -49,10 +49,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sculpt import images, rle, schema, storage
-from sculpt.categories import CLASS_IDS, NEGATIVE, SINGLE
-from sculpt.output import JOB_FILE, MARKERS
-from sculpt.storage import S3Options
+from sculpt.annotation import images, rle
+from sculpt import schema
+from sculpt.io import storage
+from sculpt.annotation.categories import CLASS_IDS, NEGATIVE, SINGLE
+from sculpt.outputs.store import JOB_FILE, MARKERS
+from sculpt.io.storage import S3Options
 
 FORMATS = ("gseval", "coco", "hf", "labelstudio")
 READ_COLUMNS = ["shard", "index", "image_key", "image_id", "file_name", "width", "height", "status", "error", "caption",
@@ -172,7 +174,7 @@ class ShardImages:
 
     The shards are the job's ``inputs`` (from OUT's job file) unless ``shards`` names where they are now. Rows
     must come shard after shard in index order (``iter_rows``): each shard's tar is then streamed once, forward,
-    through ``sculpt.shards.read_shard`` (local or S3, with its retries); a row asked for out of order restarts it.
+    through ``sculpt.io.shards.read_shard`` (local or S3, with its retries); a row asked for out of order restarts it.
     """
 
     def __init__(self, out: str, s3: S3Options = S3Options(), shards: list[str] | None = None):
@@ -181,7 +183,7 @@ class ShardImages:
         self.shard, self.stream, self.next_index = None, iter(()), 0
 
     def _uri(self, shard: str) -> str:
-        from sculpt.shards import shard_name
+        from sculpt.io.shards import shard_name
 
         if self.uris is None:
             if self.patterns is None:
@@ -200,7 +202,7 @@ class ShardImages:
         return self.uris[shard]
 
     def _restart(self, shard: str) -> None:
-        from sculpt.shards import ReadOptions, read_shard
+        from sculpt.io.shards import ReadOptions, read_shard
 
         # No size limit here: the job already refused what it would not read, perhaps under a raised limit.
         batches = read_shard(self._uri(shard), ReadOptions(s3=self.s3, max_image_pixels=1 << 62))
@@ -221,7 +223,7 @@ class ShardImages:
 
 def upright_jpeg(data: bytes) -> bytes:
     """The image as an upright JPEG: its own bytes when they already are one (no EXIF rotation, RGB or grey),
-    else decoded as every model stage saw it (``sculpt.images.load_rgb``) and re-encoded at quality 95."""
+    else decoded as every model stage saw it (``sculpt.annotation.images.load_rgb``) and re-encoded at quality 95."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:

@@ -11,8 +11,8 @@ The **grounded caption** links each grounded span of the caption to the objects 
 
 from __future__ import annotations
 
-from sculpt import rle
-from sculpt.categories import MULTI, NAMES, SINGLE, category
+from sculpt.annotation import rle
+from sculpt.annotation.categories import MULTI, NAMES, SINGLE, category
 
 MIN_MEMBERS = 2
 
