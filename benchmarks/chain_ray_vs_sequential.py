@@ -130,7 +130,8 @@ def run_ray(cfg, stages, go: str) -> dict:
     import ray
 
     from actors.vlm import vlm_engines
-    from sculpt.engine import pipeline, progress
+    from sculpt.engine import progress
+    from sculpt.engine.job import annotate as run_job
 
     outputs = []
     rows = progress.Progress.rows
@@ -160,7 +161,7 @@ def run_ray(cfg, stages, go: str) -> dict:
         with vlm_engines(cfg, stages):
             engine_up = time.monotonic()
             threading.Thread(target=open_gate, daemon=True).start()
-            summary = pipeline.run(cfg, stages)
+            summary = run_job(cfg, stages)
     finally:
         ray.shutdown()
     return {"images": summary["images"], "end_to_end": outputs[-1] - start, "processing": outputs[-1] - opened[0],

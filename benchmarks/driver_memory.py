@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the driver benchmark's c
 from pipeline_efficiency import DRIVER_CHUNKS, chain, job_config  # noqa: E402
 from sculpt import config  # noqa: E402
 from sculpt.outputs import store as output
-from sculpt.engine import pipeline, planning, dataset, progress
+from sculpt.engine import planning, dataset, progress
+from sculpt.engine.job import annotate as run_job
 from sculpt.testing import samples
 
 EVERY = 20  # commits between samples
@@ -80,7 +81,7 @@ def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()
 
     progress.Progress.unit = counted
     with contextlib.redirect_stdout(sys.stderr):
-        pipeline.run(cfg, stages)
+        run_job(cfg, stages)
     return points
 
 

@@ -35,7 +35,7 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from sculpt import config  # noqa: E402
-from sculpt.engine import pipeline
+from sculpt.engine.job import annotate as run_job
 from sculpt.testing import samples
 from sculpt.outputs.store import OutputStore  # noqa: E402
 
@@ -116,7 +116,7 @@ def run_case(shard_dir: str, gpus: int, stages: list[dict], work: str, nodes: in
     try:
         built = [config.build_stage(s) for s in cfg.stages]
         with contextlib.redirect_stdout(sys.stderr), vlm_engines(cfg, built, engine_class=TimedEngine):
-            summary = pipeline.run(cfg, built)  # stdout carries the JSON result
+            summary = run_job(cfg, built)  # stdout carries the JSON result
         markers = sorted(OutputStore(out).markers(), key=lambda m: m["committed"])
     finally:
         sampler.stop.set()

@@ -1,4 +1,4 @@
-"""The ``sculpt`` command: status OUT | report OUT | export OUT DEST | preview OUT [DEST] | size --gpus N | samples DIR |
+"""The ``sculpt`` command: run [--config job.yaml] | status OUT | report OUT | export OUT DEST | preview OUT [DEST] | size --gpus N | samples DIR |
 models tiny DIR."""
 
 from __future__ import annotations
@@ -83,9 +83,23 @@ def preview(args) -> int:
     return 0
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML job config (see workflows/annotate.yaml)")
+    parser.add_argument("--input", action="append", help="shard file, directory, glob or s3:// prefix (repeatable)")
+    parser.add_argument("--output", help="output directory or s3:// prefix")
+    parser.add_argument("--overwrite", action="store_true", help="delete output written with another config and start over")
+    parser.add_argument("--redo-errors", action="store_true",
+                        help="process again the error rows of committed units (same config), keeping every good row")
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. input.readers=4")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sculpt")
     commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("run", help="annotate shards (the job; no --config and no --input: the demo on the CPU)")
+    add_run_arguments(p)
     p = commands.add_parser("status", help="shards done/total, chunks, images, errors of an output path")
     p.add_argument("output")
     p.add_argument("--shards", action="store_true", help="also a line per shard begun: done or part-way, its chunks")
@@ -137,6 +151,10 @@ def main(argv=None) -> int:
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        from sculpt.engine import job
+
+        return job.main(args)
     if args.command == "status":
         print(status(args.output, S3Options(endpoint=args.s3_endpoint), by_shard=args.shards))
     elif args.command == "report":

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sculpt import cli, schema
-from sculpt.outputs import export
+from sculpt.outputs import export, pairs
 from sculpt.annotation import images, rle
 from sculpt.testing import samples
 from sculpt.io import storage
@@ -172,7 +172,7 @@ def test_hf_pairs_load_in_datasets_with_the_same_masks_and_expressions(out, tmp_
 
 def test_hf_splits_files_and_all_keeps_rejected(out, tmp_path):
     dest = str(tmp_path / "hf")
-    counts = export.write_hf(export.iter_pairs(out, keep_all=True), dest, rows_per_file=3)
+    counts = export.write_hf(pairs.iter_pairs(out, keep_all=True), dest, rows_per_file=3)
     assert counts == {"images": 4, "pairs": 8, "files": 3}
     table = pq.ParquetDataset(dest).read()
     assert table.num_rows == 8 and table.schema.equals(export.PAIR_SCHEMA)
@@ -194,11 +194,11 @@ def test_uncommitted_units_and_bookkeeping_are_not_exported(out, tmp_path):
     import os
 
     os.remove(f"{out}/_markers/sa_000001.json")  # as if killed between the Parquet file and its marker
-    assert [p.rsplit("/", 1)[1] for p in export.data_files(out)] == ["sa_000000.parquet"]
+    assert [p.rsplit("/", 1)[1] for p in pairs.data_files(out)] == ["sa_000000.parquet"]
     counts = export.export(out, str(tmp_path / "g.jsonl"), "gseval", keep_all=True)
     assert counts == {"images": 2, "pairs": 4}
     os.remove(f"{out}/_markers/sa_000000.json")  # no unit committed yet: nothing to export, though Parquet is there
-    assert export.data_files(out) == [] and os.path.exists(f"{out}/sa_000000.parquet")
+    assert pairs.data_files(out) == [] and os.path.exists(f"{out}/sa_000000.parquet")
 
 
 def test_rows_stream_in_batches_in_index_order(tmp_path, monkeypatch):
@@ -210,7 +210,7 @@ def test_rows_stream_in_batches_in_index_order(tmp_path, monkeypatch):
         writer.add(schema.to_table([row]))
     writer.commit()
     taken = []
-    real = export.pads.dataset
+    real = pairs.pads.dataset
 
     def spy(*args, **kwargs):
         dataset = real(*args, **kwargs)
@@ -224,8 +224,8 @@ def test_rows_stream_in_batches_in_index_order(tmp_path, monkeypatch):
                 return dataset.take(indices, **kw)
         return Spy()
 
-    monkeypatch.setattr(export.pads, "dataset", spy)
-    assert [row["index"] for row in export.iter_rows(str(tmp_path / "out"), batch_size=2)] == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(pairs.pads, "dataset", spy)
+    assert [row["index"] for row in pairs.iter_rows(str(tmp_path / "out"), batch_size=2)] == [0, 1, 2, 3, 4]
     assert taken == [2, 2, 1]
 
 
@@ -344,15 +344,18 @@ def test_images_in_a_relative_folder_are_found_by_the_evaluator_given_that_folde
 def test_a_job_given_a_relative_input_has_its_shards_found_from_any_directory(sample_shards, tmp_path, monkeypatch):
     from sculpt import config
     from sculpt.engine import planning
+    from sculpt.engine.job import take_output
     from sculpt.io import shards
 
     monkeypatch.chdir(os.path.dirname(sample_shards[0]))
     name = os.path.basename(sample_shards[0])
     cfg = config.load(None, [f"input.shards={json.dumps([name])}", f"output.path={tmp_path / 'out'}",
                              'stages=[{"name": "faulty", "class": "tests.doubles:Faulty"}]'])
-    planning.plan(cfg, config.build_stages(cfg)).lease.release()
+    stages = config.build_stages(cfg)
+    with take_output(cfg, stages, planning.plan(cfg, stages)):  # writes the job file, which records the inputs
+        pass
     monkeypatch.chdir(tmp_path)  # export and preview run from elsewhere
-    found = export.ShardImages(str(tmp_path / "out")).get({"shard": name[: -len(".tar")], "index": 0})
+    found = pairs.ShardImages(str(tmp_path / "out")).get({"shard": name[: -len(".tar")], "index": 0})
     first = next(shards.read_shard(sample_shards[0]))[0]
     assert first["index"] == 0 and found == first["image_bytes"] and found
 
@@ -394,7 +397,7 @@ def test_categories_become_gseval_class_ids_and_negatives_go_only_to_hf(tmp_path
     records = read_jsonl(tmp_path / "gs.jsonl")
     assert [r["class_id"] for r in records] == [1, 2, 4, 4, 3]  # stuff, part, single, single, multi; no negative
     export.export(out, str(tmp_path / "hf"), "hf")
-    pairs = datasets.load_dataset("parquet", data_files=f"{tmp_path / 'hf'}/*.parquet", split="train")
-    assert pairs["category"] == ["stuff", "part", "single", "single", "multi", "negative"]
-    assert pairs["members"][4] == [2, 3] and pairs["box"][5] is None
-    assert not rle.decode(pairs["mask"][5]).any()  # a negative's target: nothing
+    loaded = datasets.load_dataset("parquet", data_files=f"{tmp_path / 'hf'}/*.parquet", split="train")
+    assert loaded["category"] == ["stuff", "part", "single", "single", "multi", "negative"]
+    assert loaded["members"][4] == [2, 3] and loaded["box"][5] is None
+    assert not rle.decode(loaded["mask"][5]).any()  # a negative's target: nothing

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from sculpt import config  # noqa: E402
 from sculpt.annotation import images
-from sculpt.engine import pipeline
+from sculpt.engine.job import annotate as run_job
 from sculpt.testing import samples
 from sculpt.stage import DeviceTurn, Resources, ray_options  # noqa: E402
 from tests.test_workflow import job, output_rows  # noqa: E402
@@ -133,7 +133,7 @@ def test_an_actor_holds_two_batches_while_their_device_parts_take_turns(local_ra
     stage = {"name": "turns", "class": "tests.doubles:TakesTurns", "cpus": 0.5, "gpus": 0.5, "batch_size": 1,
              "batches_in_flight": 2, "params": {"host_seconds": 0.3, "device_seconds": 0.3}}
     cfg, built = job(sample_shards[:2], tmp_path / "out", [stage])
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
     rows = output_rows(tmp_path / "out")
     assert summary["images"] == len(rows) == 8 and summary["errors"] == 0
     held, in_turn = max(tuple(map(int, row["caption"].split(","))) for row in rows)

@@ -7,7 +7,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from sculpt import config
-from sculpt.engine import pipeline, planning
+from sculpt.engine import planning
+from sculpt.engine import pipeline
+from sculpt.engine.job import annotate as run_job, take_output
 from sculpt.io import storage
 from sculpt.cli import status
 from sculpt.outputs.store import OutputStore
@@ -70,7 +72,7 @@ def test_a_directory_lists_compressed_shards_too(s3_server, bucket, tmp_path):
 def test_s3_in_s3_out_and_a_resume_mid_shard_reads_no_byte_of_committed_chunks(local_ray, s3_server, bucket, tmp_path):
     client, name = bucket
     cfg, stages = s3_job(s3_server, name, tmp_path, "input.chunk_images=2")  # each 4-image shard: two chunks
-    first = pipeline.run(cfg, stages)
+    first = run_job(cfg, stages)
     assert first["committed_now"] == 6 and first["images"] == 12
     total_input = sum(o["Size"] for o in client.list_objects_v2(Bucket=name, Prefix="sa1b/")["Contents"])
     assert 0 < first["input_bytes_read"] <= total_input
@@ -93,7 +95,7 @@ def test_s3_in_s3_out_and_a_resume_mid_shard_reads_no_byte_of_committed_chunks(l
         client.put_object(Bucket=name, Key=f"sa1b/{shard}.tar", Body=bytes(body))
     for unit in redo:
         client.delete_object(Bucket=name, Key=f"out/_markers/{unit}.json")
-    second = pipeline.run(cfg, stages)
+    second = run_job(cfg, stages)
 
     assert second["committed_now"] == 2 and second["errors"] == 0
     sizes = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=name, Prefix="sa1b/")["Contents"]}
@@ -129,7 +131,7 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
         cfg, stages = s3_job(proxy.endpoint, name, tmp_path)
         cfg.s3 = storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1)
         cfg.faults.backoff_seconds = 0.01
-        first = pipeline.run(cfg, stages)
+        first = run_job(cfg, stages)
     finally:
         proxy.close()
     assert proxy.cut == 2
@@ -144,7 +146,7 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
     try:
         cfg.s3 = storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1)
         cfg.faults.read_attempts = 2
-        second = pipeline.run(cfg, stages)
+        second = run_job(cfg, stages)
     finally:
         proxy.close()
     assert list(second["pending"]) == ["sa_000002-00000"]
@@ -166,12 +168,15 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
     client.put_object(Bucket=name, Key="out/_markers/_tmp/sa_000001-00000.json.0badc0ffee00", Body=b"{")  # and temp file
     cfg, stages = s3_job(s3_server, name, tmp_path)
 
-    first = planning.plan(cfg, stages)  # holds the lease until its run ends
-    assert client.head_object(Bucket=name, Key=f"out/{LEASE_FILE}")
-    with pytest.raises(OutputBusy, match="another job is writing this output"):
-        planning.plan(cfg, stages)  # a second job on the same output is refused before it touches anything
-    assert client.list_multipart_uploads(Bucket=name, Prefix="out/").get("Uploads", []) == []  # the first cleaned up
-    summary = pipeline.run(cfg, stages, first)
+    first = planning.plan(cfg, stages)
+    with take_output(cfg, stages, first) as (first, lease):  # holds the lease until its run ends
+        assert client.head_object(Bucket=name, Key=f"out/{LEASE_FILE}")
+        second = planning.plan(cfg, stages)  # planning reads only
+        with pytest.raises(OutputBusy, match="another job is writing this output"):
+            with take_output(cfg, stages, second):  # a second job on the same output is refused before it touches anything
+                pass
+        assert client.list_multipart_uploads(Bucket=name, Prefix="out/").get("Uploads", []) == []  # the first cleaned up
+        summary = pipeline.run(cfg, stages, first, lease)
 
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"])
     assert summary["committed_now"] == 3 and f"out/{LEASE_FILE}" not in keys  # given back
@@ -179,7 +184,7 @@ def test_one_job_at_a_time_on_an_s3_output_each_unit_one_upload_and_no_leftovers
     assert left["UploadId"] and [k for k in keys if k.endswith(".parquet")] == [f"out/sa_00000{i}-00000.parquet" for i in range(3)]
     rows = pads.dataset(f"{name}/out", format="parquet", filesystem=storage.filesystem(f"s3://{name}", storage.S3Options(endpoint=s3_server))[0]).to_table()
     assert rows.num_rows == 12 and len(set(zip(rows["shard"].to_pylist(), rows["index"].to_pylist()))) == 12
-    assert pipeline.run(cfg, stages)["committed_now"] == 0  # the lease is free again: a rerun plans and finds all done
+    assert run_job(cfg, stages)["committed_now"] == 0  # the lease is free again: a rerun plans and finds all done
 
 
 def test_an_empty_lease_object_on_s3_is_nobodys(s3_server, bucket):

@@ -6,7 +6,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from sculpt import config
-from sculpt.engine import pipeline
+from sculpt.engine.job import annotate as run_job
 
 pytest.importorskip("vllm")
 
@@ -25,7 +25,7 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
     built = config.build_stages(cfg)
     assert [s.resources.gpus for s in built] == [0, 0, 0]  # the engines hold the GPU, not the stage actors
     with vlm_engines(cfg, built) as engines:
-        summary = pipeline.run(cfg, built)
+        summary = run_job(cfg, built)
         cache = local_ray.get(engines[0].prefix_cache.remote())
     assert len(engines) == 1
 
@@ -62,7 +62,7 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
     assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
     verify_params = stages[-1].params
     with vlm_engines(cfg, stages):
-        summary = pipeline.run(cfg, stages)
+        summary = run_job(cfg, stages)
 
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert summary["images"] == len(rows) == 4
@@ -138,11 +138,11 @@ def test_a_killed_engine_core_is_restarted_and_no_image_fails(local_ray, tiny_mo
                              'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
     stages = config.build_stages(cfg)
     with vlm_engines(cfg, stages):
-        first = pipeline.run(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, shards=sample_shards[:1])), stages)
+        first = run_job(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, shards=sample_shards[:1])), stages)
         killed = engine_cores()
         for pid in killed:  # the engine's core process dies while its actor lives on
             os.kill(pid, signal.SIGKILL)
-        summary = pipeline.run(cfg, stages)  # its next requests find it dead
+        summary = run_job(cfg, stages)  # its next requests find it dead
         after = engine_cores()
     assert first["committed_now"] == 1 and len(killed) == 1
     assert after and not after & killed  # a new engine core served the rest
@@ -233,7 +233,7 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
     import os
 
     from actors.caption import Captioner
-    from actors.vlm import ENGINE_CALL_RETRIES, vlm_engines
+    from actors.vlm import vlm_engines
     from sculpt.testing import samples
     from sculpt import schema
     from sculpt.stage import StageActor
@@ -247,6 +247,6 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
     assert [bool(r["transient_error"]) for r in out] == [False, True, False]  # pending, for the next run
     assert "the VLM engine died on this call" in out[1]["transient_error"]
     assert out[0]["caption"] and out[2]["caption"] and out[1]["status"] != "error"
-    # the batch's call and then the image's own, each sent to the engine 1 + ENGINE_CALL_RETRIES times: no more
+    # the batch's call and then the image's own, each sent to the engine 1 + faults.engine_call_retries times: no more
     starts = [name for name in os.listdir(tmp_path) if name.startswith("pid-")]
-    assert len(starts) == 1 + 2 * (1 + ENGINE_CALL_RETRIES)
+    assert len(starts) == 1 + 2 * (1 + cfg.faults.engine_call_retries)

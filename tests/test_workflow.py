@@ -13,7 +13,8 @@ import time
 import pyarrow.dataset as pads
 
 from sculpt import config
-from sculpt.engine import pipeline, dataset, progress
+from sculpt.engine import dataset, progress
+from sculpt.engine.job import annotate as run_job
 from sculpt.testing import samples
 from sculpt.io import shards
 from sculpt.cli import status
@@ -56,7 +57,7 @@ def test_three_stage_chain_places_actors_on_gpus_and_accounts_for_every_image(lo
     stages = [hold("a", logs, 0.5, actors=2), hold("b", logs, 0.25, actors=2), hold("c", logs, 1)]
     stages.append({"name": "m", "class": "tests.doubles:ThresholdMasker", "gpus": 0.25, "cpus": 0.5})
     cfg, built = job(sample_shards, tmp_path / "out", stages)
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
 
     rows = output_rows(tmp_path / "out")
     assert summary["images"] == len(rows) == 12 and summary["errors"] == 0
@@ -91,7 +92,7 @@ def test_bad_input_is_recorded_per_image_and_the_run_goes_on(local_ray, sample_s
     logs = tmp_path / "logs"
     logs.mkdir()
     cfg, built = job([sample_shards[1], broken, truncated], tmp_path / "out", [hold("a", logs, 0.5, fail_keys=["sa_1"])])
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
 
     rows = output_rows(tmp_path / "out")
     markers = {m["unit"]: m for m in OutputStore(str(tmp_path / "out")).markers()}
@@ -126,7 +127,7 @@ def test_killed_stage_actor_is_replaced_and_output_is_exact(local_ray, sample_sh
 
     killer = threading.Thread(target=kill_b_once_it_works)
     killer.start()
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
     killer.join()
 
     assert killed, "the stage actor was never killed"
@@ -172,7 +173,7 @@ def test_killed_driver_mid_shard_then_rerun_reads_no_byte_of_committed_chunks(lo
         committed_bytes += end - start
 
     cfg, built = job([shard_dir], out, [stage], *chunked)
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
 
     rows = output_rows(out)
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(6)]
@@ -188,7 +189,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(local_ray, sample
     logs.mkdir()
     out = tmp_path / "out"
     cfg, built = job(sample_shards[:1], out, [hold("a", logs, 0.5)])
-    pipeline.run(cfg, built)
+    run_job(cfg, built)
     changed = ["--input", str(sample_shards[0]), "--output", str(out), "--set", f"stages={json.dumps([hold('a', logs, 0.5, x=1)])}"]
     refused = _annotate(changed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = refused.communicate(timeout=120)
@@ -203,7 +204,7 @@ def test_chunks_of_one_shard_are_read_in_parallel_at_most_chunks_in_flight_at_on
     cfg, built = job(paths, tmp_path / "out", [hold("a", logs, 0.5, seconds=0.05, batch_size=1)],
                      "input.chunk_images=1", "input.readers=3", "input.chunks_in_flight=2",
                      "output.committers=1")  # each commit waits for the one before
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
     rows = output_rows(tmp_path / "out")
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(5)]
     assert summary["committed_now"] == 10 and 1 <= summary["chunks_in_flight_peak"] <= 2  # 3 readers, 2 places
@@ -218,7 +219,7 @@ def test_a_shard_read_in_order_waits_at_chunks_in_flight_too(local_ray, tmp_path
     logs.mkdir()
     cfg, built = job(paths, tmp_path / "out", [hold("a", logs, 0.5, seconds=0.05, batch_size=1)],
                      "input.chunk_images=2", "input.readers=2", "input.chunks_in_flight=3", "ray.block_bytes=1024")
-    summary = pipeline.run(cfg, built)
+    summary = run_job(cfg, built)
     rows = output_rows(tmp_path / "out")
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(2) for i in range(8)]
     assert summary["committed_now"] == 8 and 1 <= summary["chunks_in_flight_peak"] <= 3
@@ -289,10 +290,10 @@ def test_progress_shows_an_eta_from_this_runs_shards_once_one_is_done():
     import io
 
     lines = io.StringIO()
-    progress = progress.Progress(total=4, done=1, every=60, out=lines)  # one shard done before this run
-    progress.unit({"unit": "sa_1-00000", "images": 2, "errors": 0}, shard_done=False)
+    shown = progress.Progress(total=4, done=1, every=60, out=lines)  # one shard done before this run
+    shown.unit({"unit": "sa_1-00000", "images": 2, "errors": 0}, shard_done=False)
     assert "shards 1/4" in lines.getvalue() and "ETA" not in lines.getvalue()  # no shard of this run done yet
-    progress.start -= 10  # this run has taken 10 s when its first shard is done
-    progress.unit({"unit": "sa_1-00001", "images": 2, "errors": 0}, shard_done=True)
+    shown.start -= 10  # this run has taken 10 s when its first shard is done
+    shown.unit({"unit": "sa_1-00001", "images": 2, "errors": 0}, shard_done=True)
     last = lines.getvalue().splitlines()[-1]
     assert "shards 2/4" in last and "ETA 0:00:2" in last  # 2 shards left at ~10 s each

@@ -10,6 +10,12 @@ from sculpt.config import JobConfig
 from sculpt.stage import Stage
 
 
+def start(config: JobConfig, stages: list[Stage]) -> None:
+    """Join the job's cluster or start a local Ray, and refuse a job it cannot place."""
+    started_local_ray = connect_ray(config)
+    check_resources(config, stages, fixed_cluster=started_local_ray)
+
+
 def resource_demand(config: JobConfig, stages: list[Stage]) -> dict[str, float]:
     """CPUs and GPUs the job holds at once: every stage's fixed pool, the VLM engines, the shard readers."""
     demand = {"CPU": float(config.input.readers), "GPU": 0.0}
@@ -27,6 +33,8 @@ def check_resources(config: JobConfig, stages: list[Stage], fixed_cluster: bool)
     that may scale up, only say so."""
     import ray
 
+    from sculpt import errors
+
     have = ray.cluster_resources()
     short = {k: (need, have.get(k, 0.0)) for k, need in resource_demand(config, stages).items() if need > have.get(k, 0.0)}
     if not short:
@@ -35,7 +43,7 @@ def check_resources(config: JobConfig, stages: list[Stage], fixed_cluster: bool)
     if not fixed_cluster:
         print(f"[sculpt] waiting for the cluster to grow: {message}", flush=True)
         return
-    raise ValueError(
+    raise errors.ClusterTooSmall(
         f"{message}. Lower stage actors/cpus/gpus or input.readers, or give a new local Ray more logical "
         "resources (--set ray.num_cpus=N --set ray.num_gpus=N; logical GPUs run only tiny models on the CPU)."
     )
@@ -44,13 +52,17 @@ def check_resources(config: JobConfig, stages: list[Stage], fixed_cluster: bool)
 def connect_ray(config: JobConfig) -> bool:
     """Join the job's cluster (``ray job submit`` / RAY_ADDRESS / ray.address) or start a local Ray.
 
-    Returns True when this call started a local Ray, whose resources are then fixed."""
+    Returns True when this call started a local Ray, whose resources are then fixed. An address that cannot be
+    reached fails in seconds with one line (``sculpt.config.check_ray_address``), not after Ray's minutes of retries."""
     import ray
+
+    from sculpt.config import check_ray_address
 
     if ray.is_initialized():
         return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_ray_address(address, "ray.address" if config.ray.address else "RAY_ADDRESS")
         ray.init(address=address)
         return False
     # A new local Ray turns on token authentication by itself and says so on every start: that is Ray's default

@@ -1,8 +1,6 @@
-"""Job planning, without Ray: what a job is (its record and fingerprint), which shards it reads, what is already
-committed under its output, and the lease that makes it the output's only writer.
-
-A resume that has nothing left, a refused config or an output held by another job is known here, before any
-cluster is touched; ``sculpt.engine.pipeline`` runs the plan.
+"""Job planning: what a job is (its record and fingerprint), which shards it reads and what is already committed
+under its output. It reads and never writes: a resume that has nothing left or a refused config is known here,
+before any cluster is touched or anything is written; ``sculpt.engine.job`` then takes the output and runs the plan.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from sculpt.annotation import prompts
 from sculpt import schema
 from sculpt.io import shards, storage
 from sculpt.config import JobConfig
-from sculpt.io.lease import Lease
 from sculpt.outputs.store import OutputStore, fingerprint
 from sculpt.stage import Stage
 
@@ -45,14 +42,28 @@ def job_record(config: JobConfig, stages: list[Stage]) -> dict:
 
 
 def list_shards(config: JobConfig) -> list[str]:
-    uris = sorted({uri for pattern in config.input.shards for uri in storage.list_files(pattern, config.s3)})
+    """Every shard the input names, sorted. An input that names none, a path that is not there, two shards that
+    would write one output unit (``errors.BadInput``) or a store that cannot be listed (``errors.StoreFailure``:
+    S3 unreachable or refusing) end the job with one line."""
+    from sculpt import errors
+
+    found: set[str] = set()
+    fix = "check input.shards (or --input): tar files, directories of them, globs or s3://bucket/prefix"
+    for pattern in config.input.shards:
+        with errors.at_job_level(pattern):
+            try:
+                found.update(storage.list_files(pattern, config.s3))
+            except FileNotFoundError as exc:
+                raise errors.BadInput(f"{exc}; {fix}") from None
+    uris = sorted(found)
     if not uris:
-        raise FileNotFoundError(f"no shards ({', '.join(storage.SHARD_SUFFIXES)}) found in {config.input.shards}")
+        raise errors.BadInput(f"no shards ({', '.join(storage.SHARD_SUFFIXES)}) found in {config.input.shards}; {fix}")
     names: dict[str, str] = {}
     for uri in uris:
         other = names.setdefault(shards.shard_name(uri), uri)
         if other != uri:
-            raise ValueError(f"two shards would write the same output unit {shards.shard_name(uri)!r}: {other} and {uri}")
+            raise errors.BadInput(f"two shards would write the same output unit {shards.shard_name(uri)!r}: {other} "
+                                  f"and {uri}; give input.shards only one of them, or rename one")
     return uris
 
 
@@ -63,7 +74,6 @@ class Plan:
     all_shards: list[str]
     segments: list[shards.Segment]  # what to read: each shard's unfinished chunks, then the chunks whose errors are redone
     redo: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # unit -> indices of its error rows
-    lease: Lease | None = None  # this job's hold on the output, given back when run() ends
     committed: set[str] = dataclasses.field(default_factory=set)  # units committed before this run
     last_chunks: dict[str, int] = dataclasses.field(default_factory=dict)  # shard -> its last chunk, where committed
 
@@ -84,46 +94,41 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     # local inputs as absolute paths: export and preview find the shards from wherever they are run
     inputs = [pattern if storage.is_s3(pattern) else os.path.abspath(pattern) for pattern in config.input.shards]
     job = {**job_record(config, stages), "inputs": inputs, "total_shards": len(all_shards)}
-    lease = Lease(store.uri, config.s3).acquire()  # before prepare() clears what a killed run left
-    try:
-        committed = store.prepare(job, overwrite=config.output.overwrite)
-        by_shard: dict[str, set[int]] = {}
-        for unit in committed:
-            shard, chunk = shards.parse_unit(unit)
-            by_shard.setdefault(shard, set()).add(chunk)
-        with ThreadPoolExecutor(16) as pool:
-            found = list(pool.map(lambda uri: _unfinished(store, uri, by_shard.get(shards.shard_name(uri), set()),
-                                                          config.input.chunk_images), all_shards))
-        segments = [segment for shard_segments, _ in found for segment in shard_segments]
-        last_chunks = {shards.shard_name(uri): last for uri, (_, last) in zip(all_shards, found) if last is not None}
-        uris = {shards.shard_name(uri): uri for uri in all_shards}
-        # errors are redone in the shards of this job's input only (an output may hold more than one input's shards)
-        redo = {}
-        if config.output.redo_errors:
-            redo = {unit: rows for unit, rows in _error_rows(store, committed).items()
-                    if shards.parse_unit(unit)[0] in uris}
-        for unit, indices in list(redo.items()):
-            shard, chunk = shards.parse_unit(unit)
-            end = _marker(store, shard, chunk)["end"]
-            if end.get("members") is not None:
-                start = shards.Position(chunk, end["offset"], end["members"], end["index"])
-            elif chunk == 0 or shards.unit_name(shard, chunk - 1) in committed:
-                start = _start(store, shard, chunk)  # a marker from before sculpt recorded a chunk's own start
-            else:
-                print(f"[sculpt] {unit}: its error rows are redone in a run after chunk {chunk - 1} is committed")
-                del redo[unit]
-                continue
-            segments.append(shards.Segment(uris[shard], config.input.chunk_images, start, chunk + 1,
-                                           None if end["last"] else end["next_offset"], {chunk: indices}))
-    except BaseException:
-        lease.release()
-        raise
+    committed = set() if store.replaces(job, config.output.overwrite) else store.committed()
+    by_shard: dict[str, set[int]] = {}
+    for unit in committed:
+        shard, chunk = shards.parse_unit(unit)
+        by_shard.setdefault(shard, set()).add(chunk)
+    with ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(lambda uri: _unfinished(store, uri, by_shard.get(shards.shard_name(uri), set()),
+                                                      config.input.chunk_images), all_shards))
+    segments = [segment for shard_segments, _ in found for segment in shard_segments]
+    last_chunks = {shards.shard_name(uri): last for uri, (_, last) in zip(all_shards, found) if last is not None}
+    uris = {shards.shard_name(uri): uri for uri in all_shards}
+    # errors are redone in the shards of this job's input only (an output may hold more than one input's shards)
+    redo = {}
+    if config.output.redo_errors:
+        redo = {unit: rows for unit, rows in _error_rows(store, committed).items()
+                if shards.parse_unit(unit)[0] in uris}
+    for unit, indices in list(redo.items()):
+        shard, chunk = shards.parse_unit(unit)
+        end = _marker(store, shard, chunk)["end"]
+        if end.get("members") is not None:
+            start = shards.Position(chunk, end["offset"], end["members"], end["index"])
+        elif chunk == 0 or shards.unit_name(shard, chunk - 1) in committed:
+            start = _start(store, shard, chunk)  # a marker from before sculpt recorded a chunk's own start
+        else:
+            print(f"[sculpt] {unit}: its error rows are redone in a run after chunk {chunk - 1} is committed")
+            del redo[unit]
+            continue
+        segments.append(shards.Segment(uris[shard], config.input.chunk_images, start, chunk + 1,
+                                       None if end["last"] else end["next_offset"], {chunk: indices}))
     shards_done = sum(1 for shard_segments, _ in found if not shard_segments)
     print(f"[sculpt] {len(all_shards)} shards: {shards_done} done, {len(committed)} chunks committed, "
           f"{len(segments) - len(redo)} run(s) of chunks to read"
           + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed chunks to redo" if config.output.redo_errors else "")
           + f"; output {store.uri} (config {job['fingerprint']})", flush=True)
-    return Plan(store, job, all_shards, segments, redo, lease, committed, last_chunks)
+    return Plan(store, job, all_shards, segments, redo, committed, last_chunks)
 
 
 def _unfinished(store: OutputStore, uri: str, chunks: set[int], chunk_images: int) -> tuple[list[shards.Segment], int | None]:

@@ -12,7 +12,7 @@ self-contained (no network, nothing beside it), so DEST may be local or ``s3://`
 (0: all), in output order (shard by shard, each in index order). Each page's ``<body>`` carries ``data-cards``
 (its cards) and, once the filter ran, ``data-visible`` (those shown).
 
-Rows and images come from the readers ``sculpt export`` uses (``export.iter_rows``, ``export.ShardImages``): the
+Rows and images come from the readers ``sculpt export`` uses (``pairs.iter_rows``, ``pairs.ShardImages``): the
 images stream from the job's input shards, each shard's tar once.
 """
 
@@ -24,12 +24,11 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
 
-from sculpt.outputs import export
+from sculpt.outputs import export, pairs
 from sculpt.annotation import images, rle
 from sculpt import schema
 from sculpt.io import storage
@@ -203,22 +202,22 @@ category <select id="category" onchange="choose()"><option value="">any</option>
 def write_preview(out: str, dest: str, s3: S3Options = S3Options(), per_page: int = PER_PAGE, limit: int = LIMIT,
                   max_side: int = MAX_SIDE, shards: list[str] | None = None) -> dict:
     """Write the gallery's pages to DEST; returns {"cards", "pages", "index"} (index: the first page's path)."""
-    if not export.data_files(out, s3):
-        raise export.ExportError(f"{out}: no sculpt output here (no committed Parquet files)")
+    if not pairs.data_files(out, s3):
+        raise pairs.ExportError(f"{out}: no sculpt output here (no committed Parquet files)")
     if per_page < 1:
         raise ValueError(f"per_page must be at least 1, got {per_page}")
     fs, path = storage.filesystem(dest, s3)
     for name in storage.list_names(dest, s3, ".html"):  # a previous preview's pages, which may be more than these
         if name == page_name(1) or name.startswith("page-"):
             fs.delete_file(f"{path}/{name}")
-    source = export.ShardImages(out, s3, shards)
+    source = pairs.ShardImages(out, s3, shards)
     page, cards, categories, total = 1, [], set(), 0
 
     def write(has_next: bool) -> None:
         storage.write_atomic(storage.join(dest, page_name(page)),
                              page_html(cards, categories, page, has_next, out).encode(), s3)
 
-    for row in export.iter_rows(out, s3):
+    for row in pairs.iter_rows(out, s3):
         if limit and total >= limit:
             break
         if len(cards) == per_page:  # a full page is written once the next one has a card: it links to it
