@@ -175,7 +175,7 @@ class PlacementProbe:
 def test_engine_pool_placement(local_ray, settings, expect):
     from actors.vlm import vlm_engines
 
-    cfg = config.load(None, ["models.vlm=/nowhere", *settings])
+    cfg = config.load(None, ["models.vlm=stand-in/vlm", *settings])  # the stand-in engines load nothing
     stages = config.build_stages(cfg)
     with vlm_engines(cfg, stages, engine_class=PlacementProbe) as engines:
         seen = local_ray.get([engine.where.remote() for engine in engines])
@@ -221,7 +221,7 @@ class DiesOnPoison:
 def test_a_request_that_kills_the_engine_every_time_fails_instead_of_restarting_it_forever(local_ray):
     from actors.vlm import vlm_engines
 
-    cfg = config.load(None, ["models.vlm=/nowhere"])
+    cfg = config.load(None, ["models.vlm=stand-in/vlm"])  # the stand-in engine loads nothing
     with vlm_engines(cfg, config.build_stages(cfg), engine_class=DiesOnPoison) as engines:
         with pytest.raises(local_ray.exceptions.RayActorError):
             local_ray.get(engines[0].chat.remote({}, [("sa_1", "poison")], 8), timeout=60)
@@ -239,6 +239,7 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
     from sculpt.stage import StageActor
 
     (tmp_path / "poison").write_text("u/1")
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as the config check wants
     cfg = config.load(None, [f"models.vlm={tmp_path}"])
     picture = samples.jpeg_bytes(samples.photo("rocket")[:32, :32])
     rows = [schema.new_row("u", i, f"sa_{i}", image_bytes=picture) for i in range(3)]

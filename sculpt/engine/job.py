@@ -26,7 +26,7 @@ VLM_POOL = "actors.vlm:vlm_engines"  # found by name, as the built-in stages are
 def main(args) -> int:
     """The job of ``sculpt run``'s arguments; returns the exit code (2: a job-level error, 1: units left pending)."""
     try:
-        config = job_config.load(args.config, overrides(args))
+        config = job_config.load(*config_of(args))
         stages = job_config.build_stages(config)
         todo = planning.plan(config, stages)
         if todo.segments:
@@ -72,21 +72,22 @@ def vlm_pool(config: JobConfig, stages: list[Stage]):
         yield engines
 
 
-def overrides(args) -> list[str]:
-    """``--set`` items, the demo's settings first when no input is given, then the flags as overrides."""
-    items = []
+def config_of(args) -> tuple[str | None, list[str]]:
+    """The config file and ``--set`` items of ``sculpt run``'s arguments (the demo's when no input is given), the
+    flags turned into overrides after them."""
+    path, items = args.config, list(args.set)
     if is_demo(args):
         from sculpt.testing import demo
 
-        items += demo.settings()
-    items += list(args.set)
+        path, first = demo.prepare()
+        items = first + items
     for flag, key in (("input", "input.shards"), ("output", "output.path"), ("s3_endpoint", "s3.endpoint")):
         if getattr(args, flag):
             items.append(f"{key}={json.dumps(getattr(args, flag))}")
     for flag, key in (("overwrite", "output.overwrite"), ("redo_errors", "output.redo_errors")):
         if getattr(args, flag):
             items.append(f"{key}=true")
-    return items
+    return path, items
 
 
 def is_demo(args) -> bool:
