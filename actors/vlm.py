@@ -19,8 +19,10 @@ from sculpt.engine import vlm
 from sculpt.stage import Stage
 
 
-RESENDS = 3  # times a request vLLM answered with its retryable error is sent again, before the batch is retried
-ENGINE_CALL_RETRIES = 2  # times a call in flight when its engine died is sent to the restarted engine
+# Times a request vLLM answered with its retryable error is sent again (vLLM's protocol, not a fault: it asks the
+# client to send the image again, and the next send carries it). Not a faults.* knob: one resend cures a cache drift,
+# the rest are a margin; a request still refused then is ``errors.SpentRetries``, its images tried once each.
+RESENDS = 3
 
 
 class VLMEngine:
@@ -35,7 +37,7 @@ class VLMEngine:
 
     When the engine core dies (its process killed, a CUDA fault), the actor ends its own process: Ray restarts
     it with a new engine (``max_restarts=-1``) and sends the calls in flight there again, up to
-    ``ENGINE_CALL_RETRIES`` times, so callers wait instead of receiving errors. A call the engine dies on every
+    ``faults.engine_call_retries`` times, so callers wait instead of receiving errors. A call the engine dies on every
     time then fails (``VLMStage.ask`` raises ``errors.SpentRetries``): its stage tries its images one by one and
     leaves the one the engine dies on pending, instead of the engine restarting forever.
     """
@@ -84,7 +86,8 @@ class VLMEngine:
             todo = [i for i in todo if answers[i]["finish_reason"] == "error"]
             if not todo:
                 return answers
-        raise errors.TransientError(f"vLLM answered {len(todo)} request(s) with its retryable error {RESENDS + 1} times")
+        # resent here already: another try of the batch would resend them as often again (errors.SpentRetries)
+        raise errors.SpentRetries(f"vLLM answered {len(todo)} request(s) with its retryable error {RESENDS + 1} times")
 
     def load(self) -> dict:
         """Requests in the engine now, the most it has held at once, how many it has answered, and how many it
@@ -215,7 +218,7 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
             actor = ray.remote(engine_class).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
-                                                  max_task_retries=ENGINE_CALL_RETRIES,
+                                                  max_task_retries=config.faults.engine_call_retries,
                                                   max_concurrency=settings.max_in_flight, **options)
             engines.append(actor.remote(config.models.vlm, plan["engine"], settings.max_tiles, settings.min_tiles,
                                         settings.max_in_flight))
@@ -265,8 +268,8 @@ class VLMStage(Stage):
             except ray.exceptions.RayActorError as exc:
                 # Ray has sent the call to the restarted engine already: another try of the whole batch would cost
                 # as many engine restarts again, so only its images are tried, one by one
-                raise errors.SpentRetries(f"the VLM engine died on this call {ENGINE_CALL_RETRIES + 1} times "
-                                          f"({errors.describe(exc)})") from exc
+                raise errors.SpentRetries(f"the VLM engine died on this call and on each resend to its restarted "
+                                          f"engine (faults.engine_call_retries) ({errors.describe(exc)})") from exc
             for position, answer in zip(positions, replies):
                 answers[position] = answer
         return answers

@@ -121,12 +121,19 @@ class VLMConfig(_Checked):
 
 @dataclass
 class FaultsConfig(_Checked):
-    """What is retried and when a job stops. sculpt/errors.py decides what is transient: connection resets, S3
-    throttling and 5xx, CUDA out-of-memory and device errors, a dead vLLM engine or actor."""
+    """What is retried and when a job stops. sculpt/errors.py decides what is transient (its table, RULES):
+    connection resets, S3 throttling and 5xx, CUDA out-of-memory and device errors, a dead vLLM engine or actor.
+    The README's Faults table gives the worst-case tries these make (S3 requests: s3.retry_attempts)."""
 
     attempts: Count = 3  # tries of a stage batch (then of each of its images) that hits a transient fault
-    backoff_seconds: Amount = 2.0  # wait before the first retry; doubles with each retry
+    backoff_seconds: Amount = 2.0  # wait before the first retry (or reopen); doubles with each retry
     read_attempts: Count = 5  # opens of a shard's stream after storage faults, each resuming where it broke
+    # a VLM engine call in flight when its engine died is sent to the restarted engine this many times more (Ray's
+    # max_task_retries); a call the engine dies on every time leaves its images pending instead of more restarts
+    engine_call_retries: Annotated[int, AtLeast(0)] = 2
+    # restarts of a stage actor that one batch may cost by breaking the device (an illegal memory access, a
+    # device-side assert: the process's CUDA context is unusable) before it is left pending, untried
+    broken_device_limit: Count = 2
     # A unit where one model stage fails more than this share of the images is not committed and the job stops:
     # a misconfigured cluster must not write a dataset of error rows. 1.0 turns the check off.
     max_error_share: Amount = 0.2

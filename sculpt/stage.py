@@ -124,16 +124,13 @@ class Stage:
         return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}", "params": self.params}
 
 
-BROKEN_DEVICE_LIMIT = 2  # restarts a batch may cost by breaking the device before it is left pending untried
-
-
 class DeviceFaults:
     """Job-wide and CPU-less: how often each stage batch has broken a device (``errors.breaks_device``).
 
     Such a fault leaves the process's CUDA context unusable, so the StageActor that meets it notes the batch here
     and ends its process; Ray starts the actor anew and gives it the same batch again. An actor reads the notes
-    when it starts and leaves a batch that has broken a device ``BROKEN_DEVICE_LIMIT`` times pending, untried: a
-    fault its input causes costs that many restarts, not an endless loop of them.
+    when it starts and leaves a batch that has broken a device ``faults.broken_device_limit`` times pending, untried:
+    a fault its input causes costs that many restarts, not an endless loop of them.
     """
 
     def __init__(self):
@@ -159,14 +156,16 @@ class StageActor:
     A transient fault (``sculpt.errors``) is retried: the batch ``attempts`` times, then each image on its own as
     often; an image whose fault outlasts that carries ``transient_error`` and its unit stays uncommitted. Any
     other exception is that image's error row. Rows with an error of either kind pass through untouched. A fault
-    that breaks the device is not retried in the process: the actor restarts (``DeviceFaults``).
+    that breaks the device is not retried in the process: the actor restarts (``DeviceFaults``), at most
+    ``broken_device_limit`` times for one batch.
     Ray Data calls an actor from ``resources.batches_in_flight`` threads at once; the stage's model calls take
     turns through ``stage.device_turn``.
     """
 
     def __init__(self, stage: Stage, attempts: int = 3, backoff_seconds: float = 2.0, last: bool = False,
-                 device_faults=None):
+                 device_faults=None, broken_device_limit: int = 2):
         self.stage, self.attempts, self.backoff = stage, attempts, backoff_seconds
+        self.broken_device_limit = broken_device_limit  # faults.broken_device_limit
         self.last = last  # the chain's last stage: no one downstream needs the encoded image
         # the job's DeviceFaults actor, and the batches that have broken a device so far; None outside a job
         self.device_faults, self.broke_before = device_faults, {}
@@ -215,10 +214,10 @@ class StageActor:
         rows = batch.to_pylist()
         todo = [row for row in rows if row["status"] != schema.ERROR and not row["transient_error"]]
         batch_key = f"{self.stage.name}/{todo[0]['unit']}/{todo[0]['index']}+{len(todo)}" if todo else ""
-        if todo and self.broke_before.get(batch_key, 0) >= BROKEN_DEVICE_LIMIT:
+        if todo and self.broke_before.get(batch_key, 0) >= self.broken_device_limit:
             for row in todo:
-                row["transient_error"] = (f"{self.stage.name}: this batch broke the device {BROKEN_DEVICE_LIMIT} times "
-                                          "(a fault its input causes); left for the next run, untried")
+                row["transient_error"] = (f"{self.stage.name}: this batch broke the device {self.broken_device_limit} "
+                                          "times (a fault its input causes); left for the next run, untried")
         elif todo:
             self.stage.device_turn.restart()
             started = time.perf_counter()

@@ -203,6 +203,44 @@ def test_a_shard_that_keeps_failing_is_left_pending_not_cut_short(tmp_path, monk
     assert all(r["unit_end"] is None for r in rows)  # no row claims the shard is complete
 
 
+def reopen_raising(monkeypatch, path, fault):
+    """The first stream of ``path`` resets a third of the way in, and the open after it raises ``fault``; the
+    opens' offsets, and the keyword arguments the reader gave the shared retry helper (errors.retrying_stream)."""
+    flaky, opens, helper = FlakyOpen(faults=1, after=path.stat().st_size // 3), [], []
+
+    def open_at(uri, offset, s3, end=None):
+        opens.append(offset)
+        if len(opens) == 2:
+            raise fault
+        return flaky(uri, offset, s3, end)
+
+    shared = shards.errors.retrying_stream
+    monkeypatch.setattr(shards, "_open_at", open_at)
+    monkeypatch.setattr(shards.errors, "retrying_stream",
+                        lambda *args, **kwargs: helper.append(kwargs) or shared(*args, **kwargs))
+    return opens, helper
+
+
+def test_a_transient_fault_on_a_reopen_is_retried_by_the_shared_helper(tmp_path, monkeypatch):
+    path = six_image_shard(tmp_path)
+    opens, helper = reopen_raising(monkeypatch, path, ConnectionRefusedError(111, "Connection refused"))
+    _, rows = rows_of(path, read_attempts=3, retry_backoff=0)
+    assert len(opens) == 3 and 0 < opens[1] == opens[2]  # the failed reopen is tried again from the same place
+    assert helper == [{"store": str(path), "reading": True}]
+    assert [r["image_key"] for r in rows] == [f"sa_{i}" for i in range(1, 7)]
+    assert [r["status"] for r in rows] == [schema.OK] * 6 and not any(r["transient_error"] for r in rows)
+
+
+def test_a_permanent_fault_on_a_reopen_is_not_retried(tmp_path, monkeypatch):
+    path = six_image_shard(tmp_path)
+    opens, helper = reopen_raising(monkeypatch, path, PermissionError(13, "Permission denied"))
+    _, rows = rows_of(path, read_attempts=5, retry_backoff=0)
+    assert len(opens) == 2 and len(helper) == 1  # no third open, though four more were allowed
+    # readable before: a fault, not data; the chunk stays pending
+    assert len(rows) == 1 and "became unreadable" in rows[0]["transient_error"]
+    assert "PermissionError" in rows[0]["transient_error"] and rows[0]["unit_end"] is None
+
+
 def test_a_shard_gone_when_a_resume_reads_it_leaves_the_chunk_pending_not_the_shard_done(tmp_path):
     path = six_image_shard(tmp_path)
     first = chunk_rows(shards.Segment(str(path), chunk_images=2))[1]["unit_end"]

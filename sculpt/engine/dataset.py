@@ -140,7 +140,7 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
         ds = ds.map_batches(
             actor_class(stage),
             fn_constructor_args=(stage, config.faults.attempts, config.faults.backoff_seconds, stage is stages[-1],
-                                 device_faults),
+                                 device_faults, config.faults.broken_device_limit),
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             **ray_options(stage.resources),

@@ -11,7 +11,6 @@ import json
 import posixpath
 import re
 import tarfile
-import time
 from collections.abc import Iterator
 import dataclasses
 import io
@@ -56,9 +55,8 @@ class _CountingReader:
         return data
 
 
-# Faults of the storage, not of the shard: a retry that reopens the stream may get past them. A missing or
-# forbidden file is not one of them.
-PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# What the store and tarfile raise while a shard is read; ``sculpt.errors.RULES`` (reading) tells what each is.
+READ_FAULTS = (OSError, tarfile.TarError, EOFError)
 
 
 class _Range(io.RawIOBase):
@@ -195,11 +193,12 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
 
     ``before_chunk(unit)`` is called before a chunk's first byte is read (the job's count of chunks in flight).
 
-    A storage fault (connection reset, throttling that outlasts the S3 client's own retries) reopens the tar
-    where the last whole member ended (a ranged read; compressed tars start over and skip what was read), up to
-    ``options.read_attempts`` times. A shard still unreadable then yields one row whose ``transient_error`` says
-    why: its chunk is not committed and stays pending. A tar that is itself cut short is data: its images up to
-    the cut are kept and the rest become error rows.
+    A transient fault of the store (``sculpt.errors.RULES``: a connection reset, throttling that outlasts the S3
+    client's own retries) reopens the tar where the last whole member ended (a ranged read; compressed tars start
+    over and skip what was read): ``errors.retrying_stream``, ``options.read_attempts`` opens in all. A shard
+    still unreadable then yields one row whose ``transient_error`` says why: its chunk is not committed and stays
+    pending. A tar that is itself cut short is data: its images up to the cut are kept and the rest become error
+    rows; so is a shard missing or forbidden from its start (one that was readable before leaves its chunk pending).
     """
     uri, start = segment.uri, segment.start or Position()
     shard = shard_name(uri)
@@ -239,14 +238,15 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
         return [schema.new_row(shard, -1, "", unit=unit_name(shard, chunk), status=schema.ERROR, error=failure,
                                transient_error=failure)]
 
-    if before_chunk:
-        before_chunk(unit_name(shard, chunk))
-    for attempt in range(options.read_attempts):
+    def read_on() -> Iterator[list[dict]]:
+        """One open of the tar, from where the last one broke; returns True once the segment's stop is reached."""
+        nonlocal resume_at, members_done, bytes_read
         reader = None
         try:
-            stream, size = _open_at(uri, 0 if compressed else resume_at, options.s3, None if compressed else segment.stop_offset)
+            stream, size = _open_at(uri, 0 if compressed else resume_at, options.s3,
+                                    None if compressed else segment.stop_offset)
             if not compressed and resume_at and resume_at >= size:
-                break
+                return False
             base, skip = (0, members_done) if compressed else (resume_at, 0)
             reader = _CountingReader(stream)
             with tarfile.open(fileobj=reader, mode="r|*") as tar:
@@ -258,7 +258,7 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
                     if parsed is not None and count - first >= segment.chunk_images and not pending:
                         yield end_chunk(False, bytes_read + reader.bytes_read)  # this member starts the next chunk
                         if chunk == segment.stop:
-                            return
+                            return True
                         if before_chunk:
                             before_chunk(unit_name(shard, chunk))
                     if parsed is not None:
@@ -277,25 +277,35 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
                         if len(rows) > options.batch_images:  # keep one back: the chunk's last batch carries its end
                             yield rows[:-1]
                             del rows[:-1]
-            break
-        except PERMANENT_OS_ERRORS as exc:
-            # readable before (a resume, a redo, a chunk that split found, or images in): a fault, not data
-            if start.chunk or count > start.index or segment.only or segment.stop_offset is not None:
-                yield given_up(f"read: shard {uri} became unreadable after {count} images ({errors.describe(exc)})")
-                return
-            shard_error = f"shard {uri} is unreadable ({type(exc).__name__}: {exc})"
-            break
-        except (tarfile.TarError, EOFError) as exc:
-            shard_error = f"shard {uri} ends early or is unreadable after {count} images ({type(exc).__name__}: {exc})"
-            break
-        except OSError as exc:
-            if attempt == options.read_attempts - 1:
-                yield given_up(f"read: shard {uri} still failed after {options.read_attempts} attempts, {count} images "
-                               f"in ({errors.describe(exc)})")
-                return
-            time.sleep(options.retry_backoff * 2**attempt)
+            return False
         finally:
             bytes_read += reader.bytes_read if reader else 0
+
+    if before_chunk:
+        before_chunk(unit_name(shard, chunk))
+    try:
+        # a store fault reopens the stream where it broke (errors.retrying_stream); what the table does not retry
+        # comes here
+        if (yield from errors.retrying_stream(read_on, options.read_attempts, options.retry_backoff, store=uri,
+                                              reading=True)):
+            return
+    except READ_FAULTS as exc:
+        kind = errors.classify(exc, uri, reading=True)
+        if kind is errors.TRANSIENT:  # past its reopens
+            yield given_up(f"read: shard {uri} still failed after {options.read_attempts} attempts, {count} images "
+                           f"in ({errors.describe(exc)})")
+            return
+        if kind is not errors.PERMANENT:
+            raise
+        if not isinstance(exc, OSError):  # the tar is cut short or corrupt: data
+            shard_error = f"shard {uri} ends early or is unreadable after {count} images ({type(exc).__name__}: {exc})"
+        # missing or forbidden, but readable before (a resume, a redo, a chunk that split found, or images in): a
+        # fault, not data
+        elif start.chunk or count > start.index or segment.only or segment.stop_offset is not None:
+            yield given_up(f"read: shard {uri} became unreadable after {count} images ({errors.describe(exc)})")
+            return
+        else:
+            shard_error = f"shard {uri} is unreadable ({type(exc).__name__}: {exc})"
     for key in list(pending):
         if shard_error and "broken" not in pending[key]:
             pending[key]["broken"] = shard_error

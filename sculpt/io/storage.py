@@ -6,7 +6,6 @@ instance roles...); ``S3Options.endpoint`` points at any S3-compatible store (Mi
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import glob
 import os
@@ -102,14 +101,12 @@ def list_files(pattern: str, s3: S3Options = S3Options(), suffixes: tuple[str, .
 
 
 def is_store_fault(exc: BaseException, uri: str) -> bool:
-    """A fault of the store at ``uri`` past its clients' own retries, which leaves a unit pending: pyarrow raises
-    OSError, boto3 its own errors. A full local disk is not one (the job stops: every unit would fail)."""
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
+    """A fault of the store at ``uri`` past its clients' own retries, which leaves a unit pending (pyarrow raises
+    OSError, boto3 its own errors): transient by ``sculpt.errors.RULES``. A full local disk is not one (job-level:
+    every unit would fail); a full disk staging an S3 upload is (another worker may have room)."""
+    from sculpt import errors
 
-    if isinstance(exc, OSError):
-        return exc.errno != errno.ENOSPC or is_s3(uri)  # on S3, a worker's staging disk: another may have room
-    return isinstance(exc, (Boto3Error, BotoCoreError, ClientError))
+    return errors.is_transient(exc, uri)
 
 
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
