@@ -57,7 +57,8 @@ def list_shards(config: JobConfig) -> list[str]:
                 raise errors.BadInput(f"{exc}; {fix}") from None
     uris = sorted(found)
     if not uris:
-        raise errors.BadInput(f"no shards ({', '.join(storage.SHARD_SUFFIXES)}) found in {config.input.shards}; {fix}")
+        raise errors.BadInput(f"no shards ({', '.join(storage.SHARD_SUFFIXES)}) found in {config.input.shards}; "
+                              f"{fix}")
     names: dict[str, str] = {}
     for uri in uris:
         other = names.setdefault(shards.shard_name(uri), uri)
