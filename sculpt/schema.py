@@ -21,7 +21,10 @@ OBJECT_TYPE = pa.struct(
         ("phrase", pa.string()),  # the caption phrase that was grounded
         ("phrase_start", pa.int32()),  # its character span in `caption`: caption[start:end] == phrase
         ("phrase_end", pa.int32()),
-        ("box", pa.list_(pa.float32(), 4)),  # x0, y0, x1, y1 in pixels of the (EXIF-upright) image
+        # x0, y0, x1, y1 in pixels of the (EXIF-upright) image; null for a negative. A plain list: pyarrow before
+        # 26 cannot read a null fixed-size list inside a list of structs ("Expected all lists to be of size=4"), as
+        # older sculpt outputs have them (fixed_size_list<float32>[4]; same values, read and resumed as this)
+        ("box", pa.list_(pa.float32())),
         ("mask", MASK_TYPE),  # COCO compressed RLE from pycocotools; sculpt.schema.decode_masks decodes it
         ("area", pa.int64()),  # mask pixels
         ("mask_score", pa.float32()),  # the masker's predicted IoU

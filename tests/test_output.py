@@ -7,7 +7,7 @@ import pytest
 
 from sculpt import schema
 from sculpt.io import storage
-from sculpt.outputs.store import IncompatibleOutput, OutputStore, UnitWriter
+from sculpt.outputs.store import PARTS, IncompatibleOutput, OutputStore, UnitWriter
 
 JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"model": "m1"}}]}, "model_ids": {"a": "m1"}}
 
@@ -152,7 +152,8 @@ def test_a_clear_stopped_part_way_leaves_no_unit_that_looks_committed(tmp_path, 
 def test_a_part_file_the_store_refuses_leaves_its_unit_pending_in_the_receipt(tmp_path):
     from sculpt.outputs.store import write_parts
 
-    (tmp_path / "_tmp").write_text("a file where the parts' folder goes")  # every part write fails (OSError)
+    (tmp_path / PARTS).parent.parent.mkdir()
+    (tmp_path / PARTS).parent.write_text("a file where the parts' folder goes")  # every part write fails (OSError)
     (receipt,) = write_parts(rows("sa_000001-00000", [0, 1], size=2), str(tmp_path), storage.S3Options()).to_pylist()
     assert receipt["part"] is None and receipt["transient_error"].startswith("write: "), receipt
     assert receipt["indices"] == [0, 1]
@@ -165,13 +166,13 @@ def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_part
     store.prepare(JOB)
     parts = [write_parts(rows("sa_000001-00000", [i], size=2), store.uri, store.s3).to_pylist()[0]["part"]
              for i in (0, 1)]
-    kept = (tmp_path / "_tmp" / "parts" / parts[1]).read_bytes()
+    kept = (tmp_path / PARTS / parts[1]).read_bytes()
     marker = commit_unit(store, "sa_000001-00000", JOB, parts)
-    left = tmp_path / "_tmp" / "parts" / parts[1]
+    left = tmp_path / PARTS / parts[1]
     left.parent.mkdir(parents=True)
     left.write_bytes(kept)  # the first try died deleting its parts
     assert commit_unit(store, "sa_000001-00000", JOB, parts) == marker
-    assert not list((tmp_path / "_tmp" / "parts").rglob("*.parquet"))
+    assert not list((tmp_path / PARTS).rglob("*.parquet"))
     assert store.read_unit("sa_000001-00000").num_rows == 2
 
 
@@ -187,10 +188,10 @@ def test_a_redo_commit_tried_again_after_it_deleted_some_of_its_parts_returns_it
     (receipt,) = write_parts(schema.to_table(first), store.uri, store.s3).to_pylist()
     assert commit_unit(store, unit, JOB, [receipt["part"]])["errors"] == 2
     redone = [write_parts(rows(unit, [i]), store.uri, store.s3).to_pylist()[0]["part"] for i in (1, 2)]
-    kept = (tmp_path / "_tmp" / "parts" / redone[0]).read_bytes()
+    kept = (tmp_path / PARTS / redone[0]).read_bytes()
     marker = commit_unit(store, unit, JOB, redone, redo=True)
     assert marker["errors"] == 0 and store.read_unit(unit).num_rows == 3
-    left = tmp_path / "_tmp" / "parts" / redone[0]
+    left = tmp_path / PARTS / redone[0]
     left.parent.mkdir(parents=True)
     left.write_bytes(kept)  # the first try died deleting its parts: one is left
     assert commit_unit(store, unit, JOB, redone, redo=True) == marker
@@ -209,7 +210,7 @@ def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path
     (new,) = write_parts(rows("sa_000001-00000", [0, 1], size=2), store.uri, store.s3).to_pylist()
     marker = commit_unit(store, "sa_000001-00000", JOB, [new["part"]])
     assert marker["fingerprint"] == "f1" and store.read_unit("sa_000001-00000").num_rows == 2
-    assert json.loads((tmp_path / "_markers" / "sa_000001-00000.json").read_text())["fingerprint"] == "f1"
+    assert json.loads((tmp_path / ".sculpt" / "markers" / "sa_000001-00000.json").read_text())["fingerprint"] == "f1"
 
 
 def test_a_commit_whose_job_lost_its_lease_writes_nothing(tmp_path):
@@ -246,7 +247,7 @@ def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_f
     write_parts(rows("sa_000002-00000", [0, 1], size=3), store.uri, store.s3)  # awaiting its last row
     half = UnitWriter(store, "sa_000003-00000", JOB, flush_rows=1)
     half.add(rows("sa_000003-00000", [0, 1]))  # a commit cut off while gathering
-    assert list((tmp_path / "_tmp" / "parts").glob("sa_000002-00000/*.parquet"))
+    assert list((tmp_path / PARTS).glob("sa_000002-00000/*.parquet"))
     assert list((tmp_path / "_tmp").rglob("sa_000003*"))
     expected = [("sa_000001", i) for i in range(3)]
     data_files = f"{tmp_path}/*.parquet"
@@ -451,7 +452,7 @@ def test_a_lease_is_taken_where_the_disk_has_no_hard_links(tmp_path, monkeypatch
     with pytest.raises(lease_module.OutputBusy):
         lease_module.Lease(out).acquire()
     held.release()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["_lease.json.lock"]  # no lease, no temp file
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # no lease, no temp file, no lock file
 
 
 def test_a_lease_write_that_landed_though_its_answer_was_lost_is_still_ours(tmp_path):
@@ -476,6 +477,7 @@ def test_an_empty_lease_file_is_nobodys(tmp_path):
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["owner"] == lease.record["owner"]
     lease.release()
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "_lease.json.lock"]  # no temp file
+    assert not list((tmp_path / "out").iterdir())  # nor a lock file, nor the renewals' temporary folder
 
 
 def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, monkeypatch):
@@ -511,3 +513,33 @@ def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, mo
         taker.join()
     assert sorted(outcomes) == ["refused", "won"]
     leases[0].release()
+
+
+def test_the_local_lease_lock_has_one_holder_at_a_time_and_its_file_outlives_none(tmp_path):
+    """The lock file is deleted by each holder as it lets go, while others wait on it: a waiter then holds a file
+    that is gone, sees it, and locks the one the path names now. Never two holders; no file left."""
+    import threading
+    import time
+
+    from sculpt.io import lease as lease_module
+
+    path = str(tmp_path / "_lease.json")
+    (tmp_path / "_lease.json.lock").write_text("")  # an older sculpt's, kept for good
+    inside, overlaps, turns = [], [], []
+
+    def hold():
+        for _ in range(40):
+            with lease_module._locked(path):
+                inside.append(1)
+                overlaps.append(len(inside))
+                time.sleep(0.0005)
+                inside.pop()
+                turns.append(1)
+
+    holders = [threading.Thread(target=hold) for _ in range(6)]  # each its own descriptor: flock tells them apart
+    for holder in holders:
+        holder.start()
+    for holder in holders:
+        holder.join()
+    assert len(turns) == 240 and set(overlaps) == {1}
+    assert list(tmp_path.iterdir()) == []

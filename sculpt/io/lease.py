@@ -6,6 +6,8 @@ finds the lease held and is refused with a message that says who holds it. A lea
 (``ttl_seconds``) is taken over, as is one held by a dead process on this same machine, at once: a driver killed
 and rerun resumes without waiting. Taking and renewing are conditional writes — S3's If-None-Match / If-Match,
 an exclusive create or a locked compare-and-write locally — so two jobs racing for one output cannot both win.
+The local lock (``_locked``) is a file beside the lease that exists only while a job holds it: a finished job
+leaves nothing but its output.
 A job that finds at a renewal that another took the output over (it stalled past the ttl) stops at its next
 receipt (``check``). A job whose renewals fail (the store unreachable) starts no commit once half the ttl has
 passed since its last renewal, until one lands: another job can take a lease over only after the whole ttl, so
@@ -17,6 +19,7 @@ does when renewals keep failing for ``STALL_TTLS`` ttls (lost credentials, say).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -84,8 +87,7 @@ class Lease:
                     raise
                 except OSError:  # no hard links (FUSE mounts of object stores, some SMB): an exclusive create,
                     # under the lock that a takeover of the file (empty until written) also takes
-                    with open(path + ".lock", "a") as lock:
-                        fcntl.flock(lock, fcntl.LOCK_EX)
+                    with _locked(path):
                         with open(path, "x") as f:
                             f.write(body)
             except FileExistsError:
@@ -95,8 +97,7 @@ class Lease:
                     os.unlink(tmp)
         else:
             # the compare and the write under one lock: two jobs taking over a stale lease at once cannot both win
-            with open(path + ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with _locked(path):
                 if self._read()[1] != expected:
                     return False
                 storage.write_atomic(self.uri, body.encode())
@@ -182,19 +183,61 @@ class Lease:
             print(f"[sculpt] the lease on {self.uri} is renewed; commits go on", flush=True)
 
     def release(self) -> None:
+        """Give the output back: the renewals stop, then the lease file goes if it is still ours, with the temporary
+        folder its renewals wrote through (when empty) and, locally, the lock file (an older sculpt kept it for good)."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
         try:
             holder, _ = self._read()
-            if holder and holder.get("owner") == self.record["owner"]:
-                fs, path = storage.filesystem(self.uri, self.s3)
-                fs.delete_file(path)
+            if not holder or holder.get("owner") != self.record["owner"]:
+                return  # another job's now (it took the output over), or gone: not ours to delete
+            if storage.is_s3(self.uri):  # boto3: pyarrow's delete leaves an empty "folder" object behind
+                bucket, key = storage.bucket_key(self.uri)
+                storage.s3_client(self.s3).delete_object(Bucket=bucket, Key=key)
+                return
+            path = os.path.abspath(self.uri)
+            with _locked(path):  # takeovers compare and write under this lock: still ours when deleted
+                holder, _ = self._read()
+                if holder and holder.get("owner") == self.record["owner"]:
+                    with contextlib.suppress(OSError):  # no other job writes here while the lease is ours
+                        os.rmdir(os.path.join(os.path.dirname(path), storage.TMP_DIR))
+                    os.unlink(path)
         except Exception as exc:  # the store unreachable: the job's own outcome (or error) is what matters
             if not storage.is_store_fault(exc, self.uri):
                 raise
             print(f"[sculpt] warning: could not give back the lease on {self.uri} ({errors.describe(exc)}); it is "
                   f"free after {self.ttl:.0f} s without renewal", flush=True)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """Hold the local lock on the lease file ``path``: ``flock`` on ``<path>.lock``, a file that exists only while
+    a job holds it. The holder deletes it before letting go; a job that was waiting then holds a file no longer
+    there, which it sees (the path names another file, or none) and so opens the lock file anew. Only a holder
+    deletes, so two jobs never hold the lock at once. A holder killed leaves the file, which the next one reuses."""
+    lock_path = path + ".lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                named = os.stat(lock_path)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the lock file this job waited on was deleted by its holder: open the current one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)  # the lock goes with the last descriptor
 
 
 def lease_uri(out: str) -> str:

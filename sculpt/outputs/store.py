@@ -2,17 +2,25 @@
 
 Layout under the output path (local or s3://)::
 
-    _sculpt_job.json                the job's config fingerprint, stages and model ids (first run)
     sa_000000-00000.parquet          the rows of the shard's first chunk; appears whole or not at all
-    _markers/sa_000000-00000.json   written after the Parquet file: counts and statistics (sculpt/outputs/stats.py),
+    .sculpt/job.json                 the job's config fingerprint, stages and model ids (first run)
+    .sculpt/markers/sa_000000-00000.json
+                                     written after the Parquet file: counts and statistics (sculpt/outputs/stats.py),
                                      where the shard's next chunk starts (``end``), fingerprint, model ids, timings
-    _stats.json                      the whole job's statistics, rewritten at the end of each run
-    _tmp/                            in-flight writes (``parts/<unit>/``: rows written in the cluster, awaiting
-                                     their unit's commit); garbage after a kill, cleared by the next run
+    .sculpt/stats.json               the whole job's statistics, rewritten at the end of each run
+    _lease.json                      while a job writes the output (sculpt/io/lease.py)
+    _tmp/, .sculpt/_tmp/             while a job writes: in-flight writes (``.sculpt/_tmp/parts/<unit>/``: rows
+                                     written in the cluster, awaiting their unit's commit); garbage after a kill,
+                                     cleared by the next run; what is left empty goes at the job's end (``tidy``)
+
+Only the data files are visible to a reader of the folder: pyarrow, pandas and Spark skip names starting with
+``_`` or ``.``, Hugging Face ``datasets`` (``load_dataset("parquet", data_dir=OUT)``) those starting with ``.``,
+hence ``.sculpt/`` for what outlives a job. An output begun by an older sculpt (``LEGACY``: ``_sculpt_job.json``,
+``_markers/``, ``_stats.json``) is read, and resumed, in its own layout.
 
 Rows are written where they come out of the last stage (``write_parts``, in the cluster); the driver only sees
 receipts, and when a unit's receipts are all in it starts ``commit_unit``, which gathers the parts into the
-unit's file and writes its marker. A unit is committed when its marker exists. A rerun lists ``_markers/`` and
+unit's file and writes its marker. A unit is committed when its marker exists. A rerun lists the markers and
 never opens a committed chunk's input. A unit cut off by a kill has no marker; its Parquet path is deterministic,
 so the rerun replaces it rather than adding a second copy of any row.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +44,12 @@ from sculpt.io import lease, storage
 from sculpt.outputs import stats
 from sculpt.io.storage import S3Options
 
-JOB_FILE = "_sculpt_job.json"
-MARKERS = "_markers"
+BOOKKEEPING = ".sculpt"  # what outlives a job besides its data: no Parquet reader looks into a "."-folder
+JOB_FILE = f"{BOOKKEEPING}/job.json"
+MARKERS = f"{BOOKKEEPING}/markers"
+STATS_FILE = f"{BOOKKEEPING}/stats.json"
+LAYOUT = {"job": JOB_FILE, "markers": MARKERS, "stats": STATS_FILE}
+LEGACY = {"job": "_sculpt_job.json", "markers": "_markers", "stats": "_stats.json"}  # outputs of older sculpt
 
 
 class IncompatibleOutput(errors.JobError):
@@ -61,23 +74,44 @@ def _differences(old, new, path="") -> list[str]:
 class OutputStore:
     def __init__(self, uri: str, s3: S3Options = S3Options()):
         self.uri, self.s3 = uri.rstrip("/"), s3
+        self._layout: dict | None = None  # LAYOUT, or LEGACY for an output begun by an older sculpt; found once
+
+    def layout(self) -> dict:
+        """Where this output keeps its job file, markers and statistics: ``LEGACY`` when an older sculpt began it
+        (its job file there and none here), else ``LAYOUT``."""
+        if self._layout is None:
+            legacy = (storage.read_bytes(storage.join(self.uri, JOB_FILE), self.s3) is None
+                      and storage.read_bytes(storage.join(self.uri, LEGACY["job"]), self.s3) is not None)
+            self._layout = LEGACY if legacy else LAYOUT
+        return self._layout
 
     def data_uri(self, unit: str) -> str:
         return storage.join(self.uri, f"{unit}.parquet")
 
+    def job_uri(self) -> str:
+        return storage.join(self.uri, self.layout()["job"])
+
+    def stats_uri(self) -> str:
+        """The whole job's statistics, rewritten at the end of each run."""
+        return storage.join(self.uri, self.layout()["stats"])
+
+    def markers_uri(self) -> str:
+        return storage.join(self.uri, self.layout()["markers"])
+
     def marker_uri(self, unit: str) -> str:
-        return storage.join(self.uri, MARKERS, f"{unit}.json")
+        return storage.join(self.markers_uri(), f"{unit}.json")
 
     def committed(self) -> set[str]:
         """Units whose marker exists: one listing, no input or data file read."""
-        return {name[: -len(".json")] for name in storage.list_names(storage.join(self.uri, MARKERS), self.s3, ".json")}
+        return {name[: -len(".json")] for name in storage.list_names(self.markers_uri(), self.s3, ".json")}
 
     def job(self) -> dict | None:
-        data = storage.read_bytes(storage.join(self.uri, JOB_FILE), self.s3)
+        data = storage.read_bytes(self.job_uri(), self.s3)
         return json.loads(data) if data else None
 
-    def prepare(self, job: dict, overwrite: bool = False) -> set[str]:
-        """Check the output against this job (or wipe it with ``overwrite``); returns the committed units."""
+    def replaces(self, job: dict, overwrite: bool = False) -> bool:
+        """Whether this job would delete what the output holds (``overwrite`` of another config's output); refuses
+        another config's output without it. Reads only."""
         existing = self.job()
         # another job's output, or one whose job file is gone (a clear killed part-way); the same config's output
         # is resumed even with overwrite, so that rerunning the very command that started a job never wipes it
@@ -94,23 +128,39 @@ class OutputStore:
                 f"{job['fingerprint']}):\n  " + "\n  ".join(changes[:8]) + "\nRerun with the same config to resume, "
                 "choose another output path, or pass --overwrite to delete that output and start over."
             )
-        if another and overwrite:
+        return another and overwrite
+
+    def prepare(self, job: dict, overwrite: bool = False) -> set[str]:
+        """Make the output this job's (the caller holds its lease): wipe another config's output with ``overwrite``,
+        clear what a killed run left and write the job file; returns the committed units."""
+        if self.replaces(job, overwrite):
             self.clear()
-        for folder in (storage.TMP_DIR, f"{MARKERS}/{storage.TMP_DIR}"):  # a killed run's half-written files
+        for folder in _TEMPORARY:  # a killed run's half-written files, this sculpt's or an older one's
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
-        storage.abort_uploads(self.uri, self.s3)  # and its unfinished S3 uploads (the caller holds the lease)
-        storage.write_atomic(storage.join(self.uri, JOB_FILE), json.dumps(job, indent=1).encode(), self.s3)
+        storage.abort_uploads(self.uri, self.s3)  # and its unfinished S3 uploads
+        storage.write_atomic(self.job_uri(), json.dumps(job, indent=1).encode(), self.s3)
         return self.committed()
+
+    def tidy(self) -> None:
+        """At the job's end (its lease still held): remove the temporary folders it left empty, so that only the
+        output's own files stay. Local disks only: S3 has no folders (and sculpt writes no "folder" objects)."""
+        if storage.is_s3(self.uri):
+            return
+        # deepest first; a folder not there, or not empty (a pending unit's parts), stays as it is
+        for folder in (PARTS, *_TEMPORARY, LEGACY["markers"], BOOKKEEPING):  # ".sculpt" of a legacy output
+            with contextlib.suppress(OSError):
+                os.rmdir(storage.join(self.uri, folder))
 
     def clear(self) -> None:
         """Delete what sculpt wrote here, and only that: the markers first and the job file last, so that a clear
         stopped part-way leaves no unit that looks committed, and is refused as another job's output."""
-        for folder in (MARKERS, storage.TMP_DIR):
+        for folder in (MARKERS, LEGACY["markers"], storage.TMP_DIR):
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
-        fs, path = storage.filesystem(self.uri, self.s3)
         names = storage.list_names(self.uri, self.s3)
-        for name in [n for n in names if n.endswith(".parquet")] + [n for n in names if n == JOB_FILE]:
-            fs.delete_file(f"{path}/{name}")
+        _delete(self.uri, [n for n in names if n.endswith(".parquet")], self.s3)
+        _delete(self.uri, [n for n in names if n in (LEGACY["stats"], LEGACY["job"])], self.s3)
+        storage.delete_tree(storage.join(self.uri, BOOKKEEPING), self.s3)  # job file, statistics
+        self._layout = LAYOUT  # what this sculpt writes next
 
     def read_unit(self, unit: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = storage.filesystem(self.data_uri(unit), self.s3)
@@ -120,6 +170,26 @@ class OutputStore:
         units = sorted(self.committed())
         with ThreadPoolExecutor(16) as pool:
             return [json.loads(data) for data in pool.map(lambda u: storage.read_bytes(self.marker_uri(u), self.s3), units) if data]
+
+
+# Where atomic writes and part files go while a job runs, this sculpt's and an older one's, deepest first
+_TEMPORARY = (f"{MARKERS}/{storage.TMP_DIR}", f"{BOOKKEEPING}/{storage.TMP_DIR}",
+              f"{LEGACY['markers']}/{storage.TMP_DIR}", storage.TMP_DIR)
+
+
+def _delete(uri: str, names: list[str], s3: S3Options) -> None:
+    """Delete these files of the folder ``uri`` (on S3 with boto3: pyarrow's delete leaves a "folder" object)."""
+    if not names:
+        return
+    if storage.is_s3(uri):
+        client, (bucket, prefix) = storage.s3_client(s3), storage.bucket_key(uri + "/")
+        for start in range(0, len(names), 1000):
+            keys = [{"Key": prefix + name} for name in names[start:start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        return
+    fs, path = storage.filesystem(uri, s3)
+    for name in names:
+        fs.delete_file(f"{path}/{name}")
 
 
 class UnitWriter:
@@ -243,7 +313,9 @@ def _finish(table: pa.Table) -> pa.Table:
     return table.select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)
 
 
-PARTS = f"{storage.TMP_DIR}/parts"
+# Part files: rows of units not committed yet. Under ".sculpt" so that no reader of the folder takes them for data,
+# not even where a job ended with units pending (their parts stay until the next run clears them)
+PARTS = f"{BOOKKEEPING}/{storage.TMP_DIR}/parts"
 
 RECEIPT_SCHEMA = pa.schema([
     ("unit", pa.string()),
