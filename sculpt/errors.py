@@ -259,12 +259,15 @@ def job_failure(exc: BaseException, store: str) -> BaseException:
 
 
 @contextlib.contextmanager
-def at_job_level(store: str):
-    """Raise what ``job_failure`` makes of a fault of ``store`` raised inside (from the fault)."""
+def at_job_level(store: str, unwrap: bool = False):
+    """Raise what ``job_failure`` makes of a fault of ``store`` raised inside (from the fault); ``unwrap``: of the
+    fault a Ray task raised (its ``cause``), too."""
     try:
         yield
     except Exception as exc:
-        failure = job_failure(exc, store)
+        failure = job_failure(getattr(exc, "cause", exc) if unwrap else exc, store)
+        if unwrap and failure is getattr(exc, "cause", None):
+            raise
         if failure is exc:
             raise
         raise failure from exc

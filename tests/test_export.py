@@ -193,11 +193,11 @@ def test_refuses_existing_dest_and_empty_output(out, tmp_path, capsys):
 def test_uncommitted_units_and_bookkeeping_are_not_exported(out, tmp_path):
     import os
 
-    os.remove(f"{out}/_markers/sa_000001.json")  # as if killed between the Parquet file and its marker
+    os.remove(f"{out}/.sculpt/markers/sa_000001.json")  # as if killed between the Parquet file and its marker
     assert [p.rsplit("/", 1)[1] for p in pairs.data_files(out)] == ["sa_000000.parquet"]
     counts = export.export(out, str(tmp_path / "g.jsonl"), "gseval", keep_all=True)
     assert counts == {"images": 2, "pairs": 4}
-    os.remove(f"{out}/_markers/sa_000000.json")  # no unit committed yet: nothing to export, though Parquet is there
+    os.remove(f"{out}/.sculpt/markers/sa_000000.json")  # no unit committed yet: nothing to export, though Parquet is there
     assert pairs.data_files(out) == [] and os.path.exists(f"{out}/sa_000000.parquet")
 
 

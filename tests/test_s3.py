@@ -78,7 +78,7 @@ def test_s3_in_s3_out_and_a_resume_mid_shard_reads_no_byte_of_committed_chunks(l
     assert 0 < first["input_bytes_read"] <= total_input
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
-    assert {"out/sa_000000-00000.parquet", "out/_markers/sa_000000-00001.json", "out/_sculpt_job.json"} <= keys
+    assert {"out/sa_000000-00000.parquet", "out/.sculpt/markers/sa_000000-00001.json", "out/.sculpt/job.json"} <= keys
     assert not [k for k in keys if "_tmp" in k]  # part files and temporaries are gone
     store = OutputStore(f"s3://{name}/out", cfg.s3)
     before = {m["unit"]: m for m in store.markers()}
@@ -94,7 +94,7 @@ def test_s3_in_s3_out_and_a_resume_mid_shard_reads_no_byte_of_committed_chunks(l
                 body[start:end] = b"\xff" * (end - start)
         client.put_object(Bucket=name, Key=f"sa1b/{shard}.tar", Body=bytes(body))
     for unit in redo:
-        client.delete_object(Bucket=name, Key=f"out/_markers/{unit}.json")
+        client.delete_object(Bucket=name, Key=f"out/.sculpt/markers/{unit}.json")
     second = run_job(cfg, stages)
 
     assert second["committed_now"] == 2 and second["errors"] == 0
@@ -141,7 +141,7 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
     assert sorted((r["shard"], r["index"]) for r in rows) == [(f"sa_00000{s}", i) for s in range(3) for i in range(4)]
 
     # A shard whose every read is cut off: after faults.read_attempts it is left pending, never committed short.
-    client.delete_object(Bucket=name, Key="out/_markers/sa_000002-00000.json")
+    client.delete_object(Bucket=name, Key="out/.sculpt/markers/sa_000002-00000.json")
     proxy = FaultProxy(s3_server, match=f"/{name}/sa1b/sa_000002.tar", cuts=99)
     try:
         cfg.s3 = storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1)
@@ -151,7 +151,7 @@ def test_cut_off_s3_reads_are_resumed_and_a_shard_that_keeps_failing_stays_pendi
         proxy.close()
     assert list(second["pending"]) == ["sa_000002-00000"]
     assert "still failed after 2 attempts" in second["pending"]["sa_000002-00000"]
-    assert "out/_markers/sa_000002-00000.json" not in {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
+    assert "out/.sculpt/markers/sa_000002-00000.json" not in {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]}
 
     # Credentials never reach an output file (job file, markers, statistics, Parquet) or the job's output.
     written = all_output_bytes(client, name) + "".join(capfd.readouterr()).encode()

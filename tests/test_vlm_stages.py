@@ -42,7 +42,7 @@ def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_
         assert (negative["category"], negative["expression"], negative["area"]) == ("negative", kit.NEGATIVE, 0)
     # every refer request found its image (and caption) already in the engine's prefix cache
     assert cache["prefix_cache_hits"] >= 256 * sum(r["status"] != "error" for r in rows)
-    marker = json.loads((tmp_path / "out" / "_markers" / "sa_000000-00000.json").read_text())
+    marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000000-00000.json").read_text())
     assert marker["model_ids"] == {"caption": tiny_models["vlm"], "refer": tiny_models["vlm"]}
 
 
@@ -100,14 +100,14 @@ def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_mod
         union = np.any([rle.decode(m["mask"]) for m in members], axis=0)
         assert np.array_equal(rle.decode(group["mask"]), union) and group["expression"]
     assert {n["expression"] for n in negatives} == {kit.NEGATIVE}
-    marker = json.loads((tmp_path / "out" / "_markers" / "sa_000001-00000.json").read_text())
+    marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000001-00000.json").read_text())
     assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
     assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
     assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "semantic": [], "prefix": ""}
     # every stage that saw an image timed it; the job's statistics are written and reported
     assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "refer", "verify"}
     assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
-    job_stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    job_stats = json.loads((tmp_path / "out" / ".sculpt" / "stats.json").read_text())
     assert job_stats["rows"] == 4 and "stage_images_per_second" in job_stats["derived"]
     from sculpt import cli
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from sculpt import errors
 from sculpt.engine.planning import Plan
 from sculpt.engine.progress import Progress
-from sculpt.io import shards, storage
+from sculpt.io import shards
 from sculpt.io.lease import Lease
 from sculpt.outputs import store as output
 
@@ -88,8 +88,8 @@ class Commits:
                 marker = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the commit's error, or its worker's death past retries
                 cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
-                if not (storage.is_store_fault(cause, self.todo.store.uri) or errors.is_transient(cause)):
-                    raise cause from None  # a full disk or an error budget stops the job with one line
+                if not errors.is_transient(cause, self.todo.store.uri):
+                    raise errors.job_failure(cause, self.todo.store.uri) from None  # a full disk, an error budget
                 self._leave_pending(unit, f"write: {errors.describe(cause)}")  # the store, past its own retries
                 continue
             self._count(unit, marker)

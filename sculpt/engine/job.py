@@ -28,7 +28,8 @@ def main(args) -> int:
     try:
         config = job_config.load(*config_of(args))
         stages = job_config.build_stages(config)
-        todo = planning.plan(config, stages)
+        with errors.at_job_level(config.output.path):  # the output unreadable (S3 unreachable...): one line
+            todo = planning.plan(config, stages)
         if todo.segments:
             cluster.start(config, stages)
         with take_output(config, stages, todo) as (todo, lease), vlm_pool(config, stages if todo.segments else []):
@@ -55,10 +56,12 @@ def take_output(config: JobConfig, stages: list[Stage], todo: Plan):
     deleted with ``output.overwrite``, a killed run's temporary files and uploads gone) and the job file. Yields the
     plan (made again if another job committed units since it was made) and the lease; gives the lease back once,
     leaving only the output's own files."""
-    lease = Lease(todo.store.uri, config.s3).acquire()
+    with errors.at_job_level(todo.store.uri):  # a full disk, S3 unreachable: one line
+        lease = Lease(todo.store.uri, config.s3).acquire()
     try:
-        if todo.store.prepare(todo.job, overwrite=config.output.overwrite) != todo.committed:
-            todo = planning.plan(config, stages)
+        with errors.at_job_level(todo.store.uri):
+            if todo.store.prepare(todo.job, overwrite=config.output.overwrite) != todo.committed:
+                todo = planning.plan(config, stages)
         yield todo, lease
     finally:
         todo.store.tidy()

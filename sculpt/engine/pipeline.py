@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 
+from sculpt import errors
 from sculpt.config import JobConfig
 from sculpt.engine.commits import MARKER_COUNTS, Commits
 from sculpt.engine.dataset import build_dataset, start_gate
@@ -20,8 +21,6 @@ from sculpt.io import shards, storage
 from sculpt.io.lease import Lease
 from sculpt.outputs import report, stats
 from sculpt.stage import Stage, start_device_faults
-
-STATS_FILE = "_stats.json"  # the whole job's statistics, rewritten at the end of every run
 
 
 def run(config: JobConfig, stages: list[Stage], todo: Plan, lease: Lease | None) -> dict:
@@ -54,13 +53,14 @@ def _stream(config, stages, todo: Plan, lease: Lease | None, commits: Commits, g
     receipts_stream = build_dataset(todo.segments, stages, config, gate, device_faults).iter_batches(
         batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     driver_bytes = 0
-    for receipts in receipts_stream:
-        if lease is not None:
-            lease.check()
-        driver_bytes += receipts.nbytes
-        for receipt in receipts.to_pylist():
-            commits.receive(receipt)
-        commits.settle()
+    with errors.at_job_level(config.output.path, unwrap=True):  # a write task's full disk: one line
+        for receipts in receipts_stream:
+            if lease is not None:
+                lease.check()
+            driver_bytes += receipts.nbytes
+            for receipt in receipts.to_pylist():
+                commits.receive(receipt)
+            commits.settle()
     return driver_bytes
 
 
@@ -93,9 +93,10 @@ def _summary(config: JobConfig, todo: Plan, commits: Commits | None, progress: P
         "chunks_in_flight_peak": chunks_peak,
         "output": store.uri,
     }
-    job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones
-    storage.write_atomic(storage.join(store.uri, STATS_FILE),
-                         json.dumps({**job_total, "derived": stats.derived(job_total)}, indent=1).encode(), config.s3)
+    with errors.at_job_level(store.uri):
+        job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones
+        storage.write_atomic(store.stats_uri(),
+                             json.dumps({**job_total, "derived": stats.derived(job_total)}, indent=1).encode(), config.s3)
     summary["job"] = rounded({key: value for key, value in stats.derived(job_total).items() if value is not None})
     progress.print("done" if not pending else f"done; {len(pending)} unit(s) left pending, rerun to retry them")
     return summary

@@ -46,7 +46,7 @@ def rounded(value):
 
 
 def describe(summary: dict) -> list[str]:
-    """The run summary as a person reads it (the numbers are also in OUT/_stats.json and the markers)."""
+    """The run summary as a person reads it (the numbers are also in OUT/.sculpt/stats.json and the markers)."""
     job = summary.get("job", {})
     whole = f"[sculpt] whole output ({summary['shards']} shards): {job.get('objects_per_image', 0):.1f} objects per image"
     if job.get("keep_rate") is not None:

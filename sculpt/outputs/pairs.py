@@ -4,7 +4,6 @@ in index order, their (expression, mask) pairs as records, and each row's image 
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,7 @@ from sculpt.annotation import images
 from sculpt.annotation.categories import NEGATIVE
 from sculpt.io import storage
 from sculpt.io.storage import S3Options
-from sculpt.outputs.store import JOB_FILE, MARKERS
+from sculpt.outputs.store import OutputStore
 
 READ_COLUMNS = ["shard", "index", "image_key", "image_id", "file_name", "width", "height", "status", "error", "caption",
                 "objects"]
@@ -34,8 +33,9 @@ def data_files(out: str, s3: S3Options = S3Options()) -> list[str]:
     """
     fs, path = storage.filesystem(out, s3)
     names = [n for n in storage.list_names(out, s3, ".parquet") if not n.startswith("_")]
-    committed = {n[: -len(".json")] for n in storage.list_names(storage.join(out, MARKERS), s3, ".json")}
-    if committed or storage.read_bytes(storage.join(out, JOB_FILE), s3) is not None:
+    store = OutputStore(out, s3)  # its markers and job file where this sculpt or an older one keeps them
+    committed = store.committed()
+    if committed or store.job() is not None:
         names = [n for n in names if n[: -len(".parquet")] in committed]
     return [f"{path}/{n}" for n in names]
 
@@ -115,7 +115,7 @@ class ShardImages:
 
         if self.uris is None:
             if self.patterns is None:
-                job = json.loads(storage.read_bytes(storage.join(self.out, JOB_FILE), self.s3) or b"{}")
+                job = OutputStore(self.out, self.s3).job() or {}
                 self.patterns = job.get("inputs") or []
             found = []
             for pattern in self.patterns:
