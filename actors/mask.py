@@ -1,12 +1,20 @@
-"""The mask stage: SAM2 turns each grounded box into a mask (``sam2`` package, ``SAM2ImagePredictor``).
+"""The mask stage: SAM2 turns each grounded box into a mask (the ``sam2`` package: ``SAM2Base``'s public modules).
 
-Images are decoded on the model's device (``sculpt.annotation.images.decode_on``: nvJPEG on CUDA) and squashed there to
-SAM2's square input. The images of a batch are embedded together (``images_at_once`` at a time, ``SAM2ImagePredictor.set_image_batch``);
-all boxes of an image go to the mask decoder as one batched prompt. The decoder's
-low-resolution logits are brought to the image's own resolution a few masks at a time and turned into COCO RLE
-at once, so an image with many boxes never holds all its full-resolution float masks in memory. Thresholding and
-the RLE run lengths happen on the model's device (``sculpt.annotation.rle.encode_tensors``); full masks never cross to the
-host, pycocotools only compresses the runs.
+Images are decoded on the model's device (``sculpt.annotation.images.decode_on``: nvJPEG on CUDA), squashed there to
+SAM2's square input and normalised there. The images of a batch are embedded together (``images_at_once`` at a time,
+``sculpt.models.sam2_features``); all boxes of an image go to the mask decoder as one batched prompt, as
+``SAM2ImagePredictor.predict`` would give them. The decoder's low-resolution logits stay on the device and are
+brought to the image's own resolution a few masks at a time and turned into COCO RLE at once, so an image with
+many boxes never holds all its full-resolution float masks in memory. Thresholding and the RLE run lengths happen
+on the model's device (``sculpt.annotation.rle.encode_tensors``); full masks never cross to the host, pycocotools
+only compresses the runs.
+
+``SAM2ImagePredictor`` itself is not used: its ``predict``/``predict_batch`` bring all masks of an image to full
+resolution at once (N×H×W float32, then copied to the host: 675 MB for 50 boxes on a 1500×2250 image, see
+benchmarks/masker_memory.py), even when only the low-resolution logits it also returns are wanted, and those are
+clamped to ±32 (for use as a mask prompt), which can move an edge pixel of the upsampled mask. Its prompt encoder
+and mask decoder are public modules of the model; they are called here as the predictor calls them, with the same
+results (tests/test_ground_mask_actors.py compares them with the stock predictor's).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import numpy as np
 
 from sculpt.annotation import groups, images, rle
-from sculpt.models import precision
+from sculpt.models import precision, sam2_features
 from sculpt import schema
 from sculpt.stage import Stage
 
@@ -71,7 +79,7 @@ class Masker(Stage):
     Params (all optional; ``model``, from the config's ``models.mask``, is a sam2 hub id or a local directory, see
     ``build_sam2_model``):
 
-    - ``mask_threshold`` (0.0): logit threshold of SAM2's predictor
+    - ``mask_threshold`` (0.0): logit threshold (as ``SAM2ImagePredictor``'s)
     - ``masks_at_once`` (8): masks brought to full resolution and RLE-encoded together
     - ``images_at_once`` (4): images whose SAM2 embeddings are computed as one batch
     - ``groups`` (true): add a multi-object group for each phrase grounded to several masked boxes
@@ -85,16 +93,9 @@ class Masker(Stage):
                 "dtype": None}
 
     def setup(self) -> None:
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
         self.device, self.dtype = precision.resolve(self.params["device"], self.params["dtype"])
-        model = build_sam2_model(self.params["model"], self.device)
-        self.predictor = SAM2ImagePredictor(model, mask_threshold=float(self.params["mask_threshold"]))
-        # predict() would bring every mask of the image to full resolution at once (N x H x W floats). It is made
-        # to return the decoder's logits instead; _rles() runs the same post-processing a few masks at a time.
-        transforms = self.predictor._transforms
-        self._full_resolution = transforms.postprocess_masks
-        transforms.postprocess_masks = lambda masks, orig_hw: masks
+        self.model = build_sam2_model(self.params["model"], self.device)  # a SAM2Base, in eval mode
+        self.mask_threshold = float(self.params["mask_threshold"])
 
     def process(self, rows: list[dict]) -> None:
         todo = {id(row): [obj for obj in row["objects"] or [] if obj.get("box") is not None and obj.get("mask") is None
@@ -143,34 +144,66 @@ class Masker(Stage):
         """
         import torch
 
-        side = self.predictor.model.image_size
+        side = self.model.image_size
         squashed, scaled, sizes = [], [], []
         for picture, image_boxes in zip(pictures, boxes):
             picture = torch.as_tensor(picture, device=self.device)
             height, width = picture.shape[:2]
-            squashed.append(images.squash(picture, side).cpu().numpy())
-            scaled.append(image_boxes * np.array([side / width, side / height] * 2, dtype=np.float32))
+            squashed.append(images.squash(picture, side))
+            scaled.append(torch.as_tensor(image_boxes * np.array([side / width, side / height] * 2, dtype=np.float32),
+                                          device=self.device))
             sizes.append((height, width))
         with self.device_turn, torch.inference_mode(), precision.autocast(self.device, self.dtype):
-            self.predictor.set_image_batch(squashed)  # the predictor holds the embeddings: one batch at a time
-            logits, scores, _ = self.predictor.predict_batch(box_batch=scaled, multimask_output=False, return_logits=True)
-        out = []
-        for size, image_boxes, image_logits, image_scores in zip(sizes, boxes, logits, scores):
-            n = len(image_boxes)  # the single-box case comes without its box axis
-            out.append((self._rles(image_logits.reshape(n, 1, *image_logits.shape[-2:]), size),
-                        image_scores.reshape(n, -1)[:, 0]))
-        return out
+            features = sam2_features.image_features(self.model, normalise(torch.stack(squashed)))
+            decoded = [self._decode(features, i, image_boxes) for i, image_boxes in enumerate(scaled)]
+        return [(self._rles(logits, size), scores.float().cpu().numpy())
+                for (logits, scores), size in zip(decoded, sizes)]
 
-    def _rles(self, logits: np.ndarray, size) -> list[dict]:
+    def _decode(self, features: dict, index: int, boxes):
+        """Low-resolution logits (N×1×h×w, unclamped) and predicted IoUs (N) of one image's N boxes (in the input
+        frame), prompted as ``SAM2ImagePredictor`` prompts them: each box as its two corners, labels 2 and 3."""
         import torch
+
+        prompt = self.model.sam_prompt_encoder
+        corners = boxes.reshape(-1, 2, 2)
+        labels = torch.tensor([[2, 3]], dtype=torch.int, device=corners.device).repeat(len(corners), 1)
+        sparse, dense = prompt(points=(corners, labels), boxes=None, masks=None)
+        logits, scores, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=features["image_embed"][index:index + 1],
+            image_pe=prompt.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+            repeat_image=True,  # the image's one embedding for all its boxes
+            high_res_features=[level[index:index + 1] for level in features["high_res_feats"]],
+        )
+        return logits, scores[:, 0]
+
+    def _rles(self, logits, size) -> list[dict]:
+        import torch.nn.functional as F
 
         step = int(self.params["masks_at_once"])
         masks = []
         for i in range(0, len(logits), step):
-            chunk = torch.from_numpy(logits[i:i + step]).to(self.device)
-            full = self._full_resolution(chunk, size) > self.predictor.mask_threshold
-            masks += rle.encode_tensors(full[:, 0])  # runs counted on the device; only they reach the host
+            # as SAM2Transforms.postprocess_masks does it (without its hole filling, which the predictor leaves off)
+            full = F.interpolate(logits[i:i + step].float(), size, mode="bilinear", align_corners=False)
+            # runs counted on the device; only they reach the host
+            masks += rle.encode_tensors(full[:, 0] > self.mask_threshold)
         return masks
+
+
+def normalise(batch):
+    """B×S×S×3 uint8 -> B×3×S×S floats as ``SAM2Transforms`` makes them (ToTensor, then Normalize), on the
+    batch's device."""
+    import torch
+
+    # NCHW in memory too: a channels-last input moves the encoder's results in the last bits
+    x = batch.permute(0, 3, 1, 2).contiguous().float().div(255)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (SAM2_MEAN, SAM2_STD))
+    return x.sub_(mean).div_(std)
+
+
+SAM2_MEAN, SAM2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2Transforms' (ImageNet's, on the 0-1 scale)
 
 
 def box_problem(box, width: int, height: int) -> str | None:

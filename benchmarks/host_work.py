@@ -29,14 +29,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

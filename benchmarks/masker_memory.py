@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -28,8 +27,6 @@ import threading
 import time
 import tracemalloc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 WIDTH, HEIGHT = 2250, 1500
 MiB = 1 << 20
@@ -75,7 +72,7 @@ def measure(variant: str, checkpoint: str, n_boxes: int, masks_at_once: int, rep
     else:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-        predictor = SAM2ImagePredictor(stage.predictor.model)
+        predictor = SAM2ImagePredictor(stage.model)
 
         def call(image, boxes):
             with torch.inference_mode():

@@ -19,12 +19,8 @@ Every path's output is asserted equal, byte for byte, to ``pycocotools.mask.enco
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 HEIGHT, WIDTH = 1500, 2250
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(model: str, concurrency: int, callers: int, requests: int, calls: int, max_tokens: int) -> dict:

@@ -1,17 +1,18 @@
 import os
-import sys
 
 import pytest
 
+# sculpt and actors are installed (pip install -e .); pytest puts the checkout on sys.path itself (tests/ is a
+# package: the test files import tests.helpers and tests.doubles). Other processes do not get that, so Ray's
+# workers and the workflow's subprocesses, which import the test doubles (tests.doubles) by module path, are given
+# the checkout through PYTHONPATH. S3 tests talk to moto on loopback only.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Ray workers import the test doubles (tests.doubles) by module path; S3 tests talk to moto on loopback only.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
 # Distinctive fake credentials, so that a test can show they appear in no output file or log.
 os.environ.update(AWS_ACCESS_KEY_ID="AKIASCULPTTESTONLY01", AWS_SECRET_ACCESS_KEY="sculpt-fake-secret-never-written",
                   AWS_DEFAULT_REGION="us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM's CPU backend
-sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(scope="session")

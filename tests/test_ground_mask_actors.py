@@ -238,7 +238,7 @@ def test_masker_one_exact_rle_per_box_at_image_size(masker):
 def test_masker_prompts_sam2_in_the_images_own_pixel_frame(masker, monkeypatch):
     """SAM2 normalises box corners by the image's width (x) and height (y): on a 451 x 300 image, a swap shows."""
     stage = masker.stage
-    encoder = stage.predictor.model.sam_prompt_encoder
+    encoder = stage.model.sam_prompt_encoder
     received = []
     forward = encoder.forward
     monkeypatch.setattr(encoder, "forward", lambda points, boxes, masks: received.append(points[0].clone()) or forward(points, boxes, masks))
@@ -255,7 +255,7 @@ def test_early_rle_gives_the_predictors_own_masks(masker, checkpoints):
     image = samples.photo("rocket")
     boxes = np.array([[50, 100, 300, 600], [0, 0, 427, 640], [200, 300, 260, 330]], dtype=np.float32)
     rles, scores = masker.stage.predict(image, boxes)
-    reference = SAM2ImagePredictor(masker.stage.predictor.model)  # the stock predictor, full-resolution masks
+    reference = SAM2ImagePredictor(masker.stage.model)  # the stock predictor, full-resolution masks
     reference.set_image(image)
     masks, ious, _ = reference.predict(box=boxes, multimask_output=False)
     ours, theirs = np.stack([rle.decode(r) for r in rles]), masks[:, 0].astype(bool)
@@ -264,6 +264,29 @@ def test_early_rle_gives_the_predictors_own_masks(masker, checkpoints):
     # masks may differ only in a few edge pixels.
     assert (ours != theirs).mean() < 1e-3
     np.testing.assert_allclose(scores, ious[:, 0], rtol=1e-3)
+
+
+def test_masker_decodes_as_the_stock_predictor_does(masker):
+    """On an image already at SAM2's input size (nothing to squash) the masker's masks and scores are the stock
+    predictor's, bit for bit: the prompt encoder and mask decoder are called as SAM2ImagePredictor calls them,
+    and the embedding is the one it computes (sculpt.models.sam2_features). A sam2 release that changes how
+    the predictor prompts, embeds or upsamples fails here."""
+    import cv2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    side = masker.stage.model.image_size
+    image = cv2.resize(samples.photo("coffee"), (side, side), interpolation=cv2.INTER_AREA)
+    boxes = np.array([[50, 100, 300, 600], [0, 0, side, side], [200, 300, 260, 330]], dtype=np.float32)
+    rles, scores = masker.stage.predict(image, boxes)
+    reference = SAM2ImagePredictor(masker.stage.model)
+    reference.set_image(image)
+    masks, ious, _ = reference.predict(box=boxes, multimask_output=False)
+    np.testing.assert_array_equal(np.stack([rle.decode(r) for r in rles]), masks[:, 0].astype(bool))
+    np.testing.assert_array_equal(scores, ious[:, 0])
+    one, score = masker.stage.predict(image, boxes[1:2])  # a single box: the predictor drops its box axis
+    masks, ious, _ = reference.predict(box=boxes[1], multimask_output=False)
+    np.testing.assert_array_equal(rle.decode(one[0]), masks[0].astype(bool))
+    np.testing.assert_array_equal(score, ious)
 
 
 def test_masker_records_bad_boxes_and_bad_images(masker):
@@ -304,11 +327,11 @@ def test_sam2_loader_names_what_it_cannot_use(tmp_path):
 
 
 def test_masker_embeds_a_batch_of_images_at_once_with_the_same_masks(checkpoints, monkeypatch):
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    from sam2.modeling.sam2_base import SAM2Base
 
     batches = []
-    real = SAM2ImagePredictor.set_image_batch
-    monkeypatch.setattr(SAM2ImagePredictor, "set_image_batch", lambda self, images: batches.append(len(images)) or real(self, images))
+    real = SAM2Base.forward_image
+    monkeypatch.setattr(SAM2Base, "forward_image", lambda self, images: batches.append(len(images)) or real(self, images))
 
     def run(images_at_once):
         rows = [with_boxes(row_for("chelsea", 0), [[10, 20, 200, 250], [150, 40, 451, 300]]),

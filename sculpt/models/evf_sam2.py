@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sculpt.models import precision
+from sculpt.models import precision, sam2_features
 
 from sculpt.annotation.verify import SEMANTIC_PREFIX, is_multitask  # noqa: E402
 SAM2_CONFIGS = {"large": "configs/sam2/sam2_hiera_l.yaml", "tiny": "configs/sam2/sam2_hiera_t.yaml"}
@@ -269,13 +269,9 @@ class EvfSam2(nn.Module):
         return self.mm_extractor["beit3"]
 
     def image_features(self, sam_images):
-        """SAM2 image embedding, as ``SAM2ImagePredictor.set_image`` computes it (its ``_features`` format)."""
-        sam = self.visual_model
-        _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_images))
-        if sam.directly_add_no_mem_embed:
-            feats[-1] = feats[-1] + sam.no_mem_embed
-        maps = [f.permute(1, 2, 0).reshape(len(sam_images), -1, *size) for f, size in zip(feats, sizes)]
-        return {"image_embed": maps[-1], "high_res_feats": maps[:-1]}
+        """SAM2 image embedding, as ``SAM2ImagePredictor.set_image`` computes it (its ``_features`` format), through
+        SAM2Base's public API (``sculpt.models.sam2_features``)."""
+        return sam2_features.image_features(self.visual_model, sam_images)
 
     def prompts(self, beit_images, input_ids, attention_mask):
         """One SAM2 sparse prompt token per expression: the projected vision CLS output, N×1×out_dim."""
