@@ -130,7 +130,7 @@ class FaultsConfig(_Checked):
     read_attempts: Count = 5  # opens of a shard's stream after storage faults, each resuming where it broke
     # a VLM engine call in flight when its engine died is sent to the restarted engine this many times more (Ray's
     # max_task_retries); a call the engine dies on every time leaves its images pending instead of more restarts
-    engine_call_retries: Annotated[int, AtLeast(0)] = 2
+    engine_call_retries: Natural = 2
     # restarts of a stage actor that one batch may cost by breaking the device (an illegal memory access, a
     # device-side assert: the process's CUDA context is unusable) before it is left pending, untried
     broken_device_limit: Count = 2
