@@ -26,7 +26,8 @@ from actors.verify import Verifier  # noqa: E402
 from sculpt.annotation import rle  # noqa: E402
 from sculpt.testing import samples
 from sculpt import schema
-from sculpt.models import evf_sam2, tiny_evf_sam2  # noqa: E402
+from sculpt.models import evf_sam2  # noqa: E402
+from sculpt.testing import tiny_evf_sam2  # noqa: E402
 
 EXPRESSIONS = [
     "the man in the white space suit on the left holding a helmet in his right hand",

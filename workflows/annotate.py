@@ -5,13 +5,9 @@ With no input given it runs the demo: sample shards from scikit-image photograph
 on the CPU, output in sculpt-demo/. Rerunning the same command resumes: committed shards are not read again.
 """
 
-import os
 import sys
 
-# `ray job submit --working-dir .` runs this file from an unpacked copy of the checkout, where sculpt is not installed
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sculpt import cli  # noqa: E402
+from sculpt import cli  # installed (make install, the Docker image), or the working directory of `ray job submit`
 
 if __name__ == "__main__":
     sys.exit(cli.main(["run", *sys.argv[1:]]))

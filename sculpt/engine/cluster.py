@@ -90,13 +90,13 @@ def connect_ray(config: JobConfig) -> bool:
     # A new local Ray turns on token authentication by itself and says so on every start: that is Ray's default
     # working as meant, not news for the person running a job
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # Workers of a local Ray import stage classes by module path: give them the driver's import path.
-    path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
+    # Workers import stage classes by module path: a local Ray starts them in the driver's working directory, first
+    # on their sys.path, with the driver's PYTHONPATH
     ray.init(
         address="local",  # a new instance even when a `ray start` cluster runs on this machine
         num_cpus=config.ray.num_cpus,
         num_gpus=config.ray.num_gpus,
-        runtime_env={"env_vars": {"PYTHONPATH": path, **QUIET_LIBRARIES}},
+        runtime_env={"env_vars": QUIET_LIBRARIES},
         include_dashboard=False,
         logging_level="WARNING",
     )
