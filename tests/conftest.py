@@ -32,12 +32,12 @@ def tiny_models(tmp_path_factory):
     return write_tiny_models(str(tmp_path_factory.mktemp("tiny-models")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray per test module: 8 logical CPUs and 4 logical GPUs on this CPU-only machine."""
+    """One local Ray for the whole session: 8 logical CPUs and 4 logical GPUs on this CPU-only machine."""
     import ray
 
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
 

@@ -11,144 +11,153 @@ from sculpt.engine.job import annotate as run_job
 pytest.importorskip("vllm")
 
 
-def test_caption_and_refer_share_one_engine_pool(local_ray, tiny_models, sample_shards, tmp_path):
+VLM_SETTINGS = ["vlm.max_tiles=2", "vlm.max_model_len=4096", "vlm.enforce_eager=true"]
+
+
+@pytest.fixture(scope="class")
+def engine_pool(local_ray, tiny_models):
+    """One engine pool of the tiny InternVL for the tests of a class (an engine takes ~50 s to start on a CPU); the
+    stages of each test's job find it by name, as a job's stages do."""
     from actors.vlm import vlm_engines
 
-    stages = [
-        {"name": "caption", "params": {"max_tokens": 32}},
-        {"name": "objects", "class": "tests.doubles:ThresholdMasker", "cpus": 0.5},  # stands in for ground + mask
-        {"name": "refer", "params": {"max_tokens": 12}},
-    ]
-    cfg = config.load(None, [f"input.shards=[{sample_shards[0]}]", f"output.path={tmp_path / 'out'}",
-                             f"stages={json.dumps(stages)}", f"models.vlm={tiny_models['vlm']}", "vlm.max_tiles=2",
-                             "vlm.max_model_len=4096", "vlm.enforce_eager=true", "vlm.gpus=1"])
-    built = config.build_stages(cfg)
-    assert [s.resources.gpus for s in built] == [0, 0, 0]  # the engines hold the GPU, not the stage actors
-    with vlm_engines(cfg, built) as engines:
+    cfg = config.load(None, [f"models.vlm={tiny_models['vlm']}", *VLM_SETTINGS])
+    with vlm_engines(cfg, config.build_stages(cfg)) as engines:
+        yield engines
+
+
+@pytest.mark.usefixtures("engine_pool")
+class TestOnOneEnginePool:
+    """The real engine: caption and refer share it, the whole chain runs on it, and a killed engine core (last)."""
+
+    def test_caption_and_refer_share_one_engine_pool(self, local_ray, engine_pool, tiny_models, sample_shards, tmp_path):
+        stages = [
+            {"name": "caption", "params": {"max_tokens": 32}},
+            {"name": "objects", "class": "tests.doubles:ThresholdMasker", "cpus": 0.5},  # stands in for ground + mask
+            {"name": "refer", "params": {"max_tokens": 12}},
+        ]
+        cfg = config.load(None, [f"input.shards=[{sample_shards[0]}]", f"output.path={tmp_path / 'out'}",
+                                 f"stages={json.dumps(stages)}", f"models.vlm={tiny_models['vlm']}", *VLM_SETTINGS,
+                                 "vlm.gpus=1"])
+        built = config.build_stages(cfg)
+        assert [s.resources.gpus for s in built] == [0, 0, 0]  # the engines hold the GPU, not the stage actors
+        before = local_ray.get(engine_pool[0].prefix_cache.remote())
         summary = run_job(cfg, built)
-        cache = local_ray.get(engines[0].prefix_cache.remote())
-    assert len(engines) == 1
+        cache = local_ray.get(engine_pool[0].prefix_cache.remote())
+        assert len(engine_pool) == 1
 
-    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
-    assert summary["images"] == len(rows) == 4
-    from sculpt.testing import kit
+        rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+        assert summary["images"] == len(rows) == 4
+        from sculpt.testing import kit
 
-    assert [r["status"] for r in rows] == ["ok"] * 4  # the trained tiny model captions and refers every image
-    for row in rows:
-        assert row["caption"] == kit.CAPTION
-        obj, negative = row["objects"]  # the masked object, and the negative the refer stage asked for
-        assert obj["expression"] == kit.EXPRESSION and obj["error"] is None
-        assert obj["expression_words"] == len(kit.EXPRESSION.split())
-        assert (negative["category"], negative["expression"], negative["area"]) == ("negative", kit.NEGATIVE, 0)
-    # every refer request found its image (and caption) already in the engine's prefix cache
-    assert cache["prefix_cache_hits"] >= 256 * sum(r["status"] != "error" for r in rows)
-    marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000000-00000.json").read_text())
-    assert marker["model_ids"] == {"caption": tiny_models["vlm"], "refer": tiny_models["vlm"]}
+        assert [r["status"] for r in rows] == ["ok"] * 4  # the trained tiny model captions and refers every image
+        for row in rows:
+            assert row["caption"] == kit.CAPTION
+            obj, negative = row["objects"]  # the masked object, and the negative the refer stage asked for
+            assert obj["expression"] == kit.EXPRESSION and obj["error"] is None
+            assert obj["expression_words"] == len(kit.EXPRESSION.split())
+            assert (negative["category"], negative["expression"], negative["area"]) == ("negative", kit.NEGATIVE, 0)
+        # every refer request found its image (and caption) already in the engine's prefix cache
+        hits = cache["prefix_cache_hits"] - before["prefix_cache_hits"]  # this job's
+        assert hits >= 256 * sum(r["status"] != "error" for r in rows)
+        marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000000-00000.json").read_text())
+        assert marker["model_ids"] == {"caption": tiny_models["vlm"], "refer": tiny_models["vlm"]}
 
+    def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(self, local_ray, tiny_models, sample_shards, tmp_path):
+        import numpy as np
 
-def test_the_five_stage_chain_runs_end_to_end_on_tiny_models(local_ray, tiny_models, sample_shards, tmp_path):
-    import numpy as np
+        from sculpt.annotation import rle
+        from sculpt.testing import kit
 
-    from actors.vlm import vlm_engines
-    from sculpt.annotation import rle
-    from sculpt.testing import kit
-
-    overrides = [f"input.shards=[{sample_shards[1]}]", f"output.path={tmp_path / 'out'}", "vlm.max_tiles=2",
-                 "vlm.max_model_len=4096", "vlm.enforce_eager=true", "stages.caption.params.max_tokens=32",
-                 "stages.ground.params.max_new_tokens=64", "stages.ground.params.num_beams=1",
-                 "stages.refer.params.max_tokens=16", *(f"models.{k}={v}" for k, v in tiny_models.items())]
-    cfg = config.load(None, overrides)
-    stages = config.build_stages(cfg)
-    assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
-    verify_params = stages[-1].params
-    with vlm_engines(cfg, stages):
+        overrides = [f"input.shards=[{sample_shards[1]}]", f"output.path={tmp_path / 'out'}", *VLM_SETTINGS,
+                     "stages.caption.params.max_tokens=32",
+                     "stages.ground.params.max_new_tokens=64", "stages.ground.params.num_beams=1",
+                     "stages.refer.params.max_tokens=16", *(f"models.{k}={v}" for k, v in tiny_models.items())]
+        cfg = config.load(None, overrides)
+        stages = config.build_stages(cfg)
+        assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
+        verify_params = stages[-1].params
         summary = run_job(cfg, stages)
 
-    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
-    assert summary["images"] == len(rows) == 4
-    # The trained tiny models carry objects through every stage: most images have objects with an IoU.
-    assert sum(r["status"] == "ok" for r in rows) >= 3, [r["error"] for r in rows]
-    objects = [obj for row in rows for obj in row["objects"]]
-    assert len(objects) >= 3 * 4 and sum(obj["iou"] is not None for obj in objects) >= 0.75 * len(objects)
-    for row in rows:
-        assert row["status"] in ("ok", "error")
-        if row["status"] == "error":
-            assert row["error"].split(":")[0] in {"caption", "ground", "mask", "refer", "verify"}
-        for obj in row["objects"]:
-            assert obj["mask"]["size"] == [row["height"], row["width"]]
-            assert obj["area"] == rle.decode(obj["mask"]).sum()
-            assert obj["expression_words"] == len(obj["expression"].split()) >= 2
-            if obj["category"] == "negative":
-                assert obj["area"] == 0 and obj["box"] is None and obj["iou"] is None
-                assert obj["kept"] == (obj["verifier_area"] <= verify_params["negative_area"] * row["width"] * row["height"])
-                continue
-            assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
-            assert obj["category"] in {"stuff", "part", "single", "multi"}
-            assert obj["kept"] == (obj["iou"] >= 0.5 and obj["iou"] - obj["rival_iou"] >= verify_params["margin"])
-        linked = sorted(i for span in row["grounded_caption"] or [] for i in span["objects"])
-        assert linked == [i for i, obj in enumerate(row["objects"]) if obj["category"] != "negative"]
+        rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+        assert summary["images"] == len(rows) == 4
+        # The trained tiny models carry objects through every stage: most images have objects with an IoU.
+        assert sum(r["status"] == "ok" for r in rows) >= 3, [r["error"] for r in rows]
+        objects = [obj for row in rows for obj in row["objects"]]
+        assert len(objects) >= 3 * 4 and sum(obj["iou"] is not None for obj in objects) >= 0.75 * len(objects)
+        for row in rows:
+            assert row["status"] in ("ok", "error")
+            if row["status"] == "error":
+                assert row["error"].split(":")[0] in {"caption", "ground", "mask", "refer", "verify"}
+            for obj in row["objects"]:
+                assert obj["mask"]["size"] == [row["height"], row["width"]]
+                assert obj["area"] == rle.decode(obj["mask"]).sum()
+                assert obj["expression_words"] == len(obj["expression"].split()) >= 2
+                if obj["category"] == "negative":
+                    assert obj["area"] == 0 and obj["box"] is None and obj["iou"] is None
+                    assert obj["kept"] == (obj["verifier_area"] <= verify_params["negative_area"] * row["width"] * row["height"])
+                    continue
+                assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
+                assert obj["category"] in {"stuff", "part", "single", "multi"}
+                assert obj["kept"] == (obj["iou"] >= 0.5 and obj["iou"] - obj["rival_iou"] >= verify_params["margin"])
+            linked = sorted(i for span in row["grounded_caption"] or [] for i in span["objects"])
+            assert linked == [i for i, obj in enumerate(row["objects"]) if obj["category"] != "negative"]
 
-    # every kind of pair: the tiny models ground "the wooden floor" (stuff), "its long tail" (a part), "two green
-    # plants" to two boxes (a group) and name an absent yellow umbrella (a negative)
-    groups = [(row, obj) for row in rows for obj in row["objects"] if obj["members"]]
-    negatives = [obj for obj in objects if obj["category"] == "negative"]
-    assert groups and negatives
-    assert {obj["category"] for obj in objects} >= {"single", "multi", "negative", "stuff", "part"}
-    for row, group in groups:
-        members = [row["objects"][i] for i in group["members"]]
-        assert len(members) >= 2 and all(m["phrase_start"] == group["phrase_start"] for m in members)
-        union = np.any([rle.decode(m["mask"]) for m in members], axis=0)
-        assert np.array_equal(rle.decode(group["mask"]), union) and group["expression"]
-    assert {n["expression"] for n in negatives} == {kit.NEGATIVE}
-    marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000001-00000.json").read_text())
-    assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
-    assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
-    assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "semantic": [], "prefix": ""}
-    # every stage that saw an image timed it; the job's statistics are written and reported
-    assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "refer", "verify"}
-    assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
-    job_stats = json.loads((tmp_path / "out" / ".sculpt" / "stats.json").read_text())
-    assert job_stats["rows"] == 4 and "stage_images_per_second" in job_stats["derived"]
-    from sculpt import cli
+        # every kind of pair: the tiny models ground "the wooden floor" (stuff), "its long tail" (a part), "two green
+        # plants" to two boxes (a group) and name an absent yellow umbrella (a negative)
+        groups = [(row, obj) for row in rows for obj in row["objects"] if obj["members"]]
+        negatives = [obj for obj in objects if obj["category"] == "negative"]
+        assert groups and negatives
+        assert {obj["category"] for obj in objects} >= {"single", "multi", "negative", "stuff", "part"}
+        for row, group in groups:
+            members = [row["objects"][i] for i in group["members"]]
+            assert len(members) >= 2 and all(m["phrase_start"] == group["phrase_start"] for m in members)
+            union = np.any([rle.decode(m["mask"]) for m in members], axis=0)
+            assert np.array_equal(rle.decode(group["mask"]), union) and group["expression"]
+        assert {n["expression"] for n in negatives} == {kit.NEGATIVE}
+        marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000001-00000.json").read_text())
+        assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
+        assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
+        assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "semantic": [], "prefix": ""}
+        # every stage that saw an image timed it; the job's statistics are written and reported
+        assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "refer", "verify"}
+        assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
+        job_stats = json.loads((tmp_path / "out" / ".sculpt" / "stats.json").read_text())
+        assert job_stats["rows"] == 4 and "stage_images_per_second" in job_stats["derived"]
+        from sculpt import cli
 
-    assert cli.main(["report", str(tmp_path / "out")]) == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "_report").iterdir()) == [
-        "expression_words.png", "index.html", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]
-    assert sum(job_stats["pairs_by_category"].values()) == sum(obj["verifier_area"] is not None for obj in objects)
-    assert job_stats["pairs_by_category"]["negative"] == len(negatives) and job_stats["group_sizes"]
+        assert cli.main(["report", str(tmp_path / "out")]) == 0
+        assert sorted(p.name for p in (tmp_path / "out" / "_report").iterdir()) == [
+            "expression_words.png", "index.html", "iou_histogram.png", "objects_per_image.png", "stage_throughput.png"]
+        assert sum(job_stats["pairs_by_category"].values()) == sum(obj["verifier_area"] is not None for obj in objects)
+        assert job_stats["pairs_by_category"]["negative"] == len(negatives) and job_stats["group_sizes"]
 
+    @staticmethod
+    def engine_cores():
+        import psutil
 
-def engine_cores():
-    import psutil
+        return {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
 
-    return {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
+    def test_a_killed_engine_core_is_restarted_and_no_image_fails(self, local_ray, tiny_models, sample_shards, tmp_path):
+        import dataclasses
+        import os
+        import signal
 
-
-def test_a_killed_engine_core_is_restarted_and_no_image_fails(local_ray, tiny_models, sample_shards, tmp_path):
-    import dataclasses
-    import os
-    import signal
-
-    from actors.vlm import vlm_engines
-
-    out = tmp_path / "out"
-    cfg = config.load(None, [f"input.shards={json.dumps(sample_shards)}", f"output.path={out}", "input.readers=1",
-                             "input.batch_images=2", f"models.vlm={tiny_models['vlm']}", "vlm.max_tiles=1",
-                             "vlm.max_model_len=4096", "vlm.enforce_eager=true",
-                             'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
-    stages = config.build_stages(cfg)
-    with vlm_engines(cfg, stages):
+        out = tmp_path / "out"
+        cfg = config.load(None, [f"input.shards={json.dumps(sample_shards)}", f"output.path={out}", "input.readers=1",
+                                 "input.batch_images=2", f"models.vlm={tiny_models['vlm']}", *VLM_SETTINGS,
+                                 'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
+        stages = config.build_stages(cfg)
         first = run_job(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, shards=sample_shards[:1])), stages)
-        killed = engine_cores()
+        killed = self.engine_cores()
         for pid in killed:  # the engine's core process dies while its actor lives on
             os.kill(pid, signal.SIGKILL)
         summary = run_job(cfg, stages)  # its next requests find it dead
-        after = engine_cores()
-    assert first["committed_now"] == 1 and len(killed) == 1
-    assert after and not after & killed  # a new engine core served the rest
-    rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
-    assert summary["pending"] == {} and summary["committed_now"] == 2 and len(rows) == 12
-    assert [r["status"] for r in rows] == ["empty"] * 12 and all(r["caption"] for r in rows)
+        after = self.engine_cores()
+        assert first["committed_now"] == 1 and len(killed) == 1
+        assert after and not after & killed  # a new engine core served the rest
+        rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+        assert summary["pending"] == {} and summary["committed_now"] == 2 and len(rows) == 12
+        assert [r["status"] for r in rows] == ["empty"] * 12 and all(r["caption"] for r in rows)
 
 
 class PlacementProbe:
