@@ -186,7 +186,7 @@ def run_sequential(cfg, stages, go: str) -> dict:
     from sculpt.engine import planning, vlm
     from sculpt import schema
     from sculpt.io import shards
-    from sculpt.outputs.store import UnitWriter
+    from sculpt.outputs.units import UnitWriter
     from sculpt.stage import StageActor
 
     open(go, "w").close()

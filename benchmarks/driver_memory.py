@@ -35,7 +35,7 @@ import ray  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the driver benchmark's chain (a "benchmarks" package is installed too)
 from pipeline_efficiency import DRIVER_CHUNKS, chain, job_config  # noqa: E402
 from sculpt import config  # noqa: E402
-from sculpt.outputs import store as output
+from sculpt.outputs import units
 from sculpt.engine import planning, dataset, progress
 from sculpt.engine.job import annotate as run_job
 from sculpt.testing import samples
@@ -72,7 +72,7 @@ def measure(part: str, shard_dir: str, out: str, chunk_images: int, overrides=()
         todo.lease.release()
         return points
     if part == "no-commit":
-        output.commit_unit = marker_only  # the engine makes its commit task from output.commit_unit at run time
+        units.commit_unit = marker_only  # the engine makes its commit task from units.commit_unit at run time
     unit = progress.Progress.unit
 
     def counted(self, marker, shard_done):

@@ -14,7 +14,7 @@ passes over all images, then per image):
   ``rle.area`` and ``rle.iou`` of 50
 - Arrow: ``schema.to_table`` + ``Table.to_pylist`` of rows carrying the image and 50 objects (what every stage
   actor does with its batch)
-- Parquet: ``sculpt.outputs.store.UnitWriter`` add + commit of rows with 50 objects (local disk)
+- Parquet: ``sculpt.outputs.units.UnitWriter`` add + commit of rows with 50 objects (local disk)
 
 Each step is counted as often as the code as written runs it per image, and marked by where it runs on a GPU
 node: the device steps (decode by nvJPEG, resize and normalisation, RLE run lengths) cost GPU time there, not
@@ -44,7 +44,8 @@ from sculpt.annotation import images, rle  # noqa: E402
 from sculpt import schema
 from sculpt.io import shards
 from sculpt.models import evf_sam2  # noqa: E402
-from sculpt.outputs.store import OutputStore, UnitWriter  # noqa: E402
+from sculpt.outputs.store import OutputStore  # noqa: E402
+from sculpt.outputs.units import UnitWriter
 
 WORDS = ("the small red mug on the left side of the wooden table next to a blue plate with two "
          "cookies under a lamp behind").split()

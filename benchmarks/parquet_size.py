@@ -11,7 +11,7 @@ JSON side: the json members' bytes per annotation as they lie in the tar (and th
 Parquet side: each shard is read by ``sculpt.io.shards.read_shard`` with
 ``keep_source_annotations``, every annotation's mask is decoded and encoded again by ``sculpt.annotation.rle`` (as the
 masker hands masks over), put into the row as an object (``box`` from ``bbox``, ``area``, ``mask_score`` from
-``predicted_iou``; no text), and the rows are written by ``sculpt.outputs.store.UnitWriter`` (zstd); bytes per mask
+``predicted_iou``; no text), and the rows are written by ``sculpt.outputs.units.UnitWriter`` (zstd); bytes per mask
 is the Parquet file's size over the masks in it.
 
     PYTHONPATH=. python benchmarks/parquet_size.py [--images 6]
@@ -35,7 +35,8 @@ from sculpt.annotation import rle  # noqa: E402
 from sculpt.testing import samples
 from sculpt import schema
 from sculpt.io import shards
-from sculpt.outputs.store import OutputStore, UnitWriter  # noqa: E402
+from sculpt.outputs.store import OutputStore  # noqa: E402
+from sculpt.outputs.units import UnitWriter
 
 
 def json_side(tar_path: str) -> dict:

@@ -21,7 +21,6 @@ one stand-in stage (tests/doubles.py:HoldGpu, a fixed service time per image). R
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
@@ -107,7 +106,9 @@ def run_to_end(args: list[str]) -> tuple[dict, float]:
 
 
 def committed(out: str) -> set[str]:
-    return {os.path.basename(p)[: -len(".json")] for p in glob.glob(os.path.join(out, "_markers", "*.json"))}
+    from sculpt.outputs.store import OutputStore
+
+    return OutputStore(out).committed()
 
 
 def run_and_kill(args: list[str], out: str, after: int) -> None:

@@ -105,7 +105,8 @@ def test_job_error_keeps_the_traceback_of_anything_but_sculpts_own_job_errors(fa
 def test_job_error_is_the_line_of_sculpts_job_errors():
     from sculpt.config import ConfigError
     from sculpt.io.lease import OutputBusy
-    from sculpt.outputs.store import ErrorBudgetExceeded, IncompatibleOutput
+    from sculpt.outputs.store import IncompatibleOutput
+    from sculpt.outputs.units import ErrorBudgetExceeded
 
     for cls in (errors.JobError, errors.BadInput, errors.ClusterTooSmall, errors.StoreFailure, ConfigError, OutputBusy,
                 IncompatibleOutput, ErrorBudgetExceeded):

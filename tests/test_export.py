@@ -12,7 +12,8 @@ from sculpt.outputs import export, pairs
 from sculpt.annotation import images, rle
 from sculpt.testing import samples
 from sculpt.io import storage
-from sculpt.outputs.store import OutputStore, UnitWriter
+from sculpt.outputs.store import OutputStore
+from sculpt.outputs.units import UnitWriter
 from tests.helpers import encoded, exif_rotated_jpeg
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 2}

@@ -8,7 +8,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from sculpt import config
-from sculpt.outputs import store as output
+from sculpt.outputs import units
 from sculpt.engine import planning
 from sculpt.engine import pipeline
 from sculpt.engine.job import annotate as run_job, take_output
@@ -96,7 +96,7 @@ def test_a_stage_failing_most_images_stops_the_job_before_it_commits(local_ray, 
     broken = tmp_path / "broken"
     broken.write_text("sa_1 sa_2 sa_3 sa_4 sa_5 sa_6 sa_7 sa_8 sa_9 sa_10 sa_11 sa_12")
     cfg, stages = job(sample_shards[:1], tmp_path / "out", [faulty(broken_file=str(broken))])
-    with pytest.raises(output.ErrorBudgetExceeded, match=r"(?s)stage faulty failed 4 of 4 images .* injected permanent"):
+    with pytest.raises(units.ErrorBudgetExceeded, match=r"(?s)stage faulty failed 4 of 4 images .* injected permanent"):
         run_job(cfg, stages)
     assert OutputStore(str(tmp_path / "out")).committed() == set()
 

@@ -15,7 +15,8 @@ import pytest
 from sculpt import config, schema
 from sculpt.io import storage
 from sculpt.io.lease import LEASE_FILE, Lease, OutputBusy
-from sculpt.outputs.store import LEGACY, OutputStore, UnitWriter, commit_unit, write_parts
+from sculpt.outputs.store import LEGACY, OutputStore
+from sculpt.outputs.units import UnitWriter, commit_unit, write_parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = {"fingerprint": "f1", "settings": {"stages": []}, "model_ids": {}}

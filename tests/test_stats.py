@@ -6,7 +6,8 @@ import pytest
 from sculpt import cli, schema
 from sculpt.outputs import report, stats
 from sculpt.annotation import rle
-from sculpt.outputs.store import OutputStore, UnitWriter
+from sculpt.outputs.store import OutputStore
+from sculpt.outputs.units import UnitWriter
 
 JOB = {"fingerprint": "f", "settings": {}, "model_ids": {}, "prompts_version": "p1", "total_shards": 1}
 

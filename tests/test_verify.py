@@ -270,7 +270,8 @@ def test_kept_verifier_masks_let_anyone_recompute_the_filter(tmp_path):
     import json
 
     from sculpt.outputs import export
-    from sculpt.outputs.store import OutputStore, UnitWriter
+    from sculpt.outputs.store import OutputStore
+    from sculpt.outputs.units import UnitWriter
     from tests.test_export import gseval_giou
 
     image = samples.photo("chelsea")

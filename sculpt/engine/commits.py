@@ -1,5 +1,5 @@
 """The driver's book of units: receipts come in from the dataset, a unit whose rows are all written is committed by
-a task in the cluster (``sculpt.outputs.store.commit_unit``: Parquet, then marker), and a unit that cannot be
+a task in the cluster (``sculpt.outputs.units.commit_unit``: Parquet, then marker), and a unit that cannot be
 finished is left pending for the next run."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from sculpt.engine.planning import Plan
 from sculpt.engine.progress import Progress
 from sculpt.io import shards
 from sculpt.io.lease import Lease
-from sculpt.outputs import store as output
+from sculpt.outputs import units
 
 MARKER_COUNTS = ("images", "rows", "errors", "input_bytes_read")  # a unit's counts that the run summary adds up
 
@@ -32,7 +32,7 @@ class Commits:
         import ray
 
         self.todo, self.lease, self.progress, self.committers, self.release = todo, lease, progress, committers, release
-        self.commit = ray.remote(output.commit_unit).options(num_cpus=0)
+        self.commit = ray.remote(units.commit_unit).options(num_cpus=0)
         self.budget = budget
         self.committed = set(todo.committed)
         self.totals = dict.fromkeys(("committed_now", *MARKER_COUNTS), 0)  # over this run's commits

@@ -2,7 +2,7 @@
 
 Ray Data streams blocks of rows through every stage at once, with backpressure (memory stays bounded by the blocks
 in flight); a job-wide ``ChunkGate`` bounds the chunks read but not yet through the chain. Rows are written to part
-files where they leave the last stage (``sculpt.outputs.store.write_parts``); the dataset yields only receipts.
+files where they leave the last stage (``sculpt.outputs.units.write_parts``); the dataset yields only receipts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from sculpt.config import JobConfig
 from sculpt.io import shards
-from sculpt.outputs import store
+from sculpt.outputs import units
 from sculpt.stage import Stage, actor_class, ray_options
 
 BLOCK_STATS_KEPT = 100  # per operator: the blocks Ray Data's end-of-run summary still describes
@@ -151,7 +151,7 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
             batch_format="pyarrow",
             **ray_options(stage.resources),
         )
-    return ds.map_batches(store.write_parts, fn_kwargs={"out": config.output.path, "s3": config.s3},
+    return ds.map_batches(units.write_parts, fn_kwargs={"out": config.output.path, "s3": config.s3},
                           batch_size=None, batch_format="pyarrow",
                           compute=ray.data.TaskPoolStrategy(size=config.output.writers), num_cpus=0)
 

@@ -16,7 +16,7 @@ from sculpt.annotation import prompts
 from sculpt import schema
 from sculpt.io import shards, storage
 from sculpt.config import JobConfig
-from sculpt.outputs.store import OutputStore, fingerprint
+from sculpt.outputs.store import OutputStore, fingerprint, shard_done
 from sculpt.stage import Stage
 
 SCHEMA_VERSION = 3  # 3: units are chunks of shards
@@ -79,9 +79,10 @@ class Plan:
     last_chunks: dict[str, int] = dataclasses.field(default_factory=dict)  # shard -> its last chunk, where committed
 
     def shard_done(self, shard: str, committed: set[str]) -> bool:
-        """Every chunk of the shard, up to its last, is among ``committed``."""
-        last = self.last_chunks.get(shard)
-        return last is not None and all(shards.unit_name(shard, c) in committed for c in range(last + 1))
+        """Every chunk of the shard, up to its last, is among ``committed`` (``store.shard_done``)."""
+        last = self.last_chunks.get(shard, -1)
+        return shard_done({chunk for chunk in range(last + 1) if shards.unit_name(shard, chunk) in committed},
+                          self.last_chunks.get(shard))
 
 
 def plan(config: JobConfig, stages: list[Stage]) -> Plan:
@@ -124,7 +125,7 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
             continue
         segments.append(shards.Segment(uris[shard], config.input.chunk_images, start, chunk + 1,
                                        None if end["last"] else end["next_offset"], {chunk: indices}))
-    shards_done = sum(1 for shard_segments, _ in found if not shard_segments)
+    shards_done = sum(shard_done(by_shard.get(shard, set()), last) for shard, last in last_chunks.items())
     print(f"[sculpt] {len(all_shards)} shards: {shards_done} done, {len(committed)} chunks committed, "
           f"{len(segments) - len(redo)} run(s) of chunks to read"
           + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed chunks to redo" if config.output.redo_errors else "")
