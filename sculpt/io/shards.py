@@ -200,54 +200,74 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
     pending. A tar that is itself cut short is data: its images up to the cut are kept and the rest become error
     rows; so is a shard missing or forbidden from its start (one that was readable before leaves its chunk pending).
     """
-    uri, start = segment.uri, segment.start or Position()
-    shard = shard_name(uri)
-    compressed = not uri.endswith(".tar")
-    rows: list[dict] = []
-    pending: dict[str, dict] = {}  # member key -> {"image": bytes, "json": bytes}, until both have arrived
-    shard_error = None
-    chunk, first, count = start.chunk, start.index, start.index  # this chunk, its first image's index, images so far
-    resume_at, members_done = start.offset, start.members  # where a reopened stream starts; members consumed
-    bytes_read = chunk_bytes = 0  # bytes read in all; at this chunk's start
-    chunk_offset, chunk_members = start.offset, start.members  # where this chunk began
-    only = segment.only or {}
+    yield from _SegmentReader(segment, options, before_chunk).batches()
 
-    def add(key: str) -> None:
-        nonlocal count
-        parts = pending.pop(key)
-        if chunk not in only or count in only[chunk]:
-            rows.append(_image_row(shard, unit_name(shard, chunk), count, key, parts, options))
-        count += 1
 
-    def end_chunk(last: bool, read: int) -> list[dict]:
-        nonlocal chunk, first, chunk_bytes, chunk_offset, chunk_members
-        if not rows and count == first:  # a shard (or what is left of one) without images: one row says so
-            rows.append(schema.mark_error(schema.new_row(shard, first, "", unit=unit_name(shard, chunk)), "read",
-                                          shard_error or f"shard {uri} holds no images"))
-        end = {"size": max(count - first, 1), "bytes_read": read - chunk_bytes, "offset": chunk_offset,
-               "members": chunk_members, "index": first, "next_offset": resume_at, "next_members": members_done,
-               "next_index": max(count, first + 1), "last": last}
-        for row in rows:
-            row["unit_end"] = end
-        done = rows[:]
-        rows.clear()
-        chunk, first, chunk_bytes, chunk_offset, chunk_members = chunk + 1, count, read, resume_at, members_done
-        return done
+class _SegmentReader:
+    """One read of a segment: the chunk being read, where a reopened stream resumes, and the rows not yet yielded."""
 
-    def given_up(failure: str) -> list[dict]:  # one row that leaves the chunk pending
-        return [schema.new_row(shard, -1, "", unit=unit_name(shard, chunk), status=schema.ERROR, error=failure,
-                               transient_error=failure)]
+    def __init__(self, segment: Segment, options: ReadOptions, before_chunk):
+        self.segment, self.options, self.before_chunk = segment, options, before_chunk
+        self.uri, self.start = segment.uri, segment.start or Position()
+        self.shard, self.compressed = shard_name(self.uri), not self.uri.endswith(".tar")
+        self.only = segment.only or {}
+        self.rows: list[dict] = []
+        self.pending: dict[str, dict] = {}  # member key -> {"image": bytes, "json": bytes}, until both have arrived
+        self.shard_error: str | None = None
+        start = self.start
+        self.chunk, self.first, self.count = start.chunk, start.index, start.index  # its first image's index, images so far
+        self.resume_at, self.members_done = start.offset, start.members  # where a reopened stream starts; members consumed
+        self.bytes_read = self.chunk_bytes = 0  # bytes read in all; at this chunk's start
+        self.chunk_offset, self.chunk_members = start.offset, start.members  # where this chunk began
 
-    def read_on() -> Iterator[list[dict]]:
+    def batches(self) -> Iterator[list[dict]]:
+        if self.before_chunk:
+            self.before_chunk(unit_name(self.shard, self.chunk))
+        uri, options = self.uri, self.options
+        try:
+            # a store fault reopens the stream where it broke (errors.retrying_stream); what the table does not retry
+            # comes here
+            if (yield from errors.retrying_stream(self._read_on, options.read_attempts, options.retry_backoff,
+                                                  store=uri, reading=True)):
+                return
+        except READ_FAULTS as exc:
+            kind = errors.classify(exc, uri, reading=True)
+            if kind is errors.TRANSIENT:  # past its reopens
+                yield self._given_up(f"read: shard {uri} still failed after {options.read_attempts} attempts, "
+                                     f"{self.count} images in ({errors.describe(exc)})")
+                return
+            if kind is not errors.PERMANENT:
+                raise
+            if not isinstance(exc, OSError):  # the tar is cut short or corrupt: data
+                self.shard_error = (f"shard {uri} ends early or is unreadable after {self.count} images "
+                                    f"({type(exc).__name__}: {exc})")
+            # missing or forbidden, but readable before (a resume, a redo, a chunk that split found, or images in):
+            # a fault, not data
+            elif (self.start.chunk or self.count > self.start.index or self.segment.only
+                  or self.segment.stop_offset is not None):
+                yield self._given_up(f"read: shard {uri} became unreadable after {self.count} images "
+                                     f"({errors.describe(exc)})")
+                return
+            else:
+                self.shard_error = f"shard {uri} is unreadable ({type(exc).__name__}: {exc})"
+        for key in list(self.pending):
+            if self.shard_error and "broken" not in self.pending[key]:
+                self.pending[key]["broken"] = self.shard_error
+                self.pending[key].setdefault("image" if "json" in self.pending[key] else "json", None)
+            self._add(key)
+        # a segment that ends where a committed chunk begins does not end the shard
+        yield self._end_chunk(self.segment.stop_offset is None or self.compressed or bool(self.shard_error),
+                              self.bytes_read)
+
+    def _read_on(self) -> Iterator[list[dict]]:
         """One open of the tar, from where the last one broke; returns True once the segment's stop is reached."""
-        nonlocal resume_at, members_done, bytes_read
         reader = None
         try:
-            stream, size = _open_at(uri, 0 if compressed else resume_at, options.s3,
-                                    None if compressed else segment.stop_offset)
-            if not compressed and resume_at and resume_at >= size:
+            stream, size = _open_at(self.uri, 0 if self.compressed else self.resume_at, self.options.s3,
+                                    None if self.compressed else self.segment.stop_offset)
+            if not self.compressed and self.resume_at and self.resume_at >= size:
                 return False
-            base, skip = (0, members_done) if compressed else (resume_at, 0)
+            base, skip = (0, self.members_done) if self.compressed else (self.resume_at, 0)
             reader = _CountingReader(stream)
             with tarfile.open(fileobj=reader, mode="r|*") as tar:
                 for member in tar:
@@ -255,64 +275,62 @@ def read_segment(segment: Segment, options: ReadOptions = ReadOptions(), before_
                         skip -= 1
                         continue
                     parsed = _member_key(member.name) if member.isfile() else None
-                    if parsed is not None and count - first >= segment.chunk_images and not pending:
-                        yield end_chunk(False, bytes_read + reader.bytes_read)  # this member starts the next chunk
-                        if chunk == segment.stop:
+                    if parsed is not None and self.count - self.first >= self.segment.chunk_images and not self.pending:
+                        yield self._end_chunk(False, self.bytes_read + reader.bytes_read)  # this member starts the next
+                        if self.chunk == self.segment.stop:
                             return True
-                        if before_chunk:
-                            before_chunk(unit_name(shard, chunk))
+                        if self.before_chunk:
+                            self.before_chunk(unit_name(self.shard, self.chunk))
                     if parsed is not None:
-                        key, kind = parsed
-                        try:
-                            data = tar.extractfile(member).read()
-                        except (tarfile.TarError, EOFError) as exc:
-                            parts = pending.setdefault(key, {})
-                            parts[kind], parts["broken"] = None, f"{member.name} cut off: {exc}"
-                            raise
-                        pending.setdefault(key, {})[kind] = data
-                    members_done += 1
-                    resume_at = base + member.offset_data + _padded(member.size)
-                    if parsed is not None and "image" in pending[key] and "json" in pending[key]:
-                        add(key)
-                        if len(rows) > options.batch_images:  # keep one back: the chunk's last batch carries its end
-                            yield rows[:-1]
-                            del rows[:-1]
+                        self._take(tar, member, *parsed)
+                    self.members_done += 1
+                    self.resume_at = base + member.offset_data + _padded(member.size)
+                    if parsed is not None and "image" in self.pending[parsed[0]] and "json" in self.pending[parsed[0]]:
+                        self._add(parsed[0])
+                        if len(self.rows) > self.options.batch_images:  # one kept back: the last carries the end
+                            yield self.rows[:-1]
+                            del self.rows[:-1]
             return False
         finally:
-            bytes_read += reader.bytes_read if reader else 0
+            self.bytes_read += reader.bytes_read if reader else 0
 
-    if before_chunk:
-        before_chunk(unit_name(shard, chunk))
-    try:
-        # a store fault reopens the stream where it broke (errors.retrying_stream); what the table does not retry
-        # comes here
-        if (yield from errors.retrying_stream(read_on, options.read_attempts, options.retry_backoff, store=uri,
-                                              reading=True)):
-            return
-    except READ_FAULTS as exc:
-        kind = errors.classify(exc, uri, reading=True)
-        if kind is errors.TRANSIENT:  # past its reopens
-            yield given_up(f"read: shard {uri} still failed after {options.read_attempts} attempts, {count} images "
-                           f"in ({errors.describe(exc)})")
-            return
-        if kind is not errors.PERMANENT:
+    def _take(self, tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, kind: str) -> None:
+        """Keep a member's bytes until its image or json partner arrives; a member cut off is marked broken."""
+        try:
+            data = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError) as exc:
+            parts = self.pending.setdefault(key, {})
+            parts[kind], parts["broken"] = None, f"{member.name} cut off: {exc}"
             raise
-        if not isinstance(exc, OSError):  # the tar is cut short or corrupt: data
-            shard_error = f"shard {uri} ends early or is unreadable after {count} images ({type(exc).__name__}: {exc})"
-        # missing or forbidden, but readable before (a resume, a redo, a chunk that split found, or images in): a
-        # fault, not data
-        elif start.chunk or count > start.index or segment.only or segment.stop_offset is not None:
-            yield given_up(f"read: shard {uri} became unreadable after {count} images ({errors.describe(exc)})")
-            return
-        else:
-            shard_error = f"shard {uri} is unreadable ({type(exc).__name__}: {exc})"
-    for key in list(pending):
-        if shard_error and "broken" not in pending[key]:
-            pending[key]["broken"] = shard_error
-            pending[key].setdefault("image" if "json" in pending[key] else "json", None)
-        add(key)
-    # a segment that ends where a committed chunk begins does not end the shard
-    yield end_chunk(segment.stop_offset is None or compressed or bool(shard_error), bytes_read)
+        self.pending.setdefault(key, {})[kind] = data
+
+    def _add(self, key: str) -> None:
+        parts = self.pending.pop(key)
+        if self.chunk not in self.only or self.count in self.only[self.chunk]:
+            self.rows.append(_image_row(self.shard, unit_name(self.shard, self.chunk), self.count, key, parts,
+                                        self.options))
+        self.count += 1
+
+    def _end_chunk(self, last: bool, read: int) -> list[dict]:
+        if not self.rows and self.count == self.first:  # a shard (or what is left of one) without images: one row
+            self.rows.append(schema.mark_error(schema.new_row(self.shard, self.first, "",
+                                                              unit=unit_name(self.shard, self.chunk)), "read",
+                                               self.shard_error or f"shard {self.uri} holds no images"))
+        end = {"size": max(self.count - self.first, 1), "bytes_read": read - self.chunk_bytes,
+               "offset": self.chunk_offset, "members": self.chunk_members, "index": self.first,
+               "next_offset": self.resume_at, "next_members": self.members_done,
+               "next_index": max(self.count, self.first + 1), "last": last}
+        for row in self.rows:
+            row["unit_end"] = end
+        done, self.rows = self.rows, []
+        self.chunk, self.first, self.chunk_bytes = self.chunk + 1, self.count, read
+        self.chunk_offset, self.chunk_members = self.resume_at, self.members_done
+        return done
+
+    def _given_up(self, failure: str) -> list[dict]:
+        """One row that leaves the chunk pending."""
+        return [schema.new_row(self.shard, -1, "", unit=unit_name(self.shard, self.chunk), status=schema.ERROR,
+                               error=failure, transient_error=failure)]
 
 
 def _members_before(tar: tarfile.TarFile, stop_offset: int | None) -> Iterator[tarfile.TarInfo]:
