@@ -95,7 +95,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config override, e.g. input.readers=4")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sculpt")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("run", help="annotate shards (the job; no --config and no --input: the demo on the CPU)")
@@ -108,6 +108,26 @@ def main(argv=None) -> int:
     p.add_argument("output")
     p.add_argument("--plots", help="directory for the PNG plots (default: OUT/_report, or ./sculpt-report for s3://)")
     p.add_argument("--s3-endpoint")
+    add_export_command(commands)
+    add_preview_command(commands)
+    p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
+                   help="GPU ms per image of a stage (vlm, ground, mask, verify), e.g. from benchmarks/gpu_stages.py")
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    p = commands.add_parser("samples", help="write small SA-1B-format shards from scikit-image photographs")
+    p.add_argument("directory")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--images", type=int, default=6, help="images per shard")
+    p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
+    p = commands.add_parser("models", help="offline model checkpoints")
+    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny checkpoints of every model (see sculpt.testing.kit)")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def add_export_command(commands) -> None:
     p = commands.add_parser("export", help="the output's expression-mask pairs as GSEval jsonl, COCO JSON, HF Parquet "
                             "or Label Studio tasks")
     p.add_argument("output")
@@ -125,6 +145,9 @@ def main(argv=None) -> int:
                    help="where the input tars are now, if not where the job read them (repeatable; for --images)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     p.add_argument("--s3-endpoint")
+
+
+def add_preview_command(commands) -> None:
     p = commands.add_parser("preview", help="a static HTML gallery of the output: images, masks, boxes, expressions")
     p.add_argument("output")
     p.add_argument("dest", nargs="?", help="directory for the pages (default: OUT/_preview, or ./sculpt-preview for s3://)")
@@ -136,59 +159,26 @@ def main(argv=None) -> int:
     p.add_argument("--screenshot", metavar="PNG", help="also draw the first page with headless Chromium into PNG")
     p.add_argument("--screenshot-size", default="1280x900", metavar="WxH")
     p.add_argument("--s3-endpoint")
-    p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
-                   help="GPU ms per image of a stage (vlm, ground, mask, verify), e.g. from benchmarks/gpu_stages.py")
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p = commands.add_parser("samples", help="write small SA-1B-format shards from scikit-image photographs")
-    p.add_argument("directory")
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--images", type=int, default=6, help="images per shard")
-    p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
-    p = commands.add_parser("models", help="offline model checkpoints")
-    p.add_argument("action", choices=["tiny"], help="tiny: write seeded tiny checkpoints of every model (see sculpt.testing.kit)")
-    p.add_argument("directory")
-    p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    s3 = S3Options(endpoint=getattr(args, "s3_endpoint", None))
     if args.command == "run":
         from sculpt.engine import job
 
         return job.main(args)
     if args.command == "status":
-        print(status(args.output, S3Options(endpoint=args.s3_endpoint), by_shard=args.shards))
+        print(status(args.output, s3, by_shard=args.shards))
     elif args.command == "report":
-        return report(args.output, S3Options(endpoint=args.s3_endpoint), args.plots)
+        return report(args.output, s3, args.plots)
     elif args.command == "export":
-        from sculpt.outputs import export
-
-        try:
-            counts = export.export(args.output, args.dest, args.format, S3Options(endpoint=args.s3_endpoint),
-                                   keep_all=args.all, overwrite=args.overwrite, images=args.images,
-                                   image_root=args.image_root, shards=args.shards)
-        except export.ExportError as exc:
-            print(f"sculpt export: {exc}", file=sys.stderr)
-            return 1
-        which = "pairs" if args.all else "kept pairs"
-        print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})"
-              + (f"; {counts['image_files']} image files in {args.images}" if args.images else ""))
+        return export(args, s3)
     elif args.command == "preview":
         return preview(args)
     elif args.command == "size":
-        from sculpt.engine import sizing
-
-        costs = {}
-        for item in args.cost:
-            stage, sep, ms = item.partition("=")
-            if not sep or stage not in sizing.DEFAULT_COSTS_MS or not ms.replace(".", "", 1).isdigit():
-                parser.error(f"--cost {item!r}: expected STAGE=MS with STAGE one of {', '.join(sizing.DEFAULT_COSTS_MS)}")
-            costs[stage] = float(ms)
-        try:
-            plan = sizing.propose(args.gpus, costs, tensor_parallel=args.tensor_parallel)
-        except ValueError as exc:
-            parser.error(str(exc))
-        print(f"# sculpt size --gpus {args.gpus}: {sizing.describe(plan)}")
-        print(sizing.job_sections(plan))
+        size(args, parser)
     elif args.command == "samples":
         from sculpt.testing.samples import make_sample_shards
 
@@ -202,6 +192,37 @@ def main(argv=None) -> int:
         print(f"use them with: --config {args.directory}/models.yaml (or --set models.<key>=<path>)")
     return 0
 
+
+def export(args, s3: S3Options) -> int:
+    from sculpt.outputs import export
+
+    try:
+        counts = export.export(args.output, args.dest, args.format, s3, keep_all=args.all, overwrite=args.overwrite,
+                               images=args.images, image_root=args.image_root, shards=args.shards)
+    except export.ExportError as exc:
+        print(f"sculpt export: {exc}", file=sys.stderr)
+        return 1
+    which = "pairs" if args.all else "kept pairs"
+    print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})"
+          + (f"; {counts['image_files']} image files in {args.images}" if args.images else ""))
+    return 0
+
+
+def size(args, parser: argparse.ArgumentParser) -> None:
+    from sculpt.engine import sizing
+
+    costs = {}
+    for item in args.cost:
+        stage, sep, ms = item.partition("=")
+        if not sep or stage not in sizing.DEFAULT_COSTS_MS or not ms.replace(".", "", 1).isdigit():
+            parser.error(f"--cost {item!r}: expected STAGE=MS with STAGE one of {', '.join(sizing.DEFAULT_COSTS_MS)}")
+        costs[stage] = float(ms)
+    try:
+        plan = sizing.propose(args.gpus, costs, tensor_parallel=args.tensor_parallel)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"# sculpt size --gpus {args.gpus}: {sizing.describe(plan)}")
+    print(sizing.job_sections(plan))
 
 if __name__ == "__main__":
     sys.exit(main())
