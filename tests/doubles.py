@@ -1,9 +1,11 @@
-"""Test doubles for model stages. They live here only; the benchmark borrows them from here."""
+"""Test doubles for model stages, and a clock for the lease. They live here only; the benchmark borrows them from
+here."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -17,7 +19,9 @@ class HoldGpu(Stage):
     """Holds its actor's resources for a fixed service time per image and appends its name to the caption.
 
     In setup it logs pid, Ray's GPU ids and CUDA_VISIBLE_DEVICES to ``log_dir`` (one JSON file per actor).
-    Images whose key is in ``fail_keys`` raise, to exercise per-image error marking.
+    Images whose key is in ``fail_keys`` raise, to exercise per-image error marking. ``work_log``: a file per actor,
+    a line per image worked on. While the file ``pause_file`` exists, an actor that has worked on ``pause_after``
+    images starts no batch (a test's kill then lands mid-run however slow the machine; it deletes the file after).
     """
 
     name = "hold"
@@ -40,6 +44,12 @@ class HoldGpu(Stage):
             os.replace(path + ".tmp", path)  # readers never see half a record
 
     def process(self, rows):
+        pause = self.params.get("pause_file")
+        if pause:
+            deadline = time.monotonic() + 300  # a test that failed before deleting it holds the actor no longer
+            while (getattr(self, "worked", 0) >= self.params.get("pause_after", 0) and os.path.exists(pause)
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
         time.sleep(self.seconds * len(rows))
         for row in rows:
             if row["image_key"] in self.params.get("fail_keys", ()):
@@ -48,6 +58,7 @@ class HoldGpu(Stage):
         if self.params.get("work_log"):  # one line per image worked on (benchmarks count the work a kill loses)
             with open(os.path.join(self.params["work_log"], f"{os.getpid()}.txt"), "a") as f:
                 f.write("".join(f"{row['shard']}/{row['index']}\n" for row in rows))
+        self.worked = getattr(self, "worked", 0) + len(rows)
 
 
 class ThresholdMasker(Stage):
@@ -194,3 +205,72 @@ class TimedEngine:
 
         with ThreadPoolExecutor(len(requests)) as pool:
             return list(pool.map(answer, requests))
+
+
+class FakeClock:
+    """A lease's clock (``sculpt.io.lease.Lease(clock=...)``) that moves only when the test advances it, so that what
+    a test shows does not hang on how fast a loaded machine runs its threads.
+
+    ``monotonic`` starts at 0 and ``time`` at the wall clock's time at creation, and both move together; ``wait``
+    returns once this clock has reached its end (or the event is set). ``advance`` moves the time, then waits (in
+    real time, up to ``SETTLE_SECONDS``) until each thread that waits on this clock waits again for a later time or
+    has ended: what the moment woke has been done by then.
+    """
+
+    SETTLE_SECONDS = 60.0  # only a thread that never waits again costs this much: then the test fails
+
+    def __init__(self):
+        self.now, self.start = 0.0, time.time()
+        self.changed = threading.Condition()
+        self.waiting: dict[threading.Thread, tuple[float, threading.Event]] = {}  # thread -> (its end, its event)
+        self.threads: set[threading.Thread] = set()  # every thread that waited on this clock, or a test named
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.start + self.now
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        me = threading.current_thread()
+        with self.changed:
+            self.threads.add(me)
+            self.waiting[me] = (self.now + seconds, event)
+            self.changed.notify_all()
+            try:
+                while not event.is_set() and self.now < self.waiting[me][0]:
+                    self.changed.wait(0.01)  # Event.set() tells this condition nothing: look again soon
+            finally:
+                del self.waiting[me]
+                self.changed.notify_all()
+        return event.is_set()
+
+    def _settled(self, thread: threading.Thread) -> bool:
+        if thread is threading.current_thread() or not thread.is_alive():
+            return True
+        if thread not in self.waiting:
+            return False  # running (or about to wait for the first time)
+        end, event = self.waiting[thread]
+        return self.now < end and not event.is_set()
+
+    def settle(self, *threads: threading.Thread) -> None:
+        """Wait until ``threads`` and every thread that waited on this clock wait for a later time, or have ended."""
+        deadline = time.monotonic() + self.SETTLE_SECONDS
+        with self.changed:
+            self.threads.update(threads)
+            while not all(self._settled(thread) for thread in self.threads):
+                assert time.monotonic() < deadline, f"threads still running after {self.SETTLE_SECONDS} s"
+                self.changed.wait(0.01)
+
+    def advance(self, seconds: float) -> None:
+        with self.changed:
+            self.now += seconds
+            self.changed.notify_all()
+        self.settle()
+
+    def advance_until(self, done, step: float, within: float) -> None:
+        """Advance ``step`` at a time until ``done()``; fail once more than ``within`` of this clock's time passed."""
+        end = self.now + within
+        while not done():
+            assert self.now < end, f"not done within {within} s"
+            self.advance(step)

@@ -143,15 +143,36 @@ def test_of_two_batches_meeting_a_broken_device_only_the_first_is_noted(monkeypa
             def remote():
                 return {}
 
+    exited, at_lock, changed = threading.Event(), [], threading.Condition()
+
+    def exit_(code):  # never returns
+        exits.append(code)
+        exited.set()
+        time.sleep(3600)
+
+    class Watched:  # the actor's lock, telling the test when a thread comes to it
+        def __init__(self, lock):
+            self.lock = lock
+
+        def acquire(self):
+            with changed:
+                at_lock.append(threading.current_thread())
+                changed.notify_all()
+            return self.lock.acquire()
+
     monkeypatch.setattr(ray, "get", lambda ref: ref)
-    monkeypatch.setattr(sculpt.stage.os, "_exit", lambda code: exits.append(code) or time.sleep(3600))  # never returns
+    monkeypatch.setattr(sculpt.stage.os, "_exit", exit_)
     actor = StageActor(BreaksDevice(), device_faults=Faults())
+    actor.restarting = Watched(actor.restarting)
     fault = RuntimeError("CUDA error: an illegal memory access was encountered")
     threads = [threading.Thread(target=actor._restart_unless_outside_a_job, args=(batch, fault), daemon=True)
                for batch in ("faulty", "beside it")]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.2)
+    threads[0].start()
+    assert exited.wait(60)  # the first has noted its batch and ended the process
+    threads[1].start()
+    with changed:
+        assert changed.wait_for(lambda: threads[1] in at_lock, timeout=60)  # the second has come to the lock
+    assert actor.restarting.lock.locked()  # and finds it held by the first, which never lets it go
     assert notes == ["faulty"] and exits == [1]  # the second waits for the process to end, unblamed
     assert all(thread.is_alive() for thread in threads)
 

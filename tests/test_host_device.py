@@ -2,7 +2,6 @@
 overlapping (one on the device while the next is decoded), with the device part one batch at a time."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -100,7 +99,21 @@ def test_a_batch_the_gpu_decoder_refuses_is_decoded_on_the_host():
     assert [tuple(image.shape) for image in out] == [(32, 32, 3), (32, 32, 3)]
 
 
-def test_device_turn_lets_one_thread_in_and_counts_only_the_waiting_threads_time():
+def test_device_turn_lets_one_thread_in_and_counts_only_the_waiting_threads_time(monkeypatch):
+    import types
+
+    import sculpt.stage
+
+    # DeviceTurn's clock moves only when the test says; "a" holds the turn until "b" has come to it
+    now, stamped, changed, leave = [0.0], [], threading.Condition(), threading.Event()
+
+    def perf_counter():
+        with changed:
+            stamped.append(threading.current_thread().name)
+            changed.notify_all()
+            return now[0]
+
+    monkeypatch.setattr(sculpt.stage, "time", types.SimpleNamespace(perf_counter=perf_counter))
     turn, inside, most, waited = DeviceTurn(), [0], [0], {}
 
     def batch(name):
@@ -108,14 +121,21 @@ def test_device_turn_lets_one_thread_in_and_counts_only_the_waiting_threads_time
         with turn:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
-            time.sleep(0.2)
+            if name == "a":
+                assert leave.wait(60)
             inside[0] -= 1
         waited[name] = turn.waited
 
-    threads = [threading.Thread(target=batch, args=(name,)) for name in "ab"]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    threads = {name: threading.Thread(target=batch, args=(name,), name=name) for name in "ab"}
+    threads["a"].start()
+    with changed:
+        assert changed.wait_for(lambda: stamped.count("a") == 2, timeout=60)  # "a" holds the turn
+    threads["b"].start()
+    with changed:
+        assert changed.wait_for(lambda: "b" in stamped, timeout=60)  # "b" comes to the turn, and waits
+        now[0] += 0.2  # while "a" works on the device
+    leave.set()
+    for thread in threads.values():
         thread.join()
     assert most[0] == 1
     assert sorted(waited.values())[0] < 0.05 and sorted(waited.values())[1] > 0.15  # the second waited its turn

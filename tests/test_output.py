@@ -8,6 +8,7 @@ import pytest
 from sculpt import schema
 from sculpt.io import storage
 from sculpt.outputs.store import PARTS, IncompatibleOutput, OutputStore, UnitWriter
+from tests.doubles import FakeClock
 
 JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"model": "m1"}}]}, "model_ids": {"a": "m1"}}
 
@@ -282,27 +283,27 @@ def test_the_output_lease_refuses_a_second_job_and_frees_a_dead_ones(tmp_path):
     assert json.loads((tmp_path / "out" / LEASE_FILE).read_text())["owner"] == taken.record["owner"]
     taken.release()
 
-    far = Lease(out, ttl_seconds=0.0)
+    clock = FakeClock()
+    far = Lease(out, clock=clock)
     far.record["host"] = "another-host"
-    assert far._write(None)  # held elsewhere, but not renewed within its ttl: free
-    Lease(out, ttl_seconds=0.0).acquire().release()
+    assert far._write(None)
+    clock.advance(far.ttl + 1)  # held elsewhere, but not renewed within its ttl: free
+    Lease(out, clock=clock).acquire().release()
 
 
 def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(tmp_path):
-    import time
-
     from sculpt.io.lease import Lease, OutputBusy
 
-    out = str(tmp_path / "out")
-    slow = Lease(out, ttl_seconds=0.6).acquire()  # renews every 0.2 s
+    out, clock = str(tmp_path / "out"), FakeClock()
+    slow = Lease(out, clock=clock).acquire()  # renews every ttl / 3
+    clock.settle(slow._renewer)
     slow.check()
-    other = Lease(out)
+    other = Lease(out, clock=clock)
     other.record["pid"] = 1
     # another job takes the output over (as after a stall past the ttl) between two renewals
-    assert any(other._write(slow.version) for _ in range(100))
-    deadline = time.monotonic() + 5
-    while slow.lost is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert other._write(slow.version)
+    assert slow.lost is None
+    clock.advance(slow.ttl / 3)  # the next renewal
     with pytest.raises(OutputBusy, match="this job lost its lease: .* held by pid 1 on"):
         slow.check()
     slow.release()
@@ -310,14 +311,16 @@ def test_a_job_whose_lease_another_job_took_over_learns_it_at_its_next_renewal(t
     assert json.loads(lease_file.read_text())["owner"] == other.record["owner"]  # not ours to delete
 
 
-def lease_with_outage(out: str, ttl: float, monkeypatch):
-    """A held lease whose store refuses every write (an unreachable S3) while ``outage`` is set."""
+def lease_with_outage(out: str, monkeypatch, clock):
+    """A held lease (the jobs' ttl) whose store refuses every write (an unreachable S3) while ``outage`` is set; its
+    renewals come as the test advances ``clock`` (a FakeClock)."""
     import errno
     import threading
 
     from sculpt.io.lease import Lease
 
-    lease, outage = Lease(out, ttl_seconds=ttl).acquire(), threading.Event()
+    lease, outage = Lease(out, clock=clock).acquire(), threading.Event()
+    clock.settle(lease._renewer)  # waiting for its first renewal
     real = lease._write
 
     def write(expected):
@@ -329,57 +332,59 @@ def lease_with_outage(out: str, ttl: float, monkeypatch):
     return lease, outage
 
 
-def check_in_thread(lease) -> tuple:
+def check_in_thread(lease, clock) -> tuple:
+    """``lease.check()`` in a thread, once it waits (or has returned)."""
     import threading
 
     raised = []
 
     def check():
         try:
-            lease.check(poll_seconds=0.02)
+            lease.check()
         except Exception as exc:
             raised.append(exc)
 
     thread = threading.Thread(target=check)
     thread.start()
+    clock.settle(thread)
     return thread, raised
 
 
 def test_a_job_whose_lease_cannot_be_renewed_commits_nothing_until_a_renewal_lands(tmp_path, monkeypatch):
     """Past half its ttl unrenewed, check() waits (no receipt is taken in, so nothing is committed): another job
     could take the lease over after the whole ttl. A renewal that lands then lets the job go on."""
-    import time
-
-    lease, outage = lease_with_outage(str(tmp_path / "out"), 0.8, monkeypatch)  # renews every 0.27 s
+    clock = FakeClock()
+    lease, outage = lease_with_outage(str(tmp_path / "out"), monkeypatch, clock)  # renews every ttl / 3
+    ttl = lease.ttl
     outage.set()
-    time.sleep(0.6)  # past ttl / 2 since the last renewal
-    thread, raised = check_in_thread(lease)
-    thread.join(0.5)
+    clock.advance(ttl / 2 + 1)  # past ttl / 2 since the last renewal (the one due at ttl / 3 failed)
+    thread, raised = check_in_thread(lease, clock)
     assert thread.is_alive()  # waiting, not committing
     outage.clear()  # the store answers again: the next renewal (within ttl / 12) lands
-    thread.join(5)
+    cleared, step = clock.monotonic(), 0.5
+    clock.advance_until(lambda: not thread.is_alive(), step, within=ttl / 4)
     assert not thread.is_alive() and raised == [] and lease.lost is None
-    assert time.monotonic() - lease.renewed_at < 0.4
+    assert lease.renewed_at - cleared <= ttl / 12 + step
+    assert clock.monotonic() - lease.renewed_at < ttl / 2
     lease.release()
     assert not (tmp_path / "out" / "_lease.json").exists()
 
 
 def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_answers(tmp_path, monkeypatch):
-    import time
-
     from sculpt.io.lease import Lease, OutputBusy
 
-    lease, outage = lease_with_outage(str(tmp_path / "out"), 0.8, monkeypatch)
+    clock = FakeClock()
+    lease, outage = lease_with_outage(str(tmp_path / "out"), monkeypatch, clock)
     outage.set()
-    time.sleep(0.6)
-    thread, raised = check_in_thread(lease)
-    other = Lease(str(tmp_path / "out"))
+    clock.advance(lease.ttl / 2 + 1)
+    thread, raised = check_in_thread(lease, clock)
+    other = Lease(str(tmp_path / "out"), clock=clock)
     other.record["pid"] = 1
     assert other._write(lease.version)  # it found the lease stale and took the output over
-    thread.join(0.3)
+    clock.advance(1)  # a poll of check()'s
     assert thread.is_alive()
     outage.clear()  # our renewal is refused: the file is no longer as we wrote it
-    thread.join(5)
+    clock.advance_until(lambda: not thread.is_alive(), 0.5, within=lease.ttl / 4)
     assert not thread.is_alive() and len(raised) == 1 and isinstance(raised[0], OutputBusy)
     assert "this job lost its lease" in str(raised[0])
     lease.release()
@@ -387,16 +392,15 @@ def test_a_job_whose_lease_was_taken_over_during_an_outage_stops_when_the_store_
 
 
 def test_a_job_whose_lease_renewals_keep_failing_stops_with_the_last_error(tmp_path, monkeypatch):
-    import time
-
     from sculpt.io import lease as lease_module
 
     monkeypatch.setattr(lease_module, "STALL_TTLS", 3)
-    lease, outage = lease_with_outage(str(tmp_path / "out"), 0.3, monkeypatch)
+    clock = FakeClock()
+    lease, outage = lease_with_outage(str(tmp_path / "out"), monkeypatch, clock)
     outage.set()  # for good: lost credentials, a revoked permission
-    time.sleep(0.3)  # past ttl / 2
-    thread, raised = check_in_thread(lease)
-    thread.join(10)
+    clock.advance(lease.ttl / 2 + 1)  # past ttl / 2
+    thread, raised = check_in_thread(lease, clock)
+    clock.advance_until(lambda: not thread.is_alive(), lease.ttl / 12, within=(3 + 1) * lease.ttl)
     assert not thread.is_alive() and len(raised) == 1 and isinstance(raised[0], lease_module.OutputBusy)
     assert "could not renew its lease" in str(raised[0]) and "No route to host" in str(raised[0])
     lease.release()
@@ -405,7 +409,7 @@ def test_a_job_whose_lease_renewals_keep_failing_stops_with_the_last_error(tmp_p
 def test_a_lease_that_cannot_be_given_back_leaves_the_jobs_own_outcome(tmp_path, monkeypatch, capsys):
     import errno
 
-    lease, outage = lease_with_outage(str(tmp_path / "out"), 1000, monkeypatch)
+    lease, outage = lease_with_outage(str(tmp_path / "out"), monkeypatch, FakeClock())  # no renewal in the test
 
     def unreachable():
         raise OSError(errno.EHOSTUNREACH, "No route to host")
@@ -417,24 +421,24 @@ def test_a_lease_that_cannot_be_given_back_leaves_the_jobs_own_outcome(tmp_path,
 
 def test_a_lease_counts_from_its_stamp_not_from_when_the_store_answered(tmp_path, monkeypatch):
     """A renewal the store answers late (S3's retries): the other jobs read the stamp, so the ttl runs from it."""
-    import time
-
     from sculpt.io import lease as lease_module
 
-    lease = lease_module.Lease(str(tmp_path / "out"), ttl_seconds=1.0)
+    clock = FakeClock()
+    lease = lease_module.Lease(str(tmp_path / "out"), clock=clock)
     lease._write(None)
     real = lease_module.storage.write_atomic
+    late = lease.ttl * 2 / 3
 
     def slow(*args, **kwargs):
-        time.sleep(0.7)
+        clock.advance(late)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lease_module.storage, "write_atomic", slow)
     assert lease.renew()
-    assert time.monotonic() - lease.renewed_at >= 0.7  # past half the ttl: check() would wait for the next one
+    assert clock.monotonic() - lease.renewed_at >= late  # past half the ttl: check() would wait for the next one
     stamp = json.loads((tmp_path / "out" / "_lease.json").read_text())["renewed"]
     lease.version = "lost"  # the answer lost: the lease read back counts from its own stamp too
-    assert lease._written_by_us() and abs((time.monotonic() - lease.renewed_at) - (time.time() - stamp)) < 0.1
+    assert lease._written_by_us() and abs((clock.monotonic() - lease.renewed_at) - (clock.time() - stamp)) < 0.1
 
 
 def test_a_lease_is_taken_where_the_disk_has_no_hard_links(tmp_path, monkeypatch):
@@ -484,18 +488,35 @@ def test_two_jobs_taking_over_a_stale_lease_at_once_do_not_both_win(tmp_path, mo
     import threading
     import time
 
+    from sculpt.io import lease as lease_module
     from sculpt.io import storage
     from sculpt.io.lease import Lease, OutputBusy
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "_lease.json").write_text(json.dumps({"owner": "gone", "host": "another-host", "pid": 1,
                                                               "renewed": 0}))  # not renewed for ages: free
-    write_atomic = storage.write_atomic
+    free, both_read = Lease._free, threading.Barrier(2, timeout=60)
+    locked, write_atomic, at_lock, changed = lease_module._locked, storage.write_atomic, [], threading.Condition()
 
-    def slow_write(*args, **kwargs):  # both takers have read the stale lease before either writes
-        time.sleep(0.2)
-        write_atomic(*args, **kwargs)
+    def free_once_both_read(self, holder):  # both takers have read the stale lease before either writes
+        answer = free(self, holder)
+        both_read.wait()
+        return answer
 
+    def counted(path):
+        with changed:
+            at_lock.append(path)
+            changed.notify_all()
+        return locked(path)
+
+    def slow_write(*args, **kwargs):  # the first to hold the lock writes once the other has come to the lock too
+        with changed:
+            assert changed.wait_for(lambda: len(at_lock) >= 2, timeout=60)
+        time.sleep(0.2)  # time for a lock that does not hold to show (the other would compare and write now); with
+        write_atomic(*args, **kwargs)  # the lock, the other waits however long this takes: the outcome is the same
+
+    monkeypatch.setattr(Lease, "_free", free_once_both_read)
+    monkeypatch.setattr(lease_module, "_locked", counted)
     monkeypatch.setattr(storage, "write_atomic", slow_write)
     outcomes, leases = [], []
 

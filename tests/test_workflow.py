@@ -109,21 +109,30 @@ def test_bad_input_is_recorded_per_image_and_the_run_goes_on(local_ray, sample_s
 
 
 def test_killed_stage_actor_is_replaced_and_output_is_exact(local_ray, sample_shards, tmp_path):
-    logs = tmp_path / "logs"
+    logs, work, pause = tmp_path / "logs", tmp_path / "work", tmp_path / "pause"
     logs.mkdir()
-    stages = [hold("a", logs, 0.5), hold("b", logs, 0.5, seconds=0.4, batch_size=1)]
+    work.mkdir()
+    pause.touch()  # b works on 2 images, then waits for the kill
+    stages = [hold("a", logs, 0.5),
+              hold("b", logs, 0.5, seconds=0.4, batch_size=1, work_log=str(work), pause_file=str(pause), pause_after=2)]
     cfg, built = job(sample_shards, tmp_path / "out", stages, "input.chunk_images=3")  # chunks of 3 and of 1
     killed = []
 
+    def worked(pid):
+        path = work / f"{pid}.txt"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
     def kill_b_once_it_works():
-        deadline = time.time() + 60
-        while time.time() < deadline and not killed:
-            b = [r for r in actor_logs(logs) if r["stage"] == "b"]
-            if b:
-                time.sleep(1.5)  # let it take a few batches first
-                os.kill(b[0]["pid"], signal.SIGKILL)
-                killed.append(b[0]["pid"])
-            time.sleep(0.1)
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline and not killed:
+                b = [r for r in actor_logs(logs) if r["stage"] == "b"]
+                if b and worked(b[0]["pid"]) >= 2:  # it took a few batches first, and waits at the pause
+                    os.kill(b[0]["pid"], signal.SIGKILL)
+                    killed.append(b[0]["pid"])
+                time.sleep(0.1)
+        finally:
+            pause.unlink()  # its replacement works on (or, if the kill never came, the job ends)
 
     killer = threading.Thread(target=kill_b_once_it_works)
     killer.start()
@@ -148,17 +157,20 @@ def test_killed_driver_mid_shard_then_rerun_reads_no_byte_of_committed_chunks(lo
     out = tmp_path / "out"
     logs = tmp_path / "logs"
     logs.mkdir()
-    stage = hold("slow", logs, 1, seconds=0.3, batch_size=1)
+    pause = tmp_path / "pause"
+    pause.touch()  # after 6 images the stage waits: at most 2 chunks are in flight, so 2 or 3 are committed
+    stage = hold("slow", logs, 1, seconds=0.3, batch_size=1, pause_file=str(pause), pause_after=6)
     chunked = ["input.chunk_images=2", "input.readers=1"]
     args = ["--input", str(shard_dir), "--output", str(out), "--set", f"stages={json.dumps([stage])}",
             "--set", "ray.num_cpus=4", "--set", "ray.num_gpus=1", *[a for c in chunked for a in ("--set", c)]]
     driver = _annotate(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = OutputStore(str(out))
-    deadline = time.time() + 180
-    while time.time() < deadline and len(store.committed()) < 2 and driver.poll() is None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(store.committed()) < 2 and driver.poll() is None:
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
+    pause.unlink()
     before = {m["unit"]: m for m in store.markers()}
     assert 2 <= len(before) < 9, "the kill should land mid-run"
     assert any(not m["end"]["last"] for m in before.values())  # a shard cut off between its chunks
@@ -263,9 +275,13 @@ def test_the_chunk_gate_lets_readers_wait_holding_unsent_rows_only_within_its_sp
     async def scenario():
         gate = dataset.ChunkGate(limit=4, least=1)  # 3 places above the least safe bound
 
+        async def settle():  # the loop runs what is ready, turn after turn: no clock involved
+            for _ in range(50):
+                await asyncio.sleep(0)
+
         async def take(unit, reader, unsent):
             task = asyncio.ensure_future(gate.take(unit, reader, unsent))
-            await asyncio.sleep(0.05)
+            await settle()
             return task
 
         for unit, reader, unsent in (("a0", "A", []), ("d0", "D", []), ("d1", "D", ["d0"]), ("b0", "B", [])):
@@ -278,7 +294,7 @@ def test_the_chunk_gate_lets_readers_wait_holding_unsent_rows_only_within_its_sp
         assert len(gate.held) == 5 and gate.unsent_waiting == 3
         for unit in ("a0", "b0", "b1"):
             await gate.release(unit)
-        await asyncio.sleep(0.05)
+        await settle()
         assert a1.done() and c0.done() and not d2.done()  # first come, first served, up to the limit
         assert sorted(gate.held) == ["a1", "c0", "d0", "d1"] and gate.unsent_waiting == 2
         d2.cancel()

@@ -40,12 +40,30 @@ class OutputBusy(errors.JobError):
     """Another job holds the output, or may: this job can no longer show that it holds it."""
 
 
+class Clock:
+    """A lease's time: ``monotonic`` for its own deadlines (half the ttl, the renewals), ``time`` (the wall clock) for
+    the stamps written into the lease file, which other jobs, on other machines, read, and ``wait`` for the pauses
+    between renewals and polls. Jobs use this one; tests pass one that moves only when they say (tests/doubles.py)."""
+
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+    @staticmethod
+    def wait(event: threading.Event, seconds: float) -> bool:
+        """Wait ``seconds``, or until ``event`` is set; whether it is."""
+        return event.wait(seconds)
+
+
+SYSTEM_CLOCK = Clock()
+
+
 class Lease:
-    def __init__(self, out: str, s3: storage.S3Options = storage.S3Options(), ttl_seconds: float = TTL_SECONDS):
-        self.uri, self.s3, self.ttl = lease_uri(out), s3, ttl_seconds
+    def __init__(self, out: str, s3: storage.S3Options = storage.S3Options(), ttl_seconds: float = TTL_SECONDS,
+                 clock: Clock = SYSTEM_CLOCK):
+        self.uri, self.s3, self.ttl, self.clock = lease_uri(out), s3, ttl_seconds, clock
         self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self.version = None  # the ETag (S3) or content (local) of our lease file as last written
-        self.renewed_at = 0.0  # time.monotonic() of our last write that landed
+        self.renewed_at = 0.0  # clock.monotonic() of our last write that landed
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.lost: str | None = None  # why this job no longer holds the output, once another job took it over
@@ -58,8 +76,8 @@ class Lease:
     def _write(self, expected: str | None) -> bool:
         """Write our record if the file is still as we last read it (``expected``; None: absent)."""
         # the lease counts from its stamp, not from when the write was answered (S3's retries can take minutes)
-        stamped = time.monotonic()
-        body = json.dumps({**self.record, "renewed": time.time()})
+        stamped = self.clock.monotonic()
+        body = json.dumps({**self.record, "renewed": self.clock.time()})
         if storage.is_s3(self.uri):
             import botocore.exceptions
 
@@ -106,7 +124,7 @@ class Lease:
 
     # -- the lease ------------------------------------------------------------------------------------------------
     def _free(self, holder: dict) -> bool:
-        if time.time() - holder.get("renewed", 0) > self.ttl:
+        if self.clock.time() - holder.get("renewed", 0) > self.ttl:
             return True
         if holder.get("host") == self.record["host"]:
             try:
@@ -124,17 +142,17 @@ class Lease:
         if holder and holder.get("owner") == self.record["owner"]:
             # counted from the stamp of the write that landed (our own wall clock wrote it)
             self.version = version
-            self.renewed_at = time.monotonic() - max(0.0, time.time() - holder.get("renewed", 0.0))
+            self.renewed_at = self.clock.monotonic() - max(0.0, self.clock.time() - holder.get("renewed", 0.0))
             return True
         return False
 
     def acquire(self) -> Lease:
         holder, version = self._read()
         if holder is not None and not self._free(holder):
-            raise OutputBusy(_busy(self.uri, holder, self.ttl))
+            raise OutputBusy(_busy(self.uri, holder, self.ttl, self.clock.time()))
         if not self._write(version) and not self._written_by_us():
             holder, _ = self._read()
-            raise OutputBusy(_busy(self.uri, holder or {}, self.ttl))
+            raise OutputBusy(_busy(self.uri, holder or {}, self.ttl, self.clock.time()))
         self._renewer = threading.Thread(target=self._renew_every, args=(self.ttl / 3,), daemon=True,
                                          name="sculpt-lease")
         self._renewer.start()
@@ -145,12 +163,12 @@ class Lease:
         if self._write(self.version) or self._written_by_us():
             return True
         holder, _ = self._read()
-        self.lost = "this job lost its lease: " + _busy(self.uri, holder or {}, self.ttl)
+        self.lost = "this job lost its lease: " + _busy(self.uri, holder or {}, self.ttl, self.clock.time())
         return False
 
     def _renew_every(self, seconds: float) -> None:
         wait = seconds
-        while not self._stop.wait(wait):
+        while not self.clock.wait(self._stop, wait):
             try:
                 if not self.renew():
                     return
@@ -161,7 +179,7 @@ class Lease:
                 wait = seconds / 4
 
     def _unrenewed(self) -> float:
-        return time.monotonic() - self.renewed_at
+        return self.clock.monotonic() - self.renewed_at
 
     def check(self, poll_seconds: float = 1.0) -> None:
         """Stop the job once another one has taken the output over (its start clears this job's temporary files);
@@ -176,7 +194,7 @@ class Lease:
                 raise OutputBusy(f"this job could not renew its lease on {self.uri} for {self._unrenewed():.0f} s "
                                  f"({self.last_error or 'no answer'}); it stopped, its committed chunks kept. Fix "
                                  "the store's access and rerun the same command to resume.")
-            self._stop.wait(poll_seconds)
+            self.clock.wait(self._stop, poll_seconds)
         if self.lost:
             raise OutputBusy(self.lost)
         if announced:
@@ -270,11 +288,11 @@ def confirm(out: str, s3: storage.S3Options, owner: str) -> None:
     uri = lease_uri(out)
     holder, _ = read_holder(uri, s3)
     if (holder or {}).get("owner") != owner:
-        raise OutputBusy("this job lost its lease: " + _busy(uri, holder or {}, TTL_SECONDS))
+        raise OutputBusy("this job lost its lease: " + _busy(uri, holder or {}, TTL_SECONDS, time.time()))
 
 
-def _busy(uri: str, holder: dict, ttl: float) -> str:
-    since = time.time() - holder.get("renewed", time.time())
+def _busy(uri: str, holder: dict, ttl: float, now: float) -> str:
+    since = now - holder.get("renewed", now)
     return (f"another job is writing this output: {uri} is held by pid {holder.get('pid')} on "
             f"{holder.get('host')} (renewed {since:.0f} s ago). Wait for it to finish, or, if it is dead, rerun "
             f"after {ttl:.0f} s without renewal (or delete {uri}).")
