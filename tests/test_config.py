@@ -371,7 +371,7 @@ def test_an_unreachable_ray_address_fails_in_seconds_with_one_line_before_ray_st
     start = time.monotonic()
     with pytest.raises(config.ConfigError) as caught:
         connect("127.0.0.1:1")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # the bound; refused at once in practice
     assert one_line(caught.value).startswith("ray.address='127.0.0.1:1': cannot reach 127.0.0.1:1 (")
     assert "start the cluster" in str(caught.value)
     monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:1")  # Ray Client's form, from the environment

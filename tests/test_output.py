@@ -7,7 +7,8 @@ import pytest
 
 from sculpt import schema
 from sculpt.io import storage
-from sculpt.outputs.store import PARTS, IncompatibleOutput, OutputStore, UnitWriter
+from sculpt.outputs.store import PARTS, IncompatibleOutput, OutputStore
+from sculpt.outputs.units import UnitWriter
 from tests.doubles import FakeClock
 
 JOB = {"fingerprint": "f1", "settings": {"stages": [{"name": "a", "params": {"model": "m1"}}]}, "model_ids": {"a": "m1"}}
@@ -151,7 +152,7 @@ def test_a_clear_stopped_part_way_leaves_no_unit_that_looks_committed(tmp_path, 
 
 
 def test_a_part_file_the_store_refuses_leaves_its_unit_pending_in_the_receipt(tmp_path):
-    from sculpt.outputs.store import write_parts
+    from sculpt.outputs.units import write_parts
 
     (tmp_path / PARTS).parent.parent.mkdir()
     (tmp_path / PARTS).parent.write_text("a file where the parts' folder goes")  # every part write fails (OSError)
@@ -161,7 +162,7 @@ def test_a_part_file_the_store_refuses_leaves_its_unit_pending_in_the_receipt(tm
 
 
 def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_parts_are_left(tmp_path):
-    from sculpt.outputs.store import commit_unit, write_parts
+    from sculpt.outputs.units import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -178,7 +179,7 @@ def test_a_commit_tried_again_after_its_marker_returns_that_marker_whatever_part
 
 
 def test_a_redo_commit_tried_again_after_it_deleted_some_of_its_parts_returns_its_marker(tmp_path):
-    from sculpt.outputs.store import commit_unit, write_parts
+    from sculpt.outputs.units import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -201,7 +202,7 @@ def test_a_redo_commit_tried_again_after_it_deleted_some_of_its_parts_returns_it
 
 def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path):
     """A job cleared with --overwrite whose commit landed late leaves its marker: not a retry of this commit."""
-    from sculpt.outputs.store import commit_unit, write_parts
+    from sculpt.outputs.units import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -217,7 +218,7 @@ def test_a_commit_that_finds_another_configs_marker_writes_its_own_unit(tmp_path
 def test_a_commit_whose_job_lost_its_lease_writes_nothing(tmp_path):
     """A commit started before another job took the output over: its last look at the lease stops it."""
     from sculpt.io.lease import Lease, OutputBusy
-    from sculpt.outputs.store import commit_unit, write_parts
+    from sculpt.outputs.units import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
@@ -239,7 +240,7 @@ def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_f
     """Mid-run: one unit committed, another's rows in part files, a third's half-gathered in _tmp. pyarrow over OUT
     and Hugging Face `datasets` over the data files (as the README says) see the committed rows, each once."""
     datasets = pytest.importorskip("datasets")
-    from sculpt.outputs.store import commit_unit, write_parts
+    from sculpt.outputs.units import commit_unit, write_parts
 
     store = OutputStore(str(tmp_path))
     store.prepare(JOB)
