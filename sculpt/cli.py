@@ -164,11 +164,11 @@ def add_preview_command(commands) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    s3 = S3Options(endpoint=getattr(args, "s3_endpoint", None))
     if args.command == "run":
         from sculpt.engine import job
 
         return job.main(args)
+    s3 = S3Options(endpoint=getattr(args, "s3_endpoint", None))
     if args.command == "status":
         print(status(args.output, s3, by_shard=args.shards))
     elif args.command == "report":

@@ -55,7 +55,7 @@ def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
     command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ROOT, "--",
                "python", "workflows/annotate.py", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                "--set", f"stages={json.dumps([stage])}"]
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:  # the head's job agent can come up after its dashboard answers (seen on a loaded machine)
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         if "No available agent to submit job" not in done.stdout + done.stderr or time.time() > deadline:

@@ -132,12 +132,17 @@ class TestOnOneEnginePool:
         assert job_stats["pairs_by_category"]["negative"] == len(negatives) and job_stats["group_sizes"]
 
     @staticmethod
-    def engine_cores():
+    def engine_cores(engine_pool, ray):
+        """The engine core processes of the pool's engine actor (other processes on the machine may run engines)."""
+        import os
+
         import psutil
 
-        return {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
+        actor = psutil.Process(ray.get(engine_pool[0].__ray_call__.remote(lambda engine: os.getpid())))
+        return {p.pid for p in actor.children(recursive=True) if "EngineCore" in p.name()}
 
-    def test_a_killed_engine_core_is_restarted_and_no_image_fails(self, local_ray, tiny_models, sample_shards, tmp_path):
+    def test_a_killed_engine_core_is_restarted_and_no_image_fails(self, local_ray, engine_pool, tiny_models, sample_shards,
+                                                                  tmp_path):
         import dataclasses
         import os
         import signal
@@ -148,11 +153,11 @@ class TestOnOneEnginePool:
                                  'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
         stages = config.build_stages(cfg)
         first = run_job(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, shards=sample_shards[:1])), stages)
-        killed = self.engine_cores()
+        killed = self.engine_cores(engine_pool, local_ray)
         for pid in killed:  # the engine's core process dies while its actor lives on
             os.kill(pid, signal.SIGKILL)
         summary = run_job(cfg, stages)  # its next requests find it dead
-        after = self.engine_cores()
+        after = self.engine_cores(engine_pool, local_ray)
         assert first["committed_now"] == 1 and len(killed) == 1
         assert after and not after & killed  # a new engine core served the rest
         rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
