@@ -265,10 +265,9 @@ def at_job_level(store: str, unwrap: bool = False):
     try:
         yield
     except Exception as exc:
-        failure = job_failure(getattr(exc, "cause", exc) if unwrap else exc, store)
-        if unwrap and failure is getattr(exc, "cause", None):
-            raise
-        if failure is exc:
+        fault = getattr(exc, "cause", exc) if unwrap else exc
+        failure = job_failure(fault, store)
+        if failure is fault:
             raise
         raise failure from exc
 
