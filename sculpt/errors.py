@@ -137,7 +137,9 @@ RULES: tuple[Rule, ...] = (
 
 def rule(exc: BaseException, store: str | None = None, reading: bool = False) -> Rule:
     """The row of ``RULES`` that decides ``exc``: raised by a call to ``store`` (None: while processing an image),
-    one that read a shard if ``reading``."""
+    one that read a shard if ``reading``; a ``Relayed`` fault's own, decided where it was raised."""
+    if isinstance(exc, Relayed):
+        return exc.rule
     return next(r for r in RULES if r.matches(exc, store, reading))
 
 
@@ -173,6 +175,34 @@ class SpentRetries(TransientError):
     not retried again as a batch, only its images one by one, and an image it outlasts waits for the next run."""
 
 
+class Relayed(Exception):
+    """A fault that cannot cross a Ray task's boundary as it is (botocore's ``ConnectionClosedError`` holds an open
+    stream, and does not pickle): its line, and its row of ``RULES`` as decided where it was raised."""
+
+    def __init__(self, line: str, rule: Rule):
+        super().__init__(line)
+        self.rule = rule
+
+    def __reduce__(self):
+        return Relayed, (str(self), self.rule)
+
+
+@contextlib.contextmanager
+def relayed(store: str):
+    """In a Ray task that calls ``store``: a fault raised inside that would not reach the caller as it is (it does
+    not pickle) is raised as a ``Relayed`` carrying its line and its kind."""
+    import pickle
+
+    try:
+        yield
+    except Exception as exc:
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            raise Relayed(describe(exc), rule(exc, store)) from None
+        raise
+
+
 def is_transient(exc: BaseException, store: str | None = None) -> bool:
     """Not data: a fault that a retry, a restart or the next run may cure (transient or breaks-device)."""
     return classify(exc, store) in (TRANSIENT, BREAKS_DEVICE)
@@ -194,6 +224,8 @@ def retried_here(exc: BaseException, store: str | None = None, reading: bool = F
 
 def describe(exc: BaseException) -> str:
     """One line for logs and error rows: the class and the first line of the message."""
+    if isinstance(exc, Relayed):
+        return str(exc)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 

@@ -143,11 +143,20 @@ class DeviceFaults:
         return dict(self.counts)
 
 
-def start_device_faults():
-    """The job's DeviceFaults actor (CPU-less); the stage actors are given its handle."""
+def control_actor(cls: type):
+    """``cls`` as a CPU-less Ray actor on the driver's node. The job's control state (the ChunkGate, DeviceFaults)
+    then ends with the driver and with nothing else: a lost worker node, a spot GPU node taken back, costs only
+    the work that was on it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(DeviceFaults).options(num_cpus=0).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(cls).options(num_cpus=0, scheduling_strategy=here)
+
+
+def start_device_faults():
+    """The job's DeviceFaults actor; the stage actors are given its handle."""
+    return control_actor(DeviceFaults).remote()
 
 
 class StageActor:

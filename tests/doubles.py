@@ -172,12 +172,12 @@ class FailingStore(OutputStore):
         super().__init__(uri)
         self.unit, self.fault = unit, fault
 
-    def data_uri(self, unit: str) -> str:
+    def staged_uri(self, unit: str) -> str:
         if unit == self.unit:
             if self.fault == "exit":
                 os._exit(1)
             raise OSError(self.fault, f"{os.strerror(self.fault)} (injected)") if isinstance(self.fault, int) else self.fault
-        return super().data_uri(unit)
+        return super().staged_uri(unit)
 
 
 class TimedEngine:

@@ -207,3 +207,23 @@ def test_an_input_without_usable_shards_is_a_job_error_with_its_fix(tmp_path):
             shards_of(*patterns)
         assert "check input.shards" in errors.job_error(caught.value) or "rename one" in errors.job_error(caught.value)
     assert shards_of(tmp_path / "a") == [str(tmp_path / "a" / "sa_000001.tar")]
+
+
+def test_a_fault_that_does_not_pickle_crosses_a_task_boundary_with_its_line_and_kind():
+    import io
+    import pickle
+
+    from botocore.exceptions import ConnectionClosedError
+
+    dropped = ConnectionClosedError(endpoint_url="http://127.0.0.1:9", request=io.BufferedReader(io.BytesIO(b"")))
+    with pytest.raises(TypeError):
+        pickle.dumps(dropped)
+    with pytest.raises(errors.Relayed) as caught:
+        with errors.relayed("s3://bucket/out"):
+            raise dropped
+    relayed = pickle.loads(pickle.dumps(caught.value))
+    assert errors.describe(relayed).startswith("ConnectionClosedError: Connection was closed")
+    assert errors.classify(relayed) is errors.TRANSIENT and errors.rule(relayed).job_line == errors.S3_REFUSED
+    with pytest.raises(ValueError):  # one that pickles crosses as it is
+        with errors.relayed("s3://bucket/out"):
+            raise ValueError("bad row")

@@ -208,7 +208,10 @@ def test_a_bad_yaml_file_is_one_line(tmp_path):
 def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(local_ray, sample_shards, tmp_path):
     import errno
 
+    import io
+
     from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ConnectionClosedError
 
     from sculpt import errors
     from tests.doubles import FailingStore
@@ -225,9 +228,11 @@ def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(
     assert summary["committed_now"] == 2 and unit not in OutputStore(str(out)).committed()
     assert not list((out / "_markers" / "_tmp").glob("stale*")) and not list((out / "_tmp").glob(f"{unit}*"))
 
-    # boto3's own errors past its retries (not OSError), and a commit whose worker died on every try: pending too
+    # boto3's own errors past its retries (not OSError), one that does not pickle (a dropped connection holding its
+    # request's stream), and a commit whose worker died on every try: pending too
+    dropped = ConnectionClosedError(endpoint_url="http://127.0.0.1:9", request=io.BufferedReader(io.BytesIO(b"")))
     for fault, says in [(S3UploadFailedError("Failed to upload: SlowDown (reached max retries: 9)"), "write: S3UploadFailedError"),
-                        ("exit", "write: WorkerCrashedError")]:
+                        (dropped, "write: ConnectionClosedError"), ("exit", "write: WorkerCrashedError")]:
         todo = planning.plan(cfg, stages)
         todo.store = FailingStore(str(out), unit, fault)
         summary = run_job(cfg, stages, todo)

@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 
@@ -7,7 +8,7 @@ import pytest
 
 from sculpt import schema
 from sculpt.io import storage
-from sculpt.outputs.store import PARTS, IncompatibleOutput, OutputStore
+from sculpt.outputs.store import PARTS, STAGED, IncompatibleOutput, OutputStore
 from sculpt.outputs.units import UnitWriter
 from tests.doubles import FakeClock
 
@@ -32,7 +33,7 @@ def test_unit_commits_once_all_rows_are_in_dedups_and_writes_marker_last(tmp_pat
     assert not writer.complete
     writer.add(rows("sa_000001", [1, 1], size=3))  # a retried task's copy in the same batch as the first
     assert writer.complete and store.committed() == set()
-    assert not os.path.exists(store.data_uri("sa_000001"))  # rows so far live in _tmp only
+    assert not os.path.exists(store.data_uri("sa_000001"))  # rows so far live in .sculpt/staged/_tmp only
     marker = writer.commit()
     assert store.committed() == {"sa_000001"}
     table = pq.read_table(store.data_uri("sa_000001"))
@@ -41,7 +42,7 @@ def test_unit_commits_once_all_rows_are_in_dedups_and_writes_marker_last(tmp_pat
     assert set(table["status"].to_pylist()) == {schema.EMPTY}  # processed, no objects
     assert marker["rows"] == 3 and marker["errors"] == 0 and marker["input_bytes_read"] == 100
     assert json.loads(open(store.marker_uri("sa_000001")).read()) == marker
-    assert os.listdir(tmp_path / "_tmp") == []
+    assert os.listdir(tmp_path / STAGED) == ["_tmp"] and os.listdir(tmp_path / STAGED / "_tmp") == []  # moved up
     # a Parquet dataset reader over the output sees each row once and no bookkeeping files
     assert pads.dataset(str(tmp_path)).count_rows() == 3
 
@@ -58,14 +59,39 @@ def test_an_aborted_unit_leaves_no_temporary_file_even_when_closing_its_writer_f
     store = OutputStore(str(tmp_path))
     writer = UnitWriter(store, "u", JOB, flush_rows=1)
     writer.add(rows("u", [0], size=2))  # flushed: the unit's temporary file exists
-    assert len(list((tmp_path / "_tmp").iterdir())) == 1
+    assert len(list((tmp_path / STAGED / "_tmp").iterdir())) == 1
 
     def full_disk():
         raise OSError(28, "No space left on device")
 
     writer.writer.close = full_disk
     writer.abort()
-    assert list((tmp_path / "_tmp").iterdir()) == [] and store.committed() == set()
+    assert list((tmp_path / STAGED / "_tmp").iterdir()) == [] and store.committed() == set()
+
+
+def test_a_units_parquet_is_seen_among_the_data_only_once_its_marker_exists(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    store.prepare(JOB)
+    for unit in ("sa_000001-00000", "sa_000001-00001"):
+        writer = UnitWriter(store, unit, JOB)
+        writer.add(rows(unit, [0, 1], size=2))
+        if unit.endswith("1"):  # killed between its staged file and its marker
+            monkeypatch.setattr(storage, "write_atomic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                writer.commit()
+            break
+        monkeypatch.setattr(store, "publish", lambda unit: None)  # killed between its marker and the move
+        writer.commit()
+        monkeypatch.undo()
+    monkeypatch.undo()
+    staged = sorted(os.listdir(tmp_path / STAGED))
+    assert staged == ["_tmp", "sa_000001-00000.parquet", "sa_000001-00001.parquet"]  # both written, staged
+    assert store.committed() == {"sa_000001-00000"}
+    assert glob.glob(str(tmp_path / "*.parquet")) == [] and pads.dataset(str(tmp_path)).count_rows() == 0
+
+    assert store.prepare(JOB) == {"sa_000001-00000"}  # the next run finishes the move and drops what has no marker
+    assert glob.glob(str(tmp_path / "*.parquet")) == [store.data_uri("sa_000001-00000")]
+    assert sorted(os.listdir(tmp_path / STAGED)) == [] and pads.dataset(str(tmp_path)).count_rows() == 2
 
 
 def test_error_counts_by_stage(tmp_path):
@@ -250,7 +276,7 @@ def test_readers_of_a_half_written_output_see_committed_units_once_and_no_part_f
     half = UnitWriter(store, "sa_000003-00000", JOB, flush_rows=1)
     half.add(rows("sa_000003-00000", [0, 1]))  # a commit cut off while gathering
     assert list((tmp_path / PARTS).glob("sa_000002-00000/*.parquet"))
-    assert list((tmp_path / "_tmp").rglob("sa_000003*"))
+    assert list((tmp_path / STAGED).rglob("sa_000003*"))
     expected = [("sa_000001", i) for i in range(3)]
     data_files = f"{tmp_path}/*.parquet"
     seen = {"pyarrow": pads.dataset(str(tmp_path), format="parquet").to_table(columns=["shard", "index"]).to_pydict(),

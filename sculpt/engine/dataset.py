@@ -16,7 +16,7 @@ import pyarrow as pa
 from sculpt.config import JobConfig
 from sculpt.io import shards
 from sculpt.outputs import units
-from sculpt.stage import Stage, actor_class, ray_options
+from sculpt.stage import Stage, actor_class, control_actor, ray_options
 
 BLOCK_STATS_KEPT = 100  # per operator: the blocks Ray Data's end-of-run summary still describes
 
@@ -69,10 +69,8 @@ class ChunkGate:
 
 
 def start_gate(config: JobConfig):
-    """The job's ``ChunkGate`` actor (CPU-less)."""
-    import ray
-
-    return ray.remote(ChunkGate).options(num_cpus=0).remote(config.chunk_limit, config.least_chunks_in_flight)
+    """The job's ``ChunkGate`` actor."""
+    return control_actor(ChunkGate).remote(config.chunk_limit, config.least_chunks_in_flight)
 
 
 @functools.cache  # one class per process: Ray Data's registry holds classes

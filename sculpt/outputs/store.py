@@ -8,6 +8,9 @@ Layout under the output path (local or s3://)::
                                      written after the Parquet file: counts and statistics (sculpt/outputs/stats.py),
                                      where the shard's next chunk starts (``end``), fingerprint, model ids, timings
     .sculpt/stats.json               the whole job's statistics, rewritten at the end of each run
+    .sculpt/staged/sa_000000-00000.parquet
+                                     a unit's rows between their upload and their marker: moved to the top once
+                                     the marker is written, so that a reader of ``*.parquet`` sees committed units only
     _lease.json                      while a job writes the output (sculpt/io/lease.py)
     _tmp/, .sculpt/_tmp/             while a job writes: in-flight writes (``.sculpt/_tmp/parts/<unit>/``: rows
                                      written in the cluster, awaiting their unit's commit); garbage after a kill,
@@ -39,6 +42,7 @@ JOB_FILE = f"{BOOKKEEPING}/job.json"
 MARKERS = f"{BOOKKEEPING}/markers"
 STATS_FILE = f"{BOOKKEEPING}/stats.json"
 PARTS = f"{BOOKKEEPING}/{storage.TMP_DIR}/parts"  # rows written in the cluster, awaiting their unit's commit
+STAGED = f"{BOOKKEEPING}/staged"  # a unit's Parquet file until its marker is written (``publish`` moves it up)
 LAYOUT = {"job": JOB_FILE, "markers": MARKERS, "stats": STATS_FILE}
 LEGACY = {"job": "_sculpt_job.json", "markers": "_markers", "stats": "_stats.json"}  # outputs of older sculpt
 
@@ -78,6 +82,16 @@ class OutputStore:
 
     def data_uri(self, unit: str) -> str:
         return storage.join(self.uri, f"{unit}.parquet")
+
+    def staged_uri(self, unit: str) -> str:
+        return storage.join(self.uri, STAGED, f"{unit}.parquet")
+
+    def publish(self, unit: str) -> None:
+        """Move a committed unit's staged Parquet file to its place among the data, if it is still staged (a local
+        rename; one server-side copy on S3: the file appears whole)."""
+        fs, staged = storage.filesystem(self.staged_uri(unit), self.s3)
+        if fs.get_file_info(staged).is_file:
+            fs.move(staged, storage.filesystem(self.data_uri(unit), self.s3)[1])
 
     def job_uri(self) -> str:
         return storage.join(self.uri, self.layout()["job"])
@@ -130,7 +144,18 @@ class OutputStore:
             storage.delete_tree(storage.join(self.uri, folder), self.s3)
         storage.abort_uploads(self.uri, self.s3)  # and its unfinished S3 uploads
         storage.write_atomic(self.job_uri(), json.dumps(job, indent=1).encode(), self.s3)
-        return self.committed()
+        committed = self.committed()
+        self._finish_commits(committed)
+        return committed
+
+    def _finish_commits(self, committed: set[str]) -> None:
+        """A kill between a unit's marker and its move left it staged: move it up; a staged file without a marker
+        is a commit that never happened: delete it."""
+        staged = [name[: -len(".parquet")] for name in storage.list_names(storage.join(self.uri, STAGED), self.s3, ".parquet")]
+        for unit in staged:
+            if unit in committed:
+                self.publish(unit)
+        _delete(storage.join(self.uri, STAGED), [f"{unit}.parquet" for unit in staged if unit not in committed], self.s3)
 
     def tidy(self) -> None:
         """At the job's end (its lease still held): remove the temporary folders it left empty, so that only the
@@ -138,7 +163,7 @@ class OutputStore:
         if storage.is_s3(self.uri):
             return
         # deepest first; a folder not there, or not empty (a pending unit's parts), stays as it is
-        for folder in (PARTS, *_TEMPORARY, LEGACY["markers"], BOOKKEEPING):  # ".sculpt" of a legacy output
+        for folder in (PARTS, *_TEMPORARY, STAGED, LEGACY["markers"], BOOKKEEPING):  # ".sculpt" of a legacy output
             with contextlib.suppress(OSError):
                 os.rmdir(storage.join(self.uri, folder))
 
@@ -164,7 +189,7 @@ class OutputStore:
 
 
 # Where atomic writes and part files go while a job runs, this sculpt's and an older one's, deepest first
-_TEMPORARY = (f"{MARKERS}/{storage.TMP_DIR}", f"{BOOKKEEPING}/{storage.TMP_DIR}",
+_TEMPORARY = (f"{MARKERS}/{storage.TMP_DIR}", f"{STAGED}/{storage.TMP_DIR}", f"{BOOKKEEPING}/{storage.TMP_DIR}",
               f"{LEGACY['markers']}/{storage.TMP_DIR}", storage.TMP_DIR)
 
 

@@ -2,9 +2,10 @@
 
 Rows are written where they come out of the last stage (``write_parts``, in the cluster); the driver only sees
 receipts, and when a unit's receipts are all in it starts ``commit_unit``, which gathers the parts into the
-unit's file and writes its marker. A unit is committed when its marker exists. A rerun lists the markers and
-never opens a committed chunk's input. A unit cut off by a kill has no marker; its Parquet path is deterministic,
-so the rerun replaces it rather than adding a second copy of any row.
+unit's staged file, writes its marker, then moves the file among the data. A unit is committed when its marker
+exists, and a reader of ``OUT/*.parquet`` sees committed units only. A rerun lists the markers and never opens a
+committed chunk's input. A unit cut off by a kill has no marker; its staged file is deleted by the rerun, which
+does the unit again.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class UnitWriter:
         table = pa.concat_tables(self.buffer)
         self.buffer, self.buffered = [], 0
         if self.writer is None:
-            self.file = storage.open_atomic(self.store.data_uri(self.unit), self.store.s3)
+            self.file = storage.open_atomic(self.store.staged_uri(self.unit), self.store.s3)
             self.writer = pq.ParquetWriter(self.file.__enter__(), schema.OUTPUT_SCHEMA, compression="zstd")
         self.writer.write_table(table)
 
@@ -135,6 +136,7 @@ class UnitWriter:
             "committed": time.time(),
         }
         storage.write_atomic(self.store.marker_uri(self.unit), json.dumps(marker).encode(), self.store.s3)
+        self.store.publish(self.unit)
         return marker
 
 
@@ -189,20 +191,29 @@ class ErrorBudgetExceeded(errors.JobError):
 
 def commit_unit(store: OutputStore, unit: str, job: dict, parts: list[str], redo: bool = False,
                 error_budget: tuple[float, int] = (1.0, 1 << 30), lease_owner: str | None = None) -> dict:
-    """Gather a unit's part files into its Parquet file and write its marker (in the cluster); returns the marker.
+    """Gather a unit's part files into its staged Parquet file, write its marker, then move the file among the
+    data (in the cluster); returns the marker.
 
-    ``lease_owner``: the running job's lease (``sculpt.io.lease``), confirmed as still its own before anything is
-    written to the unit's final names.
+    ``lease_owner``: the running job's lease (``sculpt.io.lease``), confirmed as still its own before the marker
+    is written.
 
     ``redo``: the unit is committed already and the parts redo its error rows. Safe to run again (a retried task):
-    once the marker is written and any of the parts is gone, it returns that marker.
+    once the marker is written and any of the parts is gone, it finishes the move and returns that marker. A fault
+    that would not pickle reaches the driver as ``errors.Relayed``.
     """
+    with errors.relayed(store.uri):
+        return _commit(store, unit, job, parts, redo, error_budget, lease_owner)
+
+
+def _commit(store: OutputStore, unit: str, job: dict, parts: list[str], redo: bool, error_budget: tuple[float, int],
+            lease_owner: str | None) -> dict:
     fs, root = storage.filesystem(storage.join(store.uri, PARTS), store.s3)
     written = storage.read_bytes(store.marker_uri(unit), store.s3)
     marker = json.loads(written) if written else None
     ours = marker is not None and marker.get("fingerprint") == job["fingerprint"]  # else a cleared job's, landed late
     # a retried task whose first try got as far as the marker (a redo's parts go only once it is written)
     if ours and (not redo or not all(fs.get_file_info(f"{root}/{part}").is_file for part in parts)):
+        store.publish(unit)
         _drop_parts(store, unit)
         return marker
     writer = UnitWriter(store, unit, job)
