@@ -166,7 +166,8 @@ class TakesTurns(Stage):
 
 class FailingStore(OutputStore):
     """An output store whose writes of one unit's data file fail (runs where commits run): ``fault`` is an errno
-    (``OSError``), an exception to raise, or "exit" (the commit's worker dies, every try)."""
+    (``OSError``), an exception to raise, a function that makes it (one that cannot travel to the task itself), or
+    "exit" (the commit's worker dies, every try)."""
 
     def __init__(self, uri: str, unit: str, fault):
         super().__init__(uri)
@@ -176,7 +177,9 @@ class FailingStore(OutputStore):
         if unit == self.unit:
             if self.fault == "exit":
                 os._exit(1)
-            raise OSError(self.fault, f"{os.strerror(self.fault)} (injected)") if isinstance(self.fault, int) else self.fault
+            if isinstance(self.fault, int):
+                raise OSError(self.fault, f"{os.strerror(self.fault)} (injected)")
+            raise self.fault() if callable(self.fault) else self.fault
         return super().staged_uri(unit)
 
 

@@ -230,7 +230,9 @@ def test_a_failed_commit_leaves_that_unit_pending_and_a_full_disk_stops_the_job(
 
     # boto3's own errors past its retries (not OSError), one that does not pickle (a dropped connection holding its
     # request's stream), and a commit whose worker died on every try: pending too
-    dropped = ConnectionClosedError(endpoint_url="http://127.0.0.1:9", request=io.BufferedReader(io.BytesIO(b"")))
+    def dropped():
+        return ConnectionClosedError(endpoint_url="http://127.0.0.1:9", request=io.BufferedReader(io.BytesIO(b"")))
+
     for fault, says in [(S3UploadFailedError("Failed to upload: SlowDown (reached max retries: 9)"), "write: S3UploadFailedError"),
                         (dropped, "write: ConnectionClosedError"), ("exit", "write: WorkerCrashedError")]:
         todo = planning.plan(cfg, stages)
