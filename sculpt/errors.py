@@ -277,28 +277,30 @@ def _another_try(exc, attempt, attempts, backoff, on_retry, store, reading) -> b
     return True
 
 
-def job_failure(exc: BaseException, store: str) -> BaseException:
+def job_failure(exc: BaseException, store: str, doing: str | None = None) -> BaseException:
     """What a fault raised by a call to ``store`` becomes where no unit can be left pending (listing the input,
     taking the output's lease, preparing it, a commit's full disk): a ``StoreFailure`` with the line of its row in
-    ``RULES`` — a full disk, S3 unreachable or refusing, a local path that cannot be used. Any other exception
-    (sculpt's own JobErrors, bugs) is returned as it is."""
+    ``RULES`` — a full disk, S3 unreachable or refusing, a local path that cannot be used — after what the job was
+    ``doing`` there ("writing the job file on s3://bucket/out failed: ..."). Any other exception (sculpt's own
+    JobErrors, bugs) is returned as it is."""
     line = rule(exc, store).job_line
     if line is None or isinstance(exc, JobError):
         return exc
-    failure = StoreFailure(line.format(exc=exc, what=describe(exc)))
+    line = line.format(exc=exc, what=describe(exc))
+    failure = StoreFailure(f"{doing} on {store} failed: {line}" if doing else line)
     failure.errno = getattr(exc, "errno", None)
     return failure
 
 
 @contextlib.contextmanager
-def at_job_level(store: str, unwrap: bool = False):
-    """Raise what ``job_failure`` makes of a fault of ``store`` raised inside (from the fault); ``unwrap``: of the
-    fault a Ray task raised (its ``cause``), too."""
+def at_job_level(store: str, unwrap: bool = False, doing: str | None = None):
+    """Raise what ``job_failure`` makes of a fault of ``store`` raised inside (from the fault), naming what the job
+    was ``doing``; ``unwrap``: of the fault a Ray task raised (its ``cause``), too."""
     try:
         yield
     except Exception as exc:
         fault = getattr(exc, "cause", exc) if unwrap else exc
-        failure = job_failure(fault, store)
+        failure = job_failure(fault, store, doing)
         if failure is fault:
             raise
         raise failure from exc

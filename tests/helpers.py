@@ -112,3 +112,31 @@ class FaultProxy:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class RefusingProxy(FaultProxy):
+    """A FaultProxy (cutting nothing) that answers 503 SlowDown, as a throttling S3 does, to every request of a
+    method in ``refuse`` whose path contains ``match``; ``refused`` counts them. Everything else passes through."""
+
+    def __init__(self, upstream: str, match: str = "", refuse: tuple[str, ...] = ("PUT",)):
+        super().__init__(upstream, match="\0", cuts=0)
+        self.refused = 0
+        proxy, forwarding = self, self.server.RequestHandlerClass
+        body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+        class Refusing(forwarding):
+            def _forward(self):
+                if self.command not in refuse or match not in self.path:
+                    return super()._forward()
+                self._body()
+                with proxy.lock:
+                    proxy.refused += 1
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server.RequestHandlerClass = Refusing

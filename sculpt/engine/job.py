@@ -18,6 +18,7 @@ from sculpt.config import JobConfig
 from sculpt.engine import cluster, pipeline, planning, progress
 from sculpt.engine.planning import Plan
 from sculpt.io.lease import Lease
+from sculpt.outputs.store import OutputStore
 from sculpt.stage import Stage
 
 VLM_POOL = "actors.vlm:vlm_engines"  # found by name, as the built-in stages are (sculpt.config.BUILTIN_STAGES)
@@ -55,17 +56,35 @@ def take_output(config: JobConfig, stages: list[Stage], todo: Plan):
     """Hold the output for the job: its lease (one job per output), then a clean slate (another config's output
     deleted with ``output.overwrite``, a killed run's temporary files and uploads gone) and the job file. Yields the
     plan (made again if another job committed units since it was made) and the lease; gives the lease back once,
-    leaving only the output's own files."""
-    with errors.at_job_level(todo.store.uri):  # a full disk, S3 unreachable: one line
+    leaving only the output's own files. A store's fault in any of these ends the job with one line (a full disk,
+    S3 unreachable or refusing) that says what the job was doing."""
+    with errors.at_job_level(todo.store.uri, doing="taking the output's lease"):
         lease = Lease(todo.store.uri, config.s3).acquire()
     try:
-        with errors.at_job_level(todo.store.uri):
+        with errors.at_job_level(todo.store.uri, doing="clearing the output and writing the job file"):
             if todo.store.prepare(todo.job, overwrite=config.output.overwrite) != todo.committed:
                 todo = planning.plan(config, stages)
         yield todo, lease
-    finally:
-        todo.store.tidy()
-        lease.release()
+    except BaseException:
+        give_back(todo.store, lease, failing=True)
+        raise
+    give_back(todo.store, lease)
+
+
+def give_back(store: OutputStore, lease: Lease, failing: bool = False) -> None:
+    """Tidy the output, then give its lease back, even when tidying failed. A store's fault tidying ends a job that
+    went well with its one line; one that is ``failing`` already ends with its own error, which this must not hide:
+    a warning then."""
+    try:
+        try:
+            with errors.at_job_level(store.uri, doing="tidying the output"):
+                store.tidy()
+        finally:
+            lease.release()  # a store's fault giving it back is its own warning: the lease is free after its ttl
+    except Exception as exc:
+        if not failing:
+            raise
+        print(f"sculpt: warning: {errors.job_error(exc) or errors.describe(exc)}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ streams rows through every stage and writes them to part files in the cluster; t
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from sculpt import errors
@@ -79,7 +80,8 @@ def _kill(*actors) -> None:
 
 def _summary(config: JobConfig, todo: Plan, commits: Commits | None, progress: Progress, driver_bytes: int,
              chunks_peak: int) -> dict:
-    """This run's figures, and the whole output's statistics (also written to OUT/_stats.json)."""
+    """This run's figures, and the whole output's statistics (also written to OUT/.sculpt/stats.json): a
+    store's fault there is a warning, never the run's failure."""
     store = todo.store
     totals = commits.totals if commits else dict.fromkeys(("committed_now", *MARKER_COUNTS), 0)
     pending = commits.pending if commits else {}
@@ -93,10 +95,18 @@ def _summary(config: JobConfig, todo: Plan, commits: Commits | None, progress: P
         "chunks_in_flight_peak": chunks_peak,
         "output": store.uri,
     }
-    with errors.at_job_level(store.uri):
-        job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones
+    job_total = None
+    try:
+        job_total, _ = report.job_stats(store)  # every committed unit, this run's and earlier ones (reads retried)
         storage.write_atomic(store.stats_uri(),
                              json.dumps({**job_total, "derived": stats.derived(job_total)}, indent=1).encode(), config.s3)
-    summary["job"] = rounded({key: value for key, value in stats.derived(job_total).items() if value is not None})
+    except Exception as exc:
+        if errors.job_failure(exc, store.uri) is exc:  # not a store's fault: a bug
+            raise
+        # what the run committed stays committed: statistics it cannot read or write now fail nothing
+        print(f"sculpt: warning: could not {'read' if job_total is None else 'write'} the output's statistics "
+              f"({errors.describe(exc)}); `sculpt report {store.uri}` reads them later", file=sys.stderr, flush=True)
+    if job_total is not None:
+        summary["job"] = rounded({key: value for key, value in stats.derived(job_total).items() if value is not None})
     progress.print("done" if not pending else f"done; {len(pending)} unit(s) left pending, rerun to retry them")
     return summary

@@ -55,7 +55,9 @@ def describe(summary: dict) -> list[str]:
     if kinds:
         whole += "; kept by kind: " + ", ".join(f"{kind} {rate:.0%}" for kind, rate in sorted(kinds.items()))
     lines = [f"[sculpt] this run: {summary['committed_now']} unit(s) committed, {summary['images']} images "
-             f"({summary['errors']} errors) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending", whole]
+             f"({summary['errors']} errors) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending"]
+    if "job" in summary:  # absent when the statistics could not be read
+        lines.append(whole)
     rates = job.get("stage_images_per_second", {})
     if rates:
         lines.append("[sculpt] images/s per actor: " + ", ".join(f"{stage} {rate:.1f}" for stage, rate in rates.items()))

@@ -265,12 +265,10 @@ def lease_uri(out: str) -> str:
 def read_holder(uri: str, s3: storage.S3Options) -> tuple[dict | None, str | None]:
     """The lease file's record and version (ETag on S3, content locally); (None, None) when there is none."""
     if storage.is_s3(uri):
-        client, (bucket, key) = storage.s3_client(s3), storage.bucket_key(uri)
-        try:
-            got = client.get_object(Bucket=bucket, Key=key)
-        except client.exceptions.NoSuchKey:
+        client = storage.s3_client(s3)
+        data, version = storage.read_retried(lambda: _get(client, uri), uri)  # a body cut short is read again
+        if data is None:
             return None, None
-        data, version = got["Body"].read(), got["ETag"]
     else:
         data = storage.read_bytes(uri)
         if data is None:
@@ -280,6 +278,21 @@ def read_holder(uri: str, s3: storage.S3Options) -> tuple[dict | None, str | Non
         return json.loads(data), version
     except ValueError:  # empty or cut short (a full disk, an older sculpt, a tool): nobody's, so taken over
         return {}, version
+
+
+def _get(client, uri: str) -> tuple[bytes | None, str | None]:
+    """The S3 object's bytes and ETag; (None, None) for a 404, also one whose error body was cut short (botocore
+    then names no NoSuchKey, only the status)."""
+    import botocore.exceptions
+
+    bucket, key = storage.bucket_key(uri)
+    try:
+        got = client.get_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None, None
+        raise
+    return got["Body"].read(), got["ETag"]
 
 
 def confirm(out: str, s3: storage.S3Options, owner: str) -> None:

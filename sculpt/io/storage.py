@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from sculpt import errors
+
 
 @dataclass(frozen=True)
 class S3Options:
@@ -104,8 +106,6 @@ def is_store_fault(exc: BaseException, uri: str) -> bool:
     """A fault of the store at ``uri`` past its clients' own retries, which leaves a unit pending (pyarrow raises
     OSError, boto3 its own errors): transient by ``sculpt.errors.RULES``. A full local disk is not one (job-level:
     every unit would fail); a full disk staging an S3 upload is (another worker may have room)."""
-    from sculpt import errors
-
     return errors.is_transient(exc, uri)
 
 
@@ -119,14 +119,31 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
+# A small object's read (the lease, a marker, the job file) is tried this many times in all while the store's faults
+# are transient, waiting READ_BACKOFF·2^k before the k-th retry: faults.read_attempts' default, as the config is not
+# at hand where these are read (a commit's task, the lease's renewer, `sculpt status`).
+READ_ATTEMPTS, READ_BACKOFF = 5, 0.5
+
+
+def read_retried(read, uri: str):
+    """``read()`` of a whole small object of the store at ``uri``, tried again after that store's transient faults
+    (``errors.retrying``): its client retries a request that fails, not a body cut short (pyarrow's OSError,
+    botocore's ResponseStreamingError or ReadTimeoutError)."""
+    return errors.retrying(read, READ_ATTEMPTS, READ_BACKOFF, store=uri)
+
+
 def read_bytes(uri: str, s3: S3Options = S3Options()) -> bytes | None:
-    """The file's bytes, or None when it does not exist."""
+    """The file's bytes, or None when it does not exist (``read_retried``)."""
     fs, path = filesystem(uri, s3)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+
+    def read():
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    return read_retried(read, uri)
 
 
 def write_atomic(uri: str, data: bytes, s3: S3Options = S3Options()) -> None:
@@ -140,7 +157,8 @@ def s3_client(s3: S3Options = S3Options()):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "max_attempts": s3.retry_attempts},
+    # total_max_attempts counts the first try, as pyarrow's max_attempts does (botocore's max_attempts does not)
+    config = Config(retries={"mode": "standard", "total_max_attempts": s3.retry_attempts},
                     connect_timeout=s3.connect_timeout, read_timeout=s3.request_timeout)
     return boto3.client("s3", endpoint_url=_endpoint(s3), region_name=_region(s3), config=config)
 
