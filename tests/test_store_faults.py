@@ -181,3 +181,12 @@ def test_a_tidy_that_fails_still_gives_the_lease_back_and_does_not_hide_the_runs
     err = capsys.readouterr().err
     assert "sculpt: warning: tidying the output" in err and error_lines(err) == []
     assert f"out/{LEASE_FILE}" not in keys(client)
+
+
+def test_an_endpoint_in_the_environment_without_its_scheme_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:9000")
+    assert cli.main(["run", "--input", "s3://bucket/in", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("sculpt: error: AWS_ENDPOINT_URL='127.0.0.1:9000' has no scheme: set it to "
+                           "http://127.0.0.1:9000 or https://127.0.0.1:9000")
+    assert not (tmp_path / "out").exists()

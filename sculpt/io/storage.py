@@ -41,7 +41,15 @@ def is_s3(uri: str) -> bool:
 
 
 def _endpoint(s3: S3Options) -> str | None:
-    return s3.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if s3.endpoint:
+        return s3.endpoint
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name)
+        if value and "://" not in value:  # boto3 and pyarrow would fail on it deep inside, with a traceback
+            raise errors.JobError(f"{name}={value!r} has no scheme: set it to http://{value} or https://{value}")
+        if value:
+            return value
+    return None
 
 
 def _region(s3: S3Options) -> str:
