@@ -39,7 +39,9 @@ class VLMEngine:
     it with a new engine (``max_restarts=-1``) and sends the calls in flight there again, up to
     ``faults.engine_call_retries`` times, so callers wait instead of receiving errors. A call the engine dies on every
     time then fails (``VLMStage.ask`` raises ``errors.SpentRetries``): its stage tries its images one by one and
-    leaves the one the engine dies on pending, instead of the engine restarting forever.
+    leaves the one the engine dies on pending, instead of the engine restarting forever. A start that fails (out of
+    GPU memory, its core killed) is tried again (``retried_start``); a replica that still cannot start is dead for
+    the job, and the stages send its images to the live ones (``VLMStage.ask``).
     """
 
     def __init__(self, model: str, engine_kwargs: dict, max_tiles: int, min_tiles: int, max_in_flight: int = 256):
@@ -50,8 +52,15 @@ class VLMEngine:
         os.environ.setdefault("VLLM_CHAT_TEMPLATE_RENDER_TIMEOUT", "0")
         trust = bool(engine_kwargs.get("trust_remote_code"))
         model_type = AutoConfig.from_pretrained(model, trust_remote_code=trust).model_type
-        self.loop = EngineLoop(dict(model=model, mm_processor_kwargs=vlm.tiling_kwargs(model_type, max_tiles, min_tiles),
-                                    limit_mm_per_prompt={"image": 1}, **engine_kwargs), max_in_flight)
+        try:
+            self.loop = EngineLoop(dict(model=model, mm_processor_kwargs=vlm.tiling_kwargs(model_type, max_tiles, min_tiles),
+                                        limit_mm_per_prompt={"image": 1}, **engine_kwargs), max_in_flight)
+        except RuntimeError as exc:
+            # vLLM's one message for a core process that died while it started, whatever killed it (out of GPU
+            # memory, a kill): another start may succeed, so it is transient for retried_start
+            if "Engine core initialization failed" not in str(exc):
+                raise
+            raise errors.TransientError(f"the vLLM engine core failed to start ({errors.describe(exc)})") from exc
 
     def ready(self) -> bool:
         return True
@@ -119,7 +128,11 @@ class EngineLoop:
         threading.Thread(target=self.loop.run_forever, name="vlm-engine-loop", daemon=True).start()
         self.max_in_flight, self.in_flight, self.peak_in_flight = max_in_flight, 0, 0
         self.served, self.retryable_errors = 0, 0
-        self._run(self._start(engine_args))
+        try:
+            self._run(self._start(engine_args))
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)  # the next start has a loop of its own
+            raise
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
@@ -178,12 +191,34 @@ def end_process() -> None:
     """End this actor's process, and its children with it: an unexpected exit, so Ray restarts the actor and
     retries the calls in flight. The engine core is a child process that outlives ``os._exit`` (seen for
     minutes on the CPU); left running, it would hold the GPU memory the restarted actor's engine needs."""
+    kill_children()
+    os._exit(1)
+
+
+def kill_children() -> None:
     import psutil
 
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-    os._exit(1)
+
+
+def retried_start(engine_class: type, attempts: int, backoff: float) -> type:
+    """``engine_class`` whose start is tried up to ``attempts`` times while it fails transiently (out of GPU memory,
+    its vLLM core killed while it starts), waiting backoff·2^k before the k-th retry: Ray restarts no actor whose
+    constructor raised, so one failed start would leave the replica dead for the rest of the job."""
+
+    def __init__(self, *args):
+        def again(attempt, exc):
+            import ray
+
+            kill_children()  # what the failed start left running holds memory the next one needs
+            print(f"[sculpt] {ray.get_runtime_context().get_actor_name()}: the engine failed to start "
+                  f"({errors.describe(exc)}); start {attempt + 2} of {attempts}", flush=True)
+
+        errors.retrying(lambda: engine_class.__init__(self, *args), attempts, backoff, again)
+
+    return type(engine_class.__name__, (engine_class,), {"__init__": __init__})
 
 
 def conversation(picture, text: str, key: str) -> list[dict]:
@@ -197,7 +232,8 @@ def conversation(picture, text: str, key: str) -> list[dict]:
 
 @contextlib.contextmanager
 def vlm_engines(config, stages, engine_class=VLMEngine):
-    """Start the engine pool if a stage needs it; end it (and its placement groups) afterwards."""
+    """Start the engine pool if a stage needs it, and yield the engines that started; end it (and its placement
+    groups) afterwards."""
     if not any(stage.model_key == "vlm" for stage in stages):
         yield []
         return
@@ -209,6 +245,7 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
                      "enforce_eager": settings.enforce_eager, "trust_remote_code": settings.trust_remote_code, "seed": 0,
                      "use_tqdm_on_load": False, **settings.engine_kwargs}  # sculpt's own line tells of the start
     plan = vlm.engine_plan(settings.gpus, settings.cpus, settings.tensor_parallel, engine_kwargs)
+    started = retried_start(engine_class, config.faults.attempts, config.faults.backoff_seconds)
     engines, groups = [], []
     try:
         for replica in range(settings.replicas):
@@ -217,19 +254,45 @@ def vlm_engines(config, stages, engine_class=VLMEngine):
                 groups.append(ray.util.placement_group(plan["bundles"], strategy="STRICT_PACK"))
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-            actor = ray.remote(engine_class).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
-                                                  max_task_retries=config.faults.engine_call_retries,
-                                                  max_concurrency=settings.max_in_flight, **options)
+            actor = ray.remote(started).options(name=vlm.ENGINE_NAME.format(replica), max_restarts=-1,
+                                                max_task_retries=config.faults.engine_call_retries,
+                                                max_concurrency=settings.max_in_flight, **options)
             engines.append(actor.remote(config.models.vlm, plan["engine"], settings.max_tiles, settings.min_tiles,
                                         settings.max_in_flight))
         print(f"[sculpt] starting {len(engines)} VLM engine(s) for {config.models.vlm}", flush=True)
-        ray.get([engine.ready.remote() for engine in engines])
-        yield engines
+        yield live_engines(engines)
     finally:
         for engine in engines:
             ray.kill(engine)
         for group in groups:
             ray.util.remove_placement_group(group)
+
+
+def live_engines(engines: list) -> list:
+    """The engines that started (each start tried ``faults.attempts`` times); the job goes on with them, saying so
+    in one line. None: a JobError."""
+    import ray
+
+    live, faults = [], []
+    for engine in engines:
+        try:
+            ray.get(engine.ready.remote())
+            live.append(engine)
+        except ray.exceptions.RayActorError as exc:
+            faults.append(creation_fault(exc))
+    if not live:
+        raise errors.JobError(f"no VLM engine could start ({faults[0]}); see the engine's log above, and check "
+                              "models.vlm and the vlm section (gpus, max_model_len, engine_kwargs)")
+    if faults:
+        print(f"[sculpt] {len(faults)} of {len(engines)} VLM engines could not start ({faults[0]}); the job goes on "
+              f"with {len(live)}", flush=True)
+    return live
+
+
+def creation_fault(exc: BaseException) -> str:
+    """What made an engine's constructor fail: the last line of Ray's message (its traceback's)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 class VLMStage(Stage):
@@ -240,22 +303,22 @@ class VLMStage(Stage):
     def setup(self) -> None:
         import ray
 
-        self.engines = []
-        while True:
-            try:
-                self.engines.append(ray.get_actor(vlm.ENGINE_NAME.format(len(self.engines))))
-            except ValueError:
-                break
+        self.engines = [ray.get_actor(name) for name in vlm.engine_names(ray.util.list_named_actors())]
+        self.down: set[int] = set()  # replicas whose restart failed: dead for the job
         if not self.engines:
             raise RuntimeError(f"stage {self.name}: no VLM engine is running (start them with actors.vlm.vlm_engines)")
 
     def ask(self, encoded_images: dict[str, bytes], requests: list[tuple[str, str]], max_tokens: int) -> list[dict]:
-        """Answers to (image key, text) requests, each image's requests sent to its own replica."""
+        """Answers to (image key, text) requests, each image's requests sent to its own replica; those of a replica
+        that could not start again, to the live ones."""
         import ray
 
         by_replica: dict[int, list[int]] = {}
         for position, (key, _) in enumerate(requests):
-            by_replica.setdefault(vlm.replica_for(key, len(self.engines)), []).append(position)
+            replica = vlm.replica_for(key, len(self.engines), self.down)
+            if replica is None:  # transient: the units stay pending for the next run
+                raise errors.SpentRetries(f"no VLM engine is left: all {len(self.engines)} failed to start again")
+            by_replica.setdefault(replica, []).append(position)
         calls = {}
         for replica, positions in by_replica.items():
             keys = {requests[p][0] for p in positions}
@@ -266,13 +329,23 @@ class VLMStage(Stage):
             try:
                 replies = ray.get(calls[replica])
             except ray.exceptions.RayActorError as exc:
-                # Ray has sent the call to the restarted engine already: another try of the whole batch would cost
-                # as many engine restarts again, so only its images are tried, one by one
-                raise errors.SpentRetries(f"the VLM engine died on this call and on each resend to its restarted "
-                                          f"engine (faults.engine_call_retries) ({errors.describe(exc)})") from exc
+                if exc.actor_init_failed:  # its restart failed each try: the engine is gone, the request is not at fault
+                    self.lose(replica, exc)
+                    replies = self.ask(encoded_images, [requests[p] for p in positions], max_tokens)
+                else:
+                    # Ray has sent the call to the restarted engine already: another try of the whole batch would
+                    # cost as many engine restarts again, so only its images are tried, one by one
+                    raise errors.SpentRetries(f"the VLM engine died on this call and on each resend to its restarted "
+                                              f"engine (faults.engine_call_retries) ({errors.describe(exc)})") from exc
             for position, answer in zip(positions, replies):
                 answers[position] = answer
         return answers
+
+    def lose(self, replica: int, exc: BaseException) -> None:
+        if replica not in self.down:
+            self.down.add(replica)
+            print(f"[sculpt] {self.name}: VLM engine {replica} could not start again ({creation_fault(exc)}); its "
+                  f"images go to the other {len(self.engines) - len(self.down)}", flush=True)
 
 
 def image_key(row: dict) -> str:

@@ -125,7 +125,7 @@ class FaultsConfig(_Checked):
     connection resets, S3 throttling and 5xx, CUDA out-of-memory and device errors, a dead vLLM engine or actor.
     The README's Faults table gives the worst-case tries these make (S3 requests: s3.retry_attempts)."""
 
-    attempts: Count = 3  # tries of a stage batch (then of each of its images) that hits a transient fault
+    attempts: Count = 3  # tries on a transient fault: of a stage batch (then each image), an actor's setup, an engine's start
     backoff_seconds: Amount = 2.0  # wait before the first retry (or reopen); doubles with each retry
     read_attempts: Count = 5  # opens of a shard's stream after storage faults, each resuming where it broke
     # a VLM engine call in flight when its engine died is sent to the restarted engine this many times more (Ray's

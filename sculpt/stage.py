@@ -184,7 +184,14 @@ class StageActor:
 
             self.broke_before = ray.get(device_faults.counts_now.remote())
         stage.device_turn = DeviceTurn()
-        stage.setup()
+
+        def again(attempt, exc):
+            print(f"[sculpt] {stage.name}: transient fault in setup, retry {attempt + 1} of {attempts - 1}: "
+                  f"{errors.describe(exc)}", flush=True)
+
+        # Ray Data fails the whole dataset when an actor's constructor raises: a transient fault of the load (out
+        # of GPU memory while another process lets go of it) is retried here, as a batch's would be
+        errors.retrying(stage.setup, attempts, backoff_seconds, again)
 
     def _process(self, rows: list[dict]) -> None:
         """The stage on the rows, retried on transient faults. Each try works on its own copy of the rows and only

@@ -37,7 +37,8 @@ def local_ray():
     """One local Ray for the whole session: 8 logical CPUs and 4 logical GPUs on this CPU-only machine."""
     import ray
 
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False)
+    # address="local": a Ray of its own, never another one this machine runs (which a plain init would join)
+    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,7 @@ import pytest
 
 from sculpt import config
 from sculpt.engine.job import annotate as run_job
+from sculpt.stage import Stage
 
 pytest.importorskip("vllm")
 
@@ -133,10 +134,18 @@ class TestOnOneEnginePool:
 
     @staticmethod
     def engine_cores(engine_pool, ray):
-        """The machine's vLLM engine core processes (CI runs no other engines beside the pool's)."""
+        """The vLLM engine core processes of this test session's Ray (its processes descend from this one): none
+        of another session's on the same machine."""
+        import contextlib
+
         import psutil
 
-        return {p.pid for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")}
+        cores = set()
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):  # one that ended since the listing
+                if "EngineCore" in process.name():
+                    cores.add(process.pid)
+        return cores
 
     def test_a_killed_engine_core_is_restarted_and_no_image_fails(self, local_ray, engine_pool, tiny_models, sample_shards,
                                                                   tmp_path):
@@ -262,3 +271,159 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
     # the batch's call and then the image's own, each sent to the engine 1 + faults.engine_call_retries times: no more
     starts = [name for name in os.listdir(tmp_path) if name.startswith("pid-")]
     assert len(starts) == 1 + 2 * (1 + cfg.faults.engine_call_retries)
+
+
+class StartsAsPlanned(DiesOnPoison):
+    """Stands in for VLMEngine as replica R of the pool. Each start leaves a file ``start-R-<n>`` in ``model``, and
+    fails with a transient fault (as a GPU still held by a dying engine would make it) where word n of
+    ``model``/plan-R is "fail" (its last word holds for later starts). While ``model``/die-R exists, a chat removes
+    it and ends the process, the way a dead engine core ends VLMEngine's."""
+
+    def __init__(self, model, *args):
+        import os
+
+        import ray
+
+        from sculpt import errors
+
+        super().__init__(model, *args)
+        self.model, self.replica = model, ray.get_runtime_context().get_actor_name().rsplit("-", 1)[1]
+        starts = sum(name.startswith(f"start-{self.replica}-") for name in os.listdir(model))
+        open(os.path.join(model, f"start-{self.replica}-{starts}"), "w").close()
+        plan = os.path.join(model, f"plan-{self.replica}")
+        words = open(plan).read().split() if os.path.exists(plan) else ["ok"]
+        if words[min(starts, len(words) - 1)] == "fail":
+            raise errors.TransientError(f"injected: engine {self.replica} cannot start (start {starts})")
+
+    def chat(self, encoded_images, requests, max_tokens):
+        import os
+
+        die = os.path.join(self.model, f"die-{self.replica}")
+        if os.path.exists(die):
+            os.remove(die)
+            os._exit(1)
+        return super().chat(encoded_images, requests, max_tokens)
+
+
+@pytest.fixture
+def planned_pool(tmp_path):
+    """Stand-in engines whose starts follow plans: yields their model directory and a caption job for them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model directory, as the config check wants
+
+    def caption_job(shards, *extra):
+        cfg = config.load(None, [f"input.shards={json.dumps(shards)}", f"output.path={tmp_path / 'out'}",
+                                 f"models.vlm={model}", "input.batch_images=2", "faults.backoff_seconds=0.01",
+                                 'stages=[{"name": "caption", "actors": 1, "batch_size": 2}]', *extra])
+        return cfg, config.build_stages(cfg)
+
+    return model, caption_job
+
+
+def starts(model, replica):
+    return sum(name.startswith(f"start-{replica}-") for name in (p.name for p in model.iterdir()))
+
+
+def run_on_planned_pool(cfg, stages):
+    """The job, as ``sculpt run`` runs it, on a pool of StartsAsPlanned engines."""
+    from actors.vlm import vlm_engines
+
+    with vlm_engines(cfg, stages, engine_class=StartsAsPlanned):
+        return run_job(cfg, stages)
+
+
+def test_an_engine_that_fails_to_start_is_started_again_and_one_that_cannot_restart_hands_on_its_images(
+        local_ray, planned_pool, sample_shards, tmp_path):
+    model, caption_job = planned_pool
+    (model / "plan-0").write_text("fail fail ok")  # comes up at its third start
+    (model / "plan-1").write_text("ok fail")  # comes up, and never again once its engine died
+    (model / "die-1").write_text("")
+    cfg, stages = caption_job(sample_shards, "vlm.replicas=2")
+    summary = run_on_planned_pool(cfg, stages)
+    assert starts(model, 0) == 3  # the faults happened: two failed starts of engine 0,
+    assert not (model / "die-1").exists() and starts(model, 1) == 1 + cfg.faults.attempts  # engine 1's restart failed
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert summary["pending"] == {} and summary["committed_now"] == 3 and len(rows) == 12
+    assert all(r["status"] != "error" and r["caption"] for r in rows)
+
+
+def test_a_job_goes_on_with_the_engines_that_could_start(local_ray, planned_pool, sample_shards, tmp_path, capsys):
+    model, caption_job = planned_pool
+    (model / "plan-1").write_text("fail")
+    cfg, stages = caption_job(sample_shards[:2], "vlm.replicas=2")
+    summary = run_on_planned_pool(cfg, stages)
+    assert starts(model, 1) == cfg.faults.attempts and starts(model, 0) == 1
+    assert "1 of 2 VLM engines could not start (sculpt.errors.TransientError: injected" in capsys.readouterr().out
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert summary["pending"] == {} and len(rows) == 8 and all(r["caption"] for r in rows)
+
+
+def test_no_engine_that_can_start_ends_the_job_with_one_line(local_ray, planned_pool, sample_shards):
+    from sculpt import errors
+
+    model, caption_job = planned_pool
+    (model / "plan-0").write_text("fail")
+    cfg, stages = caption_job(sample_shards[:1])
+    with pytest.raises(errors.JobError, match=r"no VLM engine could start \(sculpt.errors.TransientError: injected"):
+        run_on_planned_pool(cfg, stages)
+    assert starts(model, 0) == cfg.faults.attempts
+
+
+def test_units_wait_for_the_next_run_only_when_no_engine_is_left(local_ray, planned_pool, sample_shards):
+    model, caption_job = planned_pool
+    (model / "plan-0").write_text("ok fail")
+    (model / "die-0").write_text("")
+    cfg, stages = caption_job(sample_shards[:2])
+    summary = run_on_planned_pool(cfg, stages)  # ends: it does not wait for an engine that cannot come back
+    assert not (model / "die-0").exists() and starts(model, 0) == 1 + cfg.faults.attempts
+    assert len(summary["pending"]) == 2 and all("no VLM engine is left" in why for why in summary["pending"].values())
+
+
+def test_the_images_of_a_dead_replica_are_spread_over_the_live_ones():
+    from sculpt.engine import vlm
+
+    keys = [f"sa_1/{i}" for i in range(200)]
+    assert {vlm.replica_for(k, 3, {1}) for k in keys} == {0, 2}
+    assert all(vlm.replica_for(k, 3, {1}) == vlm.replica_for(k, 3) for k in keys if vlm.replica_for(k, 3) != 1)
+    assert vlm.replica_for("sa_1/0", 2, {0, 1}) is None
+    assert vlm.engine_names(["sculpt-vlm-10", "other", "sculpt-vlm-2", "sculpt-vlm-x"]) == ["sculpt-vlm-2", "sculpt-vlm-10"]
+
+
+class LoadsOnSecondTry(Stage):
+    """A stage whose setup fails with CUDA out of memory the first time in each process (a model load beside a
+    process still letting go of the GPU); each try leaves a file ``setup-<pid>-<n>`` in ``log_dir``."""
+
+    name = "loads"
+
+    def setup(self):
+        import os
+
+        import torch
+
+        pid = os.getpid()
+        tries = sum(name.startswith(f"setup-{pid}-") for name in os.listdir(self.params["log_dir"]))
+        open(os.path.join(self.params["log_dir"], f"setup-{pid}-{tries}"), "w").close()
+        if not tries:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected at load)")
+
+    def process(self, rows):
+        for row in rows:
+            row["caption"] = "loaded"
+
+
+def test_a_stage_whose_setup_fails_transiently_comes_up_and_the_job_commits_everything(local_ray, sample_shards,
+                                                                                        tmp_path):
+    log = tmp_path / "setups"
+    log.mkdir()
+    stage = {"name": "loads", "class": "tests.test_vlm_stages:LoadsOnSecondTry", "cpus": 0.5, "actors": 2,
+             "params": {"log_dir": str(log)}}
+    cfg = config.load(None, [f"input.shards={json.dumps(sample_shards)}", f"output.path={tmp_path / 'out'}",
+                             f"stages={json.dumps([stage])}", "input.batch_images=2", "faults.backoff_seconds=0.01"])
+    summary = run_job(cfg, config.build_stages(cfg))
+    tries = sorted(p.name for p in log.iterdir())
+    pids = {name.split("-")[1] for name in tries}
+    assert len(pids) == 2 and tries == sorted(f"setup-{pid}-{n}" for pid in pids for n in (0, 1))  # each failed once
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert summary["pending"] == {} and summary["committed_now"] == 3
+    assert len(rows) == 12 and all(r["caption"] == "loaded" for r in rows)

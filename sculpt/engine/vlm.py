@@ -36,6 +36,20 @@ def tiling_kwargs(model_type: str, max_tiles: int, min_tiles: int) -> dict:
     return {"dynamic_image_size": max_tiles > 1, "max_dynamic_patch": max_tiles, "min_dynamic_patch": min_tiles}
 
 
-def replica_for(image_key: str, replicas: int) -> int:
-    """Every request about one image goes to one replica, whose prefix cache holds that image."""
-    return zlib.crc32(image_key.encode()) % replicas
+def replica_for(image_key: str, replicas: int, down: frozenset[int] | set[int] = frozenset()) -> int | None:
+    """Every request about one image goes to one replica, whose prefix cache holds that image. An image whose
+    replica is ``down`` goes to one of the live ones, spread by the same hash (one neighbour would take all of a
+    dead replica's load); None when none is live."""
+    code = zlib.crc32(image_key.encode())
+    if code % replicas not in down:
+        return code % replicas
+    live = [replica for replica in range(replicas) if replica not in down]
+    return live[code // replicas % len(live)] if live else None
+
+
+def engine_names(named_actors: list[str]) -> list[str]:
+    """The pool's engines among the job's named actors, in replica order. A replica that could not start is not
+    among them (Ray frees a dead actor's name): the stages share the pool of those that did."""
+    prefix = ENGINE_NAME.format("")
+    found = [name for name in named_actors if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    return sorted(found, key=lambda name: int(name[len(prefix):]))
