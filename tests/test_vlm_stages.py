@@ -85,21 +85,30 @@ class TestOnOneEnginePool:
         assert sum(r["status"] == "ok" for r in rows) >= 3, [r["error"] for r in rows]
         objects = [obj for row in rows for obj in row["objects"]]
         assert len(objects) >= 3 * 4 and sum(obj["iou"] is not None for obj in objects) >= 0.75 * len(objects)
+        from sculpt.annotation import verify
+
         for row in rows:
             assert row["status"] in ("ok", "error")
             if row["status"] == "error":
                 assert row["error"].split(":")[0] in {"caption", "ground", "mask", "refer", "verify"}
-            for obj in row["objects"]:
+            for i, obj in enumerate(row["objects"]):
                 assert obj["mask"]["size"] == [row["height"], row["width"]]
                 assert obj["area"] == rle.decode(obj["mask"]).sum()
                 assert obj["expression_words"] == len(obj["expression"].split()) >= 2
                 if obj["category"] == "negative":
                     assert obj["area"] == 0 and obj["box"] is None and obj["iou"] is None
-                    assert obj["kept"] == (obj["verifier_area"] <= verify_params["negative_area"] * row["width"] * row["height"])
+                    assert obj["kept"] == (obj["reject_reason"] is None)
+                    if obj["reject_reason"] in (None, "negative_drawn"):  # the text checks passed
+                        assert obj["kept"] == (obj["verifier_area"] <= verify_params["negative_area"] * row["width"] * row["height"])
                     continue
                 assert obj["phrase"] == row["caption"][obj["phrase_start"]:obj["phrase_end"]]
                 assert obj["category"] in {"stuff", "part", "single", "multi"}
-                assert obj["kept"] == (obj["iou"] >= 0.5 and obj["iou"] - obj["rival_iou"] >= verify_params["margin"])
+                # one rule: kept when no check failed, the first failed one recorded; every pair has its IoU
+                duplicate = verify.duplicated(row["objects"], i, verify_params["duplicate_similarity"])
+                assert obj["reject_reason"] == verify.reject_reason(obj, verify_params, duplicate)
+                assert obj["kept"] == (obj["reject_reason"] is None) and obj["iou"] is not None
+                if obj["reject_reason"] in (None, "low_iou", "rival"):  # the text checks passed
+                    assert obj["kept"] == (obj["iou"] >= 0.5 and obj["iou"] - obj["rival_iou"] >= verify_params["margin"])
             linked = sorted(i for span in row["grounded_caption"] or [] for i in span["objects"])
             assert linked == [i for i, obj in enumerate(row["objects"]) if obj["category"] != "negative"]
 
@@ -118,7 +127,10 @@ class TestOnOneEnginePool:
         marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000001-00000.json").read_text())
         assert set(marker["model_ids"]) == {"caption", "ground", "mask", "refer", "verify"}
         assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
-        assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "semantic": [], "prefix": ""}
+        assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "min_words": 3, "max_words": 40,
+                                    "duplicate_similarity": 1.0, "semantic": [], "prefix": ""}
+        # the tiny VLM writes one expression for every single object of an image: all of them are ambiguous
+        assert any(obj["reject_reason"] == "duplicate_expression" and obj["expression"] == kit.EXPRESSION for obj in objects)
         # every stage that saw an image timed it; the job's statistics are written and reported
         assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "refer", "verify"}
         assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
@@ -423,7 +435,8 @@ def test_a_stage_whose_setup_fails_transiently_comes_up_and_the_job_commits_ever
     summary = run_job(cfg, config.build_stages(cfg))
     tries = sorted(p.name for p in log.iterdir())
     pids = {name.split("-")[1] for name in tries}
-    assert len(pids) == 2 and tries == sorted(f"setup-{pid}-{n}" for pid in pids for n in (0, 1))  # each failed once
+    # each actor that started failed once, then loaded (Ray Data may end the job before a second actor's setup)
+    assert pids and tries == sorted(f"setup-{pid}-{n}" for pid in pids for n in (0, 1))
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert summary["pending"] == {} and summary["committed_now"] == 3
     assert len(rows) == 12 and all(r["caption"] == "loaded" for r in rows)

@@ -214,6 +214,18 @@ class open_atomic:
         return False
 
 
+def move(source: str, destination: str, s3: S3Options = S3Options()) -> None:
+    """Move a file: a rename locally; on S3 one server-side copy (boto3's managed copy: multipart past 5 GB; the
+    object appears whole) and the source's delete (pyarrow's move would leave a "folder" object behind)."""
+    if is_s3(source):
+        client, (bucket, key) = s3_client(s3), bucket_key(source)
+        client.copy({"Bucket": bucket, "Key": key}, *bucket_key(destination))
+        client.delete_object(Bucket=bucket, Key=key)
+        return
+    fs, path = filesystem(source, s3)
+    fs.move(path, filesystem(destination, s3)[1])
+
+
 def abort_uploads(uri: str, s3: S3Options = S3Options()) -> int:
     """Abort the unfinished multipart uploads under an s3:// prefix (a killed job's); how many. Local: 0."""
     if not is_s3(uri):

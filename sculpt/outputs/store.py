@@ -51,7 +51,8 @@ class IncompatibleOutput(errors.JobError):
     pass
 
 
-FILTER_SETTINGS = ("threshold", "margin", "negative_area", "semantic", "prefix")
+FILTER_SETTINGS = ("threshold", "margin", "negative_area", "min_words", "max_words", "duplicate_similarity",
+                   "semantic", "prefix")
 
 
 def fingerprint(settings: dict) -> str:
@@ -91,7 +92,7 @@ class OutputStore:
         rename; one server-side copy on S3: the file appears whole)."""
         fs, staged = storage.filesystem(self.staged_uri(unit), self.s3)
         if fs.get_file_info(staged).is_file:
-            fs.move(staged, storage.filesystem(self.data_uri(unit), self.s3)[1])
+            storage.move(self.staged_uri(unit), self.data_uri(unit), self.s3)
 
     def job_uri(self) -> str:
         return storage.join(self.uri, self.layout()["job"])
