@@ -10,14 +10,13 @@ import sys
 import threading
 import time
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("lost", ["0", "1"])  # either worker node
-def test_a_worker_node_lost_mid_run_costs_its_work_not_the_run(tmp_path, lost):
-    done = subprocess.run([sys.executable, "-m", "tests.test_node_loss", str(tmp_path), lost], cwd=ROOT,
+def test_a_worker_node_lost_mid_run_costs_its_work_not_the_run(tmp_path):
+    """The first worker node; `python -m tests.test_node_loss DIR 1` loses the other (docs/BENCHMARKS.md: 5 of 5
+    runs each)."""
+    done = subprocess.run([sys.executable, "-m", "tests.test_node_loss", str(tmp_path), "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
