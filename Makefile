@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2==1.1.0
 	$(PIP) -e '.[dev]'
 	-$(PYTHON) -m venv $(VENV)/pyarrow-floor && $(VENV)/pyarrow-floor/bin/pip install -q "pyarrow==$$(sed -n 's/.*"pyarrow>=\([0-9.]*\)".*/\1/p' pyproject.toml)" 'numpy<2'  # the oldest pyarrow sculpt declares: tests/test_output_readers.py reads an output with it
+	-$(PYTHON) -m venv $(VENV)/label-studio && $(VENV)/label-studio/bin/pip install -q label-studio==1.23.2 'sentry-sdk<3'  # a real Label Studio for tests/test_review.py, in an environment of its own (its pins clash with ours); sentry-sdk 3 breaks its start-up
 	# torchscale's BEiT-3, the reference our EVF-SAM2 encoder is tested against; its old pins are not needed
 	$(PIP) --no-deps --no-build-isolation fairscale==0.4.0
 	$(PIP) --no-deps torchscale==0.2.0 timm==0.6.13

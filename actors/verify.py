@@ -1,6 +1,7 @@
 """Verify stage: EVF-SAM2 segments each object from its referring expression alone, and ``sculpt.annotation.verify`` judges
-the pair against the SAM2 mask and the image's other objects (agreement and ambiguity), or, for a negative,
-against nothing. The figures are recorded for every pair, kept or not."""
+the pair by one rule: text checks (length, repeating its phrase, another pair's same expression), then the SAM2 mask
+and the image's other objects (agreement and ambiguity), or, for a negative, nothing. The figures are recorded for
+every pair, kept or not, with the first check it failed (``reject_reason``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ class Verifier(Stage):
     - ``margin`` (0.1): ... and its IoU beats the verifier mask's IoU with every other object of the image
       (``rival_iou``) by this much: a reference that fits another object nearly as well is ambiguous
     - ``negative_area`` (0.01): keep a negative when the verifier's mask covers at most this share of the image
+    - ``min_words`` (3), ``max_words`` (40): keep an expression of this many words (as written) only
+    - ``duplicate_similarity`` (1.0): reject every pair of an image whose expression is near-same as another's:
+      difflib's ratio over the words lower-cased, punctuation and articles dropped, at least this (1.0: equal)
     - ``semantic``: categories whose expressions get EVF-SAM2-multitask's "[semantic] " prefix (its semantic-level
       mode); None: stuff and part for a -multitask checkpoint, none for the others
     - ``prefix`` (""): prepended to every expression
@@ -26,7 +30,9 @@ class Verifier(Stage):
     name = "verify"
     model_key = "verify"
     defaults = {"threshold": verify.DEFAULT_THRESHOLD, "margin": verify.DEFAULT_MARGIN,
-                "negative_area": verify.DEFAULT_NEGATIVE_AREA, "semantic": None, "prefix": "", "keep_masks": False,
+                "negative_area": verify.DEFAULT_NEGATIVE_AREA, "min_words": verify.DEFAULT_MIN_WORDS,
+                "max_words": verify.DEFAULT_MAX_WORDS, "duplicate_similarity": verify.DEFAULT_DUPLICATE_SIMILARITY,
+                "semantic": None, "prefix": "", "keep_masks": False,
                 "device": None, "dtype": None}
 
     def __init__(self, *args, **params):
@@ -35,6 +41,8 @@ class Verifier(Stage):
         p["threshold"] = verify.check_threshold(p["threshold"])
         p["margin"] = verify.check_fraction("margin", p["margin"])
         p["negative_area"] = verify.check_fraction("negative_area", p["negative_area"])
+        p["min_words"], p["max_words"] = verify.check_words(p["min_words"], p["max_words"])
+        p["duplicate_similarity"] = verify.check_fraction("duplicate_similarity", p["duplicate_similarity"])
         if p["semantic"] is None:  # resolved here, so that the markers record what ran
             p["semantic"] = list(verify.SEMANTIC_CATEGORIES) if verify.is_multitask(p["model"]) else []
 

@@ -1,5 +1,5 @@
-"""The ``sculpt`` command: run [--config job.yaml] | status OUT | report OUT | export OUT DEST | preview OUT [DEST] | size --gpus N | samples DIR |
-models tiny DIR."""
+"""The ``sculpt`` command: run [--config job.yaml] | status OUT | report OUT | export OUT DEST | preview OUT [DEST] |
+review sample|import|report | size --gpus N | samples DIR | models tiny DIR."""
 
 from __future__ import annotations
 
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint")
     add_export_command(commands)
     add_preview_command(commands)
+    add_review_command(commands)
     p = commands.add_parser("size", help="actors and GPU shares per stage that balance a job on N GPUs")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
@@ -161,6 +162,55 @@ def add_preview_command(commands) -> None:
     p.add_argument("--s3-endpoint")
 
 
+def add_review_command(commands) -> None:
+    review = commands.add_parser("review", help="precision measured with people: a Label Studio sample, its verdicts, "
+                                 "precision and recall with intervals")
+    actions = review.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("sample", help="a stratified sample of pairs (kept and rejected, by check, category and "
+                           "IoU band) as Label Studio tasks, one per pair, with their images, in DEST")
+    p.add_argument("output")
+    p.add_argument("dest", help="a local folder: tasks.json, labeling-config.xml, images/ (Label Studio's document root)")
+    p.add_argument("--n", type=int, default=300, help="pairs in the sample (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", action="append", metavar="PATH",
+                   help="where the input tars are now, if not where the job read them (repeatable)")
+    p.add_argument("--image-root", metavar="PREFIX", help="name images PREFIX/<shard>/<key>.jpg in the tasks "
+                   "(default: /data/local-files/?d=images, DEST being LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
+    p.add_argument("--overwrite", action="store_true", help="write into a DEST that is not empty")
+    p = actions.add_parser("import", help="a Label Studio JSON export of the sample's tasks into OUT/.sculpt/review/")
+    p.add_argument("output")
+    p.add_argument("export", help="the JSON (or JSON-min) file Label Studio exported")
+    p = actions.add_parser("report", help="precision of kept pairs, recall of good pairs, per category and check, "
+                           "and the IoU threshold for a target precision")
+    p.add_argument("output")
+    p.add_argument("--target", type=float, default=0.9, help="the precision to reach (default 0.9)")
+    for p in actions.choices.values():
+        p.add_argument("--s3-endpoint")
+
+
+def review(args, s3: S3Options) -> int:
+    from sculpt.outputs import review
+
+    try:
+        if args.action == "sample":
+            counts = review.sample(args.output, args.dest, args.n, args.seed, s3, args.shards,
+                                   args.image_root or review.IMAGE_ROOT, args.overwrite)
+            print(f"sampled {counts['pairs']} of {counts['population']} pairs in {counts['strata']} strata "
+                  f"(seed {args.seed}) to {args.dest}/tasks.json; {counts.get('image_files', 0)} images in "
+                  f"{args.dest}/{review.IMAGES}\nlabeling config (also in {args.dest}/labeling-config.xml):\n"
+                  + review.LABELING_CONFIG)
+        elif args.action == "import":
+            counts = review.import_verdicts(args.output, args.export, s3)
+            print(f"imported {counts['imported']} verdicts ({counts['replaced']} replacing earlier ones); "
+                  f"{counts['verdicts']} in {counts['path']}")
+        else:
+            print(review.report(args.output, args.target, s3))
+    except review.ExportError as exc:
+        print(f"sculpt review {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -177,6 +227,8 @@ def main(argv=None) -> int:
         return export(args, s3)
     elif args.command == "preview":
         return preview(args)
+    elif args.command == "review":
+        return review(args, s3)
     elif args.command == "size":
         size(args, parser)
     elif args.command == "samples":

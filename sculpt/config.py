@@ -45,9 +45,7 @@ class InputConfig(_Checked):
     shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
     readers: Count = 2  # chunks read at the same time (each a streaming task holding one CPU)
     batch_images: Count = 16  # images per batch a reader yields (Ray Data gathers them into blocks: ray.block_bytes)
-    # images per output unit (a chunk of a shard: its own Parquet file and marker); a kill loses the chunks in
-    # flight, and a resume starts each shard at its first unfinished chunk
-    chunk_images: Count = 1000
+    chunk_images: Count = 1000  # images per output unit (a chunk of a shard: its own Parquet file and marker)
     # chunks read and not yet written, job-wide: a kill loses at most these (plus, for a shard read in order from
     # S3 or a compressed tar, the one its reader may read past them while its last rows are gathered into a block,
     # or more when a chunk is smaller than two blocks). At least one more than the sum of every stage's
@@ -56,6 +54,7 @@ class InputConfig(_Checked):
     chunks_in_flight: Count | None = None
     max_image_pixels: Count = images.DEFAULT_MAX_PIXELS  # larger images become error rows (decompression bombs)
     keep_source_annotations: bool = False  # carry SA-1B's own masks into the output (large)
+    exclude: str | None = None  # a file (local or s3://) of image ids or file names to skip unread (io/exclude.py)
 
 
 @dataclass

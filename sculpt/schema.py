@@ -35,8 +35,11 @@ OBJECT_TYPE = pa.struct(
         ("rival_iou", pa.float32()),
         ("verifier_area", pa.int64()),  # pixels of the verifier's mask
         ("verifier_mask", MASK_TYPE),  # the verifier's mask itself, with the verify stage's keep_masks
-        # kept: iou >= threshold and iou - rival_iou >= margin; a negative: verifier_area <= negative_area x image
+        # kept: the pair passed every check of the verify stage's keep rule (sculpt.annotation.verify.CHECKS)
         ("kept", pa.bool_()),
+        # the first check it failed (no_expression, too_short, ..., low_iou, rival, negative_drawn); null when kept.
+        # Outputs of sculpt before schema version 4 lack the field; their readers here take it as null
+        ("reject_reason", pa.string()),
         ("category", pa.string()),  # stuff | part | single | multi | negative (sculpt.annotation.categories, sculpt.annotation.groups)
         ("members", pa.list_(pa.int32())),  # a multi-object group: its members' indices in `objects`
         ("error", pa.string()),  # an object-level failure; null when fine

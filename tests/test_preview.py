@@ -29,8 +29,10 @@ def browser():
 
 
 def two_objects(h, w):
-    return [obj(KEPT_BOX, 0.9, "the left patch", phrase="left patch", size=(h, w)),
-            obj(REJECTED_BOX, 0.2, "the right patch", phrase="right patch", size=(h, w))]
+    judged = {"category": "single", "verifier_area": 1}
+    return [{**obj(KEPT_BOX, 0.9, "the left patch", phrase="left patch", size=(h, w)), **judged},
+            {**obj(REJECTED_BOX, 0.2, "the right patch", phrase="right patch", size=(h, w)), **judged,
+             "reject_reason": "low_iou"}]
 
 
 @pytest.fixture
@@ -70,6 +72,7 @@ def test_pages_hold_their_cards_and_the_filter_hides_rejected_objects(gallery, b
     hidden += re.findall(r'<li data-kept="(\d)"[^>]*hidden=""', kept)
     assert len(hidden) == 2 * 3 and set(hidden) == {"0"}  # mask, box and line of each card's rejected object
     assert "the left patch" in kept and "IoU 0.90" in kept and "IoU 0.20" in kept
+    assert first.count('<span class="rejected">rejected (low_iou)</span>') == 2  # why, on each rejected pair
 
 
 def test_screenshot_shows_each_mask_in_its_colour(gallery, browser, tmp_path):
@@ -102,6 +105,17 @@ def test_category_filter_on_outputs_that_have_the_field(tmp_path, browser):
     assert cards_in(preview.dump_dom(str(page), "category=single")) == (2, 2)
     assert cards_in(preview.dump_dom(str(page), "show=rejected&category=stuff")) == (2, 0)
     assert '<option value="stuff">' in page.read_text() and "2 members" in page.read_text()
+
+
+def test_a_rejected_pair_shows_the_check_it_failed_and_an_older_outputs_pair_shows_rejected():
+    kept, rejected = two_objects(H, W)
+    assert '<span class="rejected">rejected (low_iou)</span>' in preview.object_line(rejected, (0, 0, 0))
+    assert '<span class="kept">kept</span> ·' in preview.object_line(kept, (0, 0, 0))
+    assert "rival" not in preview.object_line({**kept, "reject_reason": "rival"}, (0, 0, 0))  # only a rejected one's
+    older = {key: value for key, value in rejected.items() if key != "reject_reason"}  # written before the field
+    assert '<span class="rejected">rejected</span>' in preview.object_line(older, (0, 0, 0))
+    quoted = preview.object_line({**rejected, "reject_reason": "<b>x</b>"}, (0, 0, 0))
+    assert "rejected (&lt;b&gt;x&lt;/b&gt;)" in quoted
 
 
 def test_error_and_empty_rows_get_cards_and_a_missing_output_is_refused(tmp_path, capsys):
@@ -137,7 +151,11 @@ def test_report_page_shows_the_figures_with_units_and_the_plots(tmp_path, browse
     dom = preview.dump_dom(str(page))
     figures = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]+)</td><td>[^<]*</td></tr>", dom))
     assert len(figures) > 0
-    assert figures["images"] == "3" and figures["objects"] == "6" and figures["kept (IoU ≥ threshold, unambiguous)"] == "3"
+    assert figures["images"] == "3" and figures["objects"] == "6" and figures["kept (passed the keep rule)"] == "3"
+    funnel = re.search(r'<table class="funnel">(.*?)</table>', dom).group(1)
+    assert re.findall(r"<tr>(.*?)</tr>", funnel) == [
+        "<th>category</th><th>pairs</th><th>low_iou</th><th>kept</th>",
+        "<td>single</td><td>6</td><td>3</td><td>3</td>", "<td>all</td><td>6</td><td>3</td><td>3</td>"]
     assert "objects (50.0% of verified)" in dom and "objects (2.00 per image)" in dom
     plots = re.findall(r'<img src="([^"]+\.png)"', dom)
     assert len(plots) == 4 and all((page.parent / p).is_file() for p in plots)

@@ -62,6 +62,76 @@ def test_merge_adds_everything():
     assert two["stage_seconds"]["caption"] == 3.0 and two["error_kinds"]["read: … cut off"] == 2
 
 
+def judged(category, reason=None, iou=0.9):
+    """A pair the verify stage judged: kept, or rejected by ``reason``."""
+    return {**obj(iou, "the red cup on the table"), "category": category, "verifier_area": 0,
+            "kept": reason is None, "reject_reason": reason}
+
+
+def funnel_rows():
+    a = schema.new_row("u", 0, "sa_1", width=6, height=4, objects=[
+        judged("single"), judged("single", "duplicate_expression"), judged("single", "duplicate_expression"),
+        judged("single", "low_iou", 0.2), judged("multi", "rival"), judged("multi"),
+        judged("negative", "negative_drawn", None), {**judged("single", "no_expression", None), "verifier_area": None},
+        judged("stuff", "from_the_future")])  # a reason this sculpt does not know
+    failed = schema.mark_error(schema.new_row("u", 1, "sa_2", width=6, height=4,
+                                              objects=[judged("single", "too_short")]), "verify", "RuntimeError: x")
+    return schema.to_table([a, failed])
+
+
+def test_the_funnel_counts_each_pair_at_the_first_check_it_failed_per_category():
+    s = stats.count(funnel_rows())
+    assert s["rejected_by_category"] == {"single": {"duplicate_expression": 2, "low_iou": 1, "no_expression": 1},
+                                         "multi": {"rival": 1}, "negative": {"negative_drawn": 1},
+                                         "stuff": {"from_the_future": 1}}  # the error row's pair counts for nothing
+    steps = stats.funnel(stats.merge(stats.merge(stats.empty(), s), s))  # units add up
+    assert list(steps) == ["multi", "negative", "single", "stuff", "all"]
+    assert steps["single"] == {"removed": {"no_expression": 2, "duplicate_expression": 4, "low_iou": 2}, "kept": 2}
+    assert list(steps["all"]["removed"].items()) == [  # in the rule's order; an unknown reason last
+        ("no_expression", 2), ("duplicate_expression", 4), ("low_iou", 2), ("rival", 2), ("negative_drawn", 2),
+        ("from_the_future", 2)]
+    assert steps["all"]["kept"] == 4
+    assert stats.derived(s)["funnel"] == {"removed": stats.funnel(s)["all"]["removed"], "kept": 2}
+    assert stats.funnel_line(stats.derived(s)) == (
+        "[sculpt] keep rule: 9 pairs, 2 kept; removed by no_expression 1, duplicate_expression 2, low_iou 1, "
+        "rival 1, negative_drawn 1, from_the_future 1")
+    assert stats.funnel_line(stats.derived(stats.empty())) is None  # nothing judged (a job without verify)
+    assert stats.funnel_line({}) is None  # the summary when the statistics could not be read
+
+
+def test_the_run_summary_prints_the_funnel_in_one_line():
+    from sculpt.engine import progress
+
+    summary = {"shards": 1, "committed_now": 1, "images": 1, "errors": 0, "seconds": 1.0, "pending": [],
+               "job": progress.rounded(stats.derived(stats.count(funnel_rows())))}
+    lines = progress.describe(summary)
+    assert [line for line in lines if "keep rule" in line] == [stats.funnel_line(summary["job"])]
+    assert not any("keep rule" in line for line in progress.describe({**summary, "job": {}}))
+
+
+def test_report_shows_the_funnel_per_category(tmp_path, capsys):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare(JOB)
+    table = funnel_rows().to_pylist()
+    for row in table:
+        row["unit_end"] = {"size": 2, "bytes_read": 1}
+    writer = UnitWriter(store, "u", JOB)
+    writer.add(schema.to_table(table))
+    marker = writer.commit()
+    assert marker["rejected_by_category"]["single"] == {"duplicate_expression": 2, "low_iou": 1, "no_expression": 1}
+    assert cli.main(["report", str(tmp_path / "out"), "--plots", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    funnel = text[text.index("keep rule funnel"):].splitlines()[1:7]
+    assert [line.split() for line in funnel] == [
+        ["category", "pairs", "no_expression", "duplicate_expression", "low_iou", "rival", "negative_drawn",
+         "from_the_future", "kept"],
+        ["multi", "2", "0", "0", "0", "1", "0", "0", "1"],
+        ["negative", "1", "0", "0", "0", "0", "1", "0", "0"],
+        ["single", "5", "1", "2", "1", "0", "0", "0", "1"],
+        ["stuff", "1", "0", "0", "0", "0", "0", "1", "0"],
+        ["all", "9", "1", "2", "1", "1", "1", "1", "2"]]
+
+
 @pytest.mark.parametrize("message, kind", [
     ("read: not a readable image (UnidentifiedImageError: x)", "read: not a readable image"),
     ("caption: RuntimeError: CUDA out of memory", "caption: RuntimeError"),
@@ -83,6 +153,7 @@ def test_marker_carries_stats_and_report_prints_and_plots(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "out"), "--plots", str(tmp_path / "plots")]) == 0
     text = capsys.readouterr().out
     assert "keep rate 66.7%" in text and "1.33 per image" in text and "3.7 words" in text
+    assert "keep rule funnel" not in text  # no pair carries a reject_reason (as in an output written before it)
     assert "stage caption         2.00 img/s per actor" in text and "read: … cut off" in text
     for name in ("iou_histogram", "objects_per_image", "expression_words", "stage_throughput"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
-"""The noise filter: IoU and keep/drop on hand-made masks, and the verify stage driven without Ray."""
+"""The noise filter: IoU and keep/drop on hand-made masks, the text checks and the order of the keep rule on golden
+strings, and the verify stage driven without Ray."""
 
 import numpy as np
 import pytest
@@ -18,9 +19,13 @@ def mask(shape, *cells):
     return out
 
 
+PARAMS = {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "min_words": 3, "max_words": 40,
+          "duplicate_similarity": 1.0}  # the stage's defaults
+
+
 def judged(evf, sam, threshold=0.5, margin=0.1):
-    obj = {"mask": rle.encode(sam), "expression": "x"}
-    verify.judge([obj], 0, rle.encode(evf), {"threshold": threshold, "margin": margin, "negative_area": 0.01})
+    obj = {"mask": rle.encode(sam), "expression": "the square patch"}
+    verify.judge([obj], 0, rle.encode(evf), {**PARAMS, "threshold": threshold, "margin": margin})
     return obj
 
 
@@ -62,21 +67,19 @@ def two_dogs():
     """Two disjoint dogs (2 px each) of a 4x4 image, and the group of both."""
     a, b = mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (3, 2), (3, 3))
     objects = [{"mask": rle.encode(a), "expression": "the dog on the left"},
-               {"mask": rle.encode(b), "expression": "the dog"},
-               {"mask": rle.encode(a | b), "expression": "both dogs", "members": [0, 1], "category": "multi"}]
+               {"mask": rle.encode(b), "expression": "the brown dog"},
+               {"mask": rle.encode(a | b), "expression": "both of the dogs", "members": [0, 1], "category": "multi"}]
     return objects, a, b
-
-
-PARAMS = {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01}
 
 
 def test_a_reference_that_fits_another_object_as_well_is_ambiguous():
     objects, a, b = two_dogs()
-    verify.judge(objects, 1, rle.encode(a | b), PARAMS)  # "the dog": the verifier draws both
+    verify.judge(objects, 1, rle.encode(a | b), PARAMS)  # "the brown dog": the verifier draws both
     assert objects[1]["iou"] == 0.5 and objects[1]["rival_iou"] == 0.5
-    assert objects[1]["kept"] is False  # IoU >= 0.5 would have kept it; the margin does not
+    assert objects[1]["kept"] is False and objects[1]["reject_reason"] == "rival"  # IoU >= 0.5; the margin rejects
     verify.judge(objects, 0, rle.encode(a), PARAMS)  # its own dog only
-    assert (objects[0]["iou"], objects[0]["rival_iou"], objects[0]["kept"]) == (1.0, 0.0, True)
+    assert (objects[0]["iou"], objects[0]["rival_iou"], objects[0]["kept"], objects[0]["reject_reason"]) == (
+        1.0, 0.0, True, None)
     verify.judge(objects, 2, rle.encode(a | b), PARAMS)  # the group: its members are not its rivals
     assert (objects[2]["iou"], objects[2]["rival_iou"], objects[2]["kept"]) == (1.0, 0.0, True)
     verify.judge(objects, 0, rle.encode(a), {**PARAMS, "margin": 1.0})
@@ -92,6 +95,7 @@ def test_a_negative_is_kept_only_when_the_verifier_draws_nearly_nothing():
         drawn.flat[:pixels] = True
         verify.judge([negative], 0, rle.encode(drawn), PARAMS)
         assert (negative["verifier_area"], negative["kept"], negative["iou"]) == (pixels, kept, None)
+        assert negative["reject_reason"] == (None if kept else "negative_drawn")
 
 
 def test_split_picks_pairs_and_blank_expressions():
@@ -118,10 +122,97 @@ def test_unknown_params_are_refused_and_defaults_are_in_the_fingerprint():
     with pytest.raises(ValueError, match=r"unknown param\(s\) \['treshold'\]"):
         Verifier(treshold=0.5)
     stage = Verifier()
-    assert stage.params == {"model": "YxZhang/evf-sam2", "threshold": 0.5, "margin": 0.1, "negative_area": 0.01,
-                            "semantic": [], "prefix": "", "keep_masks": False, "device": None, "dtype": None}
+    assert stage.params == {"model": "YxZhang/evf-sam2", **PARAMS, "semantic": [], "prefix": "", "keep_masks": False,
+                            "device": None, "dtype": None}
     assert Verifier(model="YxZhang/evf-sam2-multitask").params["semantic"] == ["stuff", "part"]
     assert stage.model_id == "YxZhang/evf-sam2" and stage.describe()["params"]["threshold"] == 0.5
+
+
+# ---------------------------------------------------------------- the text checks and the rule's order
+
+
+def test_words_lower_case_and_drop_punctuation_and_articles():
+    assert verify.words("The dog, on the LEFT.") == ("dog", "on", "left")
+    assert verify.words("An apple; a pear!") == ("apple", "pear")
+    assert verify.words("the . a") == () and verify.words(None) == () and verify.words("") == ()
+
+
+def test_near_same_is_equal_words_or_a_stated_similarity():
+    left, right = verify.words("the dog on the left side of the red sofa"), verify.words("the dog on the right side of the red sofa")
+    assert verify.near_same(verify.words("The dog on the left."), verify.words("a dog on the left"), 1.0)
+    assert not verify.near_same(left, right, 1.0)  # the default: equal words only
+    assert difflib_ratio(left, right) == pytest.approx(12 / 14)  # 6 of 7 words in place
+    assert verify.near_same(left, right, 0.85) and not verify.near_same(left, right, 0.9)
+    assert not verify.near_same(verify.words("the cat left of the dog"), verify.words("the dog left of the cat"), 0.9)
+
+
+def difflib_ratio(a, b):
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def pair(expression, phrase="red cup", iou=0.9, rival_iou=0.0, **fields):
+    return {"phrase": phrase, "expression": expression, "mask": rle.empty(10, 10), "iou": iou, "rival_iou": rival_iou,
+            "verifier_area": 0, "category": "single", **fields}
+
+
+@pytest.mark.parametrize("obj, reason", [
+    (pair("the red cup on the table"), None),
+    (pair(" . "), "no_expression"),
+    (pair("the the the"), "no_expression"),  # nothing but articles
+    (pair("red mug"), "too_short"),  # 2 words < min_words 3
+    (pair(" ".join(["word"] * 41)), "too_long"),  # > max_words 40
+    (pair(" ".join(["word"] * 40)), None),  # the bounds are inclusive
+    (pair("The red cup.", phrase="the red cup"), "repeats_phrase"),
+    (pair("a RED, cup!", phrase="red cup"), "repeats_phrase"),
+    (pair("the red cup on the table", error="verify: masks of different sizes", iou=None), "verify_error"),
+    (pair("the red cup on the table", iou=0.49), "low_iou"),
+    (pair("the red cup on the table", iou=0.625, rival_iou=0.53125), "rival"),  # beats it by 0.09375 < 0.1
+    (pair("the red cup on the table", iou=0.625, rival_iou=0.5), None),
+    (pair("a yellow umbrella by the door", category="negative", iou=None, verifier_area=2), "negative_drawn"),
+    (pair("a yellow umbrella by the door", category="negative", iou=None, verifier_area=1), None),  # 1 % of 100 px
+    (pair("red cup here", phrase="", category="negative", iou=None, verifier_area=0), None),  # no phrase to repeat
+])
+def test_each_check_rejects_its_golden_case(obj, reason):
+    assert verify.reject_reason(obj, PARAMS) == reason
+
+
+def test_the_first_failed_check_is_the_reason_in_one_fixed_order():
+    assert verify.REASONS == ("no_expression", "too_short", "too_long", "repeats_phrase", "duplicate_expression",
+                              "verify_error", "low_iou", "rival", "negative_drawn")
+    worst = pair("red cup", phrase="red cup", iou=0.0, rival_iou=1.0)  # fails every check but the negative's
+    assert verify.reject_reason(worst, PARAMS, duplicate=True) == "too_short"
+    loose = {**PARAMS, "min_words": 1}
+    assert verify.reject_reason(worst, loose, duplicate=True) == "repeats_phrase"
+    assert verify.reject_reason({**worst, "phrase": "mug"}, loose, duplicate=True) == "duplicate_expression"
+    assert verify.reject_reason({**worst, "phrase": "mug"}, loose) == "low_iou"
+    assert verify.reject_reason({**worst, "phrase": "mug", "iou": 0.9}, loose) == "rival"
+    assert verify.reject_reason({**worst, "error": "verify: x"}, {**loose, "max_words": 1}) == "too_long"
+
+
+def test_two_targets_with_the_same_expression_are_both_rejected_and_keep_their_scores():
+    a, b, c = mask((4, 4), (0, 0)), mask((4, 4), (3, 3)), mask((4, 4), (1, 1), (1, 2))
+    objects = [{"phrase": "cup", "mask": rle.encode(a), "expression": "The red cup on the table."},
+               {"phrase": "cup", "mask": rle.encode(b), "expression": "the red cup on a table"},
+               {"phrase": "cup", "mask": rle.encode(c), "expression": "the blue cup on the table"},
+               {"phrase": "cup", "mask": None, "expression": "the blue cup on the table"}]  # no mask: not a pair
+    for i, drawn in enumerate((a, b, c)):
+        verify.judge(objects, i, rle.encode(drawn), PARAMS)
+    assert [(o["iou"], o["kept"], o["reject_reason"]) for o in objects[:3]] == [
+        (1.0, False, "duplicate_expression"), (1.0, False, "duplicate_expression"), (1.0, True, None)]
+    assert verify.duplicated(objects, 2, 1.0) is False and verify.duplicated(objects, 2, 0.5) is True
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"min_words": -1}, "min_words must be a whole number"),
+    ({"max_words": 2.5}, "max_words must be a whole number"),
+    ({"min_words": 5, "max_words": 4}, r"max_words \(4\) is below min_words \(5\)"),
+    ({"duplicate_similarity": 1.2}, "duplicate_similarity must be a number in"),
+])
+def test_text_check_params_are_checked(params, message):
+    with pytest.raises(ValueError, match=message):
+        Verifier(**params)
 
 
 # ---------------------------------------------------------------- the stage, with a stand-in for EVF-SAM2
@@ -190,14 +281,17 @@ def test_stage_records_iou_for_every_pair_kept_or_not():
         row_with(image, {"phrase": "x", "mask": sam_full, "expression": "boom"}, key="b"),
         row_with(image, key="c"),  # no objects: the model is not called
     ]
-    stage = ScriptedVerifier({"whole": full, "quarter": left_quarter}, margin=0.0)  # all masks alike: no rivalry
+    # all masks alike: no rivalry; one-word expressions pass
+    stage = ScriptedVerifier({"whole": full, "quarter": left_quarter}, margin=0.0, min_words=1)
     actor = StageActor(stage)
     out = actor(schema.to_table(rows)).to_pylist()
     first = out[0]["objects"]
-    assert first[0]["iou"] == 1.0 and first[0]["kept"] is True
+    assert first[0]["iou"] == 1.0 and first[0]["kept"] is True and first[0]["reject_reason"] is None
     assert first[1]["iou"] == pytest.approx((shape[1] // 4) / shape[1], abs=1e-6) and first[1]["kept"] is False
-    assert first[2]["iou"] is None and first[2]["kept"] is None  # not a pair: untouched
+    assert first[1]["reject_reason"] == "low_iou"
+    assert first[2]["iou"] is None and first[2]["kept"] is None and first[2]["reject_reason"] is None  # not a pair
     assert first[3]["kept"] is False and first[3]["error"] == "verify: blank referring expression"
+    assert first[3]["reject_reason"] == "no_expression"
     assert out[0]["status"] == "ok" and out[2]["status"] == "ok"
     assert out[1]["status"] == "error" and out[1]["error"] == "verify: RuntimeError: model failed"
     assert stage.model.calls == [["whole", "quarter"], ["boom"]]  # one batched call per image
@@ -240,10 +334,11 @@ def test_stage_with_tiny_evf_sam2(tiny_checkpoint):
     image = samples.photo("astronaut")[:200, :300]
     shape = image.shape[:2]
     expressions = ["the man in a white suit", "the flag top left", "sky"]
-    objects = [{"phrase": e, "mask": rle.encode(left_quarter(shape)), "expression": e} for e in expressions]
+    objects = [{"phrase": "thing", "mask": rle.encode(left_quarter(shape)), "expression": e} for e in expressions]
     for threshold in (0.0, 0.5, 1.0):
         rows = [row_with(image, *[dict(o) for o in objects])]
-        out = StageActor(Verifier(model=tiny_checkpoint, threshold=threshold, margin=0.0))(schema.to_table(rows)).to_pylist()
+        stage = Verifier(model=tiny_checkpoint, threshold=threshold, margin=0.0, min_words=1)
+        out = StageActor(stage)(schema.to_table(rows)).to_pylist()
         got = out[0]["objects"]
         assert out[0]["status"] == "ok"
         assert all(0 <= o["iou"] <= 1 and o["kept"] == (o["iou"] >= threshold) for o in got)

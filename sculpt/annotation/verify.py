@@ -1,14 +1,17 @@
 """The noise filter of GSSculpt (paper section 3.4): keep a text-mask pair when the mask that a referring
 segmentation model draws from the text alone overlaps the annotated mask with IoU >= a threshold (0.5).
 
-Pure logic, no model: which objects are judged, the IoU (pycocotools, through ``sculpt.annotation.rle``) and the verdict.
-The verify stage (``actors/verify.py``) runs EVF-SAM2 and hands its masks here.
+Pure logic, no model: which objects are judged, the IoU (pycocotools, through ``sculpt.annotation.rle``), the text
+checks that need no model, and the verdict: one rule (``CHECKS``, in order) whose first failed check is the pair's
+``reject_reason``. The verify stage (``actors/verify.py``) runs EVF-SAM2 and hands its masks here.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 
 import numpy as np
 
@@ -22,6 +25,13 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_MARGIN = 0.1
 # A negative names nothing present: kept when the verifier draws (nearly) nothing, at most this share of the image.
 DEFAULT_NEGATIVE_AREA = 0.01
+# Expression length bounds, in words as written: the refer prompt asks for about 16 words (negatives 12)
+DEFAULT_MIN_WORDS = 3
+DEFAULT_MAX_WORDS = 40
+# Two expressions of one image are near-same when difflib's ratio over their normalised words (``words``) is at
+# least this; 1.0: only when equal. Below 1 a long expression differing in one word ("left"/"right") counts too.
+DEFAULT_DUPLICATE_SIMILARITY = 1.0
+ARTICLES = frozenset({"a", "an", "the"})
 SEMANTIC_PREFIX = "[semantic] "  # EVF-SAM2-multitask's semantic-level mode (stuff, parts, all instances of a kind)
 SEMANTIC_CATEGORIES = ("stuff", "part")
 
@@ -41,6 +51,74 @@ def check_fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
         raise ValueError(f"verify {name} must be a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def check_words(min_words, max_words) -> tuple[int, int]:
+    for name, value in (("min_words", min_words), ("max_words", max_words)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"verify {name} must be a whole number >= 0, got {value!r}")
+    if max_words < min_words:
+        raise ValueError(f"verify max_words ({max_words}) is below min_words ({min_words})")
+    return min_words, max_words
+
+
+def words(text: str | None) -> tuple[str, ...]:
+    """The normalised words the text checks compare: lower-cased, punctuation and articles dropped.
+
+    >>> words("The dog, on the LEFT.")
+    ('dog', 'on', 'left')
+    """
+    return tuple(w for w in re.findall(r"\w+", (text or "").lower()) if w not in ARTICLES)
+
+
+def near_same(a: tuple[str, ...], b: tuple[str, ...], similarity: float) -> bool:
+    return a == b or (similarity < 1 and difflib.SequenceMatcher(None, a, b).ratio() >= similarity)
+
+
+def is_pair(obj: dict) -> bool:
+    """A mask and a non-blank expression: what the verifier judges."""
+    return bool(obj.get("mask")) and bool((obj.get("expression") or "").strip())
+
+
+def duplicated(objects: list[dict], i: int, similarity: float) -> bool:
+    """Another pair of the image has the same or a near-same expression: neither says which target it means."""
+    mine = words(objects[i].get("expression"))
+    return any(near_same(mine, words(obj["expression"]), similarity)
+               for j, obj in enumerate(objects) if j != i and is_pair(obj))
+
+
+def _negative(obj: dict) -> bool:
+    return obj.get("category") == NEGATIVE
+
+
+def _image_area(obj: dict) -> int:
+    height, width = obj["mask"]["size"]  # a negative's empty mask has the image's size
+    return height * width
+
+
+def _count(obj: dict) -> int:
+    return len((obj.get("expression") or "").split())
+
+
+# The keep rule, in order: (reject_reason, failed(pair, params, duplicate)). A pair is kept when none fails; its
+# reject_reason is the first that does. The text checks come first: they need no model and explain the most.
+CHECKS = (
+    ("no_expression", lambda o, p, dup: not words(o.get("expression"))),
+    ("too_short", lambda o, p, dup: _count(o) < p["min_words"]),
+    ("too_long", lambda o, p, dup: _count(o) > p["max_words"]),
+    ("repeats_phrase", lambda o, p, dup: not _negative(o) and words(o["expression"]) == words(o.get("phrase"))),
+    ("duplicate_expression", lambda o, p, dup: dup),
+    ("verify_error", lambda o, p, dup: bool(o.get("error"))),
+    ("low_iou", lambda o, p, dup: not _negative(o) and o["iou"] < p["threshold"]),
+    ("rival", lambda o, p, dup: not _negative(o) and o["iou"] - o["rival_iou"] < p["margin"]),
+    ("negative_drawn", lambda o, p, dup: _negative(o) and o["verifier_area"] > p["negative_area"] * _image_area(o)),
+)
+REASONS = tuple(reason for reason, _ in CHECKS)
+
+
+def reject_reason(obj: dict, params: dict, duplicate: bool = False) -> str | None:
+    """The first check of ``CHECKS`` that the judged pair fails; None: it passes them all and is kept."""
+    return next((reason for reason, failed in CHECKS if failed(obj, params, duplicate)), None)
 
 
 def split(objects: list[dict]) -> tuple[list[int], list[int]]:
@@ -63,33 +141,30 @@ def related(objects: list[dict], i: int) -> set[int]:
 
 
 def judge(objects: list[dict], i: int, verifier_mask: dict, params: dict) -> None:
-    """The verdict on pair i of an image's objects, given the verifier's mask (RLE) for its expression.
+    """The figures and the verdict on pair i of an image's objects, given the verifier's mask (RLE) for its expression.
 
     - ``iou``: the verifier mask against the object's own mask; ``rival_iou``: its highest IoU with any other
-      masked object of the image (not its own members or groups); kept when iou >= ``threshold`` and
-      iou - rival_iou >= ``margin``.
-    - A negative (target absent, empty mask) is kept when ``verifier_area`` <= ``negative_area`` of the image.
+      masked object of the image (not its own members or groups); a negative (target absent, empty mask) has
+      ``verifier_area`` only.
+    - ``reject_reason``: the first failed check of ``CHECKS`` (None when kept), ``kept``: it is None.
 
     Figures are rounded to float32 first, as the output stores them, so ``kept`` always agrees with them. Masks
     of different sizes make an object-level error.
     """
     obj = objects[i]
     try:
-        size = verifier_mask["size"]
         obj["verifier_area"] = rle.area(verifier_mask)
-        if obj.get("category") == NEGATIVE:
-            obj.update(iou=None, rival_iou=None,
-                       kept=obj["verifier_area"] <= params["negative_area"] * size[0] * size[1])
-            return
-        value = float(np.float32(rle.iou(verifier_mask, obj["mask"])))
-        own = related(objects, i)
-        others = [o["mask"] for j, o in enumerate(objects) if j not in own and o.get("mask") and o.get("category") != NEGATIVE]
-        rival = float(np.float32(max(rle.ious(verifier_mask, others), default=0.0)))
+        obj.update(iou=None, rival_iou=None)
+        if obj.get("category") != NEGATIVE:
+            own = related(objects, i)
+            others = [o["mask"] for j, o in enumerate(objects) if j not in own and o.get("mask") and o.get("category") != NEGATIVE]
+            obj["iou"] = float(np.float32(rle.iou(verifier_mask, obj["mask"])))
+            obj["rival_iou"] = float(np.float32(max(rle.ious(verifier_mask, others), default=0.0)))
     except ValueError as exc:
-        obj.update(iou=None, rival_iou=None, kept=False, error=f"verify: {exc}")
-        return
-    obj.update(iou=value, rival_iou=rival, kept=value >= params["threshold"] and value - rival >= params["margin"])
+        obj.update(iou=None, rival_iou=None, error=f"verify: {exc}")
+    obj["reject_reason"] = reject_reason(obj, params, duplicated(objects, i, params["duplicate_similarity"]))
+    obj["kept"] = obj["reject_reason"] is None
 
 
 def reject_blank(obj: dict) -> None:
-    obj.update(iou=None, kept=False, error="verify: blank referring expression")
+    obj.update(iou=None, kept=False, reject_reason="no_expression", error="verify: blank referring expression")

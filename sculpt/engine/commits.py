@@ -11,7 +11,8 @@ from sculpt.io import shards
 from sculpt.io.lease import Lease
 from sculpt.outputs import units
 
-MARKER_COUNTS = ("images", "rows", "errors", "input_bytes_read")  # a unit's counts that the run summary adds up
+# a unit's counts that the run summary adds up
+MARKER_COUNTS = ("images", "rows", "errors", "excluded", "input_bytes_read")
 
 
 class Received:
@@ -52,7 +53,7 @@ class Commits:
             self.release(unit)
             return
         got = self.received.setdefault(unit, Received())
-        fresh = set(receipt["indices"]) - got.seen
+        fresh = {index for index in receipt["indices"] if index >= 0} - got.seen  # -1: a row carrying only the end
         got.parts.append(receipt["part"])
         got.seen |= fresh
         self.progress.rows(len(fresh))
@@ -97,9 +98,9 @@ class Commits:
     def _count(self, unit: str, marker: dict) -> None:
         self.totals["committed_now"] += 1
         # a redone chunk: this run processed its error rows only
-        counts = {**marker, "images": len(self.todo.redo[unit])} if unit in self.todo.redo else marker
+        counts = {**marker, "images": len(self.todo.redo[unit]), "excluded": 0} if unit in self.todo.redo else marker
         for key in MARKER_COUNTS:
-            self.totals[key] += counts[key]
+            self.totals[key] += counts.get(key, 0)
         shard, chunk = shards.parse_unit(unit)
         was_done = self.todo.shard_done(shard, self.committed)  # a redone chunk's shard was counted before
         self.committed.add(unit)

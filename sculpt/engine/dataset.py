@@ -14,7 +14,7 @@ import warnings
 import pyarrow as pa
 
 from sculpt.config import JobConfig
-from sculpt.io import shards
+from sculpt.io import exclude, shards
 from sculpt.outputs import units
 from sculpt.stage import Stage, actor_class, control_actor, ray_options
 
@@ -126,6 +126,7 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
         s3=config.s3,
         read_attempts=config.faults.read_attempts,
         retry_backoff=config.faults.backoff_seconds,
+        exclude=exclude.load(config.input.exclude, config.s3),  # read once here, sent to every reader
     )
     ds = ray.data.from_items([{"segment": segment.to_json()} for segment in segments], override_num_blocks=len(segments))
     # local tars: one segment per chunk, each its own block, so that chunks are read in parallel tasks. The

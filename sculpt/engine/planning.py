@@ -14,12 +14,12 @@ import pyarrow.compute as pc
 
 from sculpt.annotation import prompts
 from sculpt import schema
-from sculpt.io import shards, storage
+from sculpt.io import exclude, shards, storage
 from sculpt.config import JobConfig
 from sculpt.outputs.store import OutputStore, fingerprint, shard_done
 from sculpt.stage import Stage
 
-SCHEMA_VERSION = 3  # 3: units are chunks of shards
+SCHEMA_VERSION = 4  # 3: units are chunks of shards; 4: objects carry reject_reason
 
 
 def job_record(config: JobConfig, stages: list[Stage]) -> dict:
@@ -30,6 +30,8 @@ def job_record(config: JobConfig, stages: list[Stage]) -> dict:
         "input": {"max_image_pixels": config.input.max_image_pixels, "keep_source_annotations": config.input.keep_source_annotations,
                   "chunk_images": config.input.chunk_images},
     }
+    if config.input.exclude:  # the list's content, not its path: another list is another config (none: as before)
+        settings["input"]["exclude"] = exclude.load(config.input.exclude, config.s3).digest()
     if any(stage.model_key == "vlm" for stage in stages):
         vlm = dataclasses.asdict(config.vlm)
         settings["vlm"] = {key: value for key, value in vlm.items() if key not in config.vlm.RESOURCE_FIELDS}
@@ -95,7 +97,8 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     all_shards = list_shards(config)
     # local inputs as absolute paths: export and preview find the shards from wherever they are run
     inputs = [pattern if storage.is_s3(pattern) else os.path.abspath(pattern) for pattern in config.input.shards]
-    job = {**job_record(config, stages), "inputs": inputs, "total_shards": len(all_shards)}
+    job = {**job_record(config, stages), "inputs": inputs, "total_shards": len(all_shards),
+           **({"exclude": config.input.exclude} if config.input.exclude else {})}
     committed = set() if store.replaces(job, config.output.overwrite) else store.committed()
     by_shard: dict[str, set[int]] = {}
     for unit in committed:

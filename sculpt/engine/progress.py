@@ -6,6 +6,8 @@ import datetime
 import sys
 import time
 
+from sculpt.outputs.stats import funnel_line
+
 
 class Progress:
     def __init__(self, total: int, done: int, every: float, out=None):
@@ -25,7 +27,8 @@ class Progress:
     def unit(self, marker: dict, shard_done: bool) -> None:
         self.chunks += 1
         self.done += shard_done
-        self.print(f"committed {marker['unit']} ({marker['images']} images, {marker['errors']} errors)")
+        excluded = f", {marker['excluded']} excluded" if marker.get("excluded") else ""
+        self.print(f"committed {marker['unit']} ({marker['images']} images, {marker['errors']} errors{excluded})")
 
     def print(self, event: str = "") -> None:
         self.last = time.monotonic()
@@ -54,10 +57,12 @@ def describe(summary: dict) -> list[str]:
     kinds = job.get("keep_rate_by_category", {})
     if kinds:
         whole += "; kept by kind: " + ", ".join(f"{kind} {rate:.0%}" for kind, rate in sorted(kinds.items()))
+    excluded = f", {summary['excluded']} excluded by input.exclude" if summary.get("excluded") else ""
     lines = [f"[sculpt] this run: {summary['committed_now']} unit(s) committed, {summary['images']} images "
-             f"({summary['errors']} errors) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending"]
+             f"({summary['errors']} errors{excluded}) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending"]
     if "job" in summary:  # absent when the statistics could not be read
         lines.append(whole)
+    lines += [line for line in [funnel_line(job)] if line]  # the keep rule's funnel (sculpt/outputs/stats.py)
     rates = job.get("stage_images_per_second", {})
     if rates:
         lines.append("[sculpt] images/s per actor: " + ", ".join(f"{stage} {rate:.1f}" for stage, rate in rates.items()))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sculpt import errors, schema
 from sculpt.annotation import images
+from sculpt.io.exclude import Exclusions
 from sculpt.io.storage import SHARD_SUFFIXES, S3Options, filesystem, is_s3
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -32,6 +33,7 @@ class ReadOptions:
     s3: S3Options = S3Options()
     read_attempts: int = 5  # opens of a shard's stream, each after a storage fault, before the shard is left pending
     retry_backoff: float = 1.0  # seconds before the first reopen; doubles each time
+    exclude: Exclusions = Exclusions()  # images skipped unread: no row, counted in unit_end (``excluded_of``)
 
 
 def shard_name(uri: str) -> str:
@@ -54,6 +56,12 @@ class _CountingReader:
         self.bytes_read += len(data)
         return data
 
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
 
 # What the store and tarfile raise while a shard is read; ``sculpt.errors.RULES`` (reading) tells what each is.
 READ_FAULTS = (OSError, tarfile.TarError, EOFError)
@@ -63,17 +71,24 @@ class _Range(io.RawIOBase):
     """A file's bytes from where it stands up to ``end`` (None: its end), not one byte further, even buffered."""
 
     def __init__(self, raw, end: int | None):
-        self.raw, self.left = raw, None if end is None else max(0, end - raw.tell())
+        self.raw, self.end = raw, end
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
     def readinto(self, buffer) -> int:
-        size = len(buffer) if self.left is None else min(len(buffer), self.left)
+        size = len(buffer) if self.end is None else max(0, min(len(buffer), self.end - self.raw.tell()))
         data = self.raw.read(size) if size else b""
         buffer[: len(data)] = data
-        if self.left is not None:
-            self.left -= len(data)
         return len(data)
 
 
@@ -177,6 +192,13 @@ def unit_name(shard: str, chunk: int) -> str:
     return f"{shard}-{chunk:05d}"
 
 
+def excluded_of(end: dict | None) -> int:
+    """A unit's images skipped by an exclusion list, from its ``unit_end``: its images less the rows it yields."""
+    if not end or end.get("next_index") is None or end.get("index") is None:
+        return 0
+    return max(0, end["next_index"] - end["index"] - end["size"])
+
+
 def parse_unit(unit: str) -> tuple[str, int]:
     """('sa_000000', 3) for 'sa_000000-00003'; a name without a chunk number is a whole shard, its chunk 0."""
     match = re.fullmatch(r"(.+)-(\d{5,})", unit)
@@ -216,6 +238,7 @@ class _SegmentReader:
         self.shard_error: str | None = None
         start = self.start
         self.chunk, self.first, self.count = start.chunk, start.index, start.index  # its first image's index, images so far
+        self.excluded = 0  # the chunk's images skipped by options.exclude: they keep their index, and have no row
         self.resume_at, self.members_done = start.offset, start.members  # where a reopened stream starts; members consumed
         self.bytes_read = self.chunk_bytes = 0  # bytes read in all; at this chunk's start
         self.chunk_offset, self.chunk_members = start.offset, start.members  # where this chunk began
@@ -267,9 +290,11 @@ class _SegmentReader:
                                     None if self.compressed else self.segment.stop_offset)
             if not self.compressed and self.resume_at and self.resume_at >= size:
                 return False
-            base, skip = (0, self.members_done) if self.compressed else (self.resume_at, 0)
+            # a local tar with an exclusion list is read seekable: an excluded member's data is seeked past, unread
+            seek = bool(self.options.exclude) and not self.compressed and not is_s3(self.uri)
+            base, skip = (0, self.members_done) if self.compressed else (0 if seek else self.resume_at, 0)
             reader = _CountingReader(stream)
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            with tarfile.open(fileobj=reader, mode="r:" if seek else "r|*") as tar:
                 for member in tar:
                     if skip:
                         skip -= 1
@@ -295,18 +320,23 @@ class _SegmentReader:
             self.bytes_read += reader.bytes_read if reader else 0
 
     def _take(self, tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, kind: str) -> None:
-        """Keep a member's bytes until its image or json partner arrives; a member cut off is marked broken."""
+        """Keep a member's bytes until its image or json partner arrives; a member cut off is marked broken. An
+        excluded image's members are never read (a streamed tar passes over their data, a local one seeks past it)."""
+        parts = self.pending.setdefault(key, {})
+        if self.options.exclude.matches(key):
+            parts["excluded"], parts[kind] = True, None
+            return
         try:
-            data = tar.extractfile(member).read()
+            parts[kind] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError) as exc:
-            parts = self.pending.setdefault(key, {})
             parts[kind], parts["broken"] = None, f"{member.name} cut off: {exc}"
             raise
-        self.pending.setdefault(key, {})[kind] = data
 
     def _add(self, key: str) -> None:
         parts = self.pending.pop(key)
-        if self.chunk not in self.only or self.count in self.only[self.chunk]:
+        if parts.get("excluded"):
+            self.excluded += 1
+        elif self.chunk not in self.only or self.count in self.only[self.chunk]:
             self.rows.append(_image_row(self.shard, unit_name(self.shard, self.chunk), self.count, key, parts,
                                         self.options))
         self.count += 1
@@ -316,14 +346,18 @@ class _SegmentReader:
             self.rows.append(schema.mark_error(schema.new_row(self.shard, self.first, "",
                                                               unit=unit_name(self.shard, self.chunk)), "read",
                                                self.shard_error or f"shard {self.uri} holds no images"))
-        end = {"size": max(self.count - self.first, 1), "bytes_read": read - self.chunk_bytes,
+        elif not self.rows:  # every image excluded: a row that only carries the end (the writer drops index -1)
+            self.rows.append(schema.new_row(self.shard, -1, "", unit=unit_name(self.shard, self.chunk),
+                                            status=schema.ERROR, error="read: every image of the chunk is excluded"))
+        size = self.count - self.first - self.excluded if self.count > self.first else 1  # the rows it yields
+        end = {"size": size, "bytes_read": read - self.chunk_bytes,
                "offset": self.chunk_offset, "members": self.chunk_members, "index": self.first,
                "next_offset": self.resume_at, "next_members": self.members_done,
                "next_index": max(self.count, self.first + 1), "last": last}
         for row in self.rows:
             row["unit_end"] = end
         done, self.rows = self.rows, []
-        self.chunk, self.first, self.chunk_bytes = self.chunk + 1, self.count, read
+        self.chunk, self.first, self.chunk_bytes, self.excluded = self.chunk + 1, self.count, read, 0
         self.chunk_offset, self.chunk_members = self.resume_at, self.members_done
         return done
 

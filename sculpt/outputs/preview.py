@@ -2,8 +2,9 @@
 
 One card per image: the image scaled down (longest side ``max_side`` px, a JPEG embedded as a data URI), each
 object's mask as a coloured semi-transparent overlay (decoded by pycocotools, one PNG per object) with its box,
-and beside it the object's phrase, expression, IoU and kept/rejected (and ``category`` where the output has that
-field). Error and empty rows get a card too, saying so.
+and beside it the object's phrase, expression, IoU and kept/rejected (with its ``reject_reason``, the first check
+of the keep rule it failed) and ``category``, where the output has those fields. Error and empty rows get a card
+too, saying so.
 
 The filter at the top shows kept, rejected or all objects, and one category or all; a card with no object
 shown hides, except under "all". The filter lives in the address's fragment (``index.html#show=kept&category=
@@ -90,9 +91,10 @@ def object_attributes(obj: dict) -> str:
 def object_line(obj: dict, colour: tuple[int, int, int]) -> str:
     iou = f"IoU {obj['iou']:.2f}" if obj.get("iou") is not None else "not verified"
     verdict = {True: "kept", False: "rejected"}.get(obj.get("kept"), "")
+    why = f' ({html.escape(obj["reject_reason"])})' if verdict == "rejected" and obj.get("reject_reason") else ""
     parts = [f'<b>{html.escape(obj.get("phrase") or "")}</b>',
              f'&ldquo;{html.escape(obj.get("expression") or "")}&rdquo;' if obj.get("expression") else "",
-             iou, f'<span class="{verdict}">{verdict}</span>' if verdict else "",
+             iou, f'<span class="{verdict}">{verdict}{why}</span>' if verdict else "",
              f'<i>{html.escape(obj["category"])}</i>' if obj.get("category") else "",
              f'<span class="members">{len(obj["members"])} members</span>' if obj.get("members") else "",
              f'<span class="rejected">{html.escape(obj["error"])}</span>' if obj.get("error") else ""]

@@ -1,5 +1,5 @@
 """``sculpt report OUT``: the whole job's statistics from its markers, as text, PNG plots and one HTML page
-(``index.html`` beside the plots: the key figures with their units, then the plots)."""
+(``index.html`` beside the plots: the key figures with their units, the keep rule's funnel, then the plots)."""
 
 from __future__ import annotations
 
@@ -26,18 +26,30 @@ def images_summary(total: dict) -> str:
 
 
 def kind_figures(total: dict) -> list[tuple[str, str, str]]:
-    """(what, value, unit) rows of the kinds of pairs: kept per category, the ambiguity filter, group sizes."""
+    """(what, value, unit) rows of the kinds of pairs: kept per category, group sizes."""
     rows = []
     for category, pairs in sorted(total.get("pairs_by_category", {}).items()):
         kept = total.get("kept_by_category", {}).get(category, 0)
         rows.append((f"{category} pairs kept", f"{kept} of {pairs}", f"pairs ({kept / pairs:.1%})"))
-    if total["verified"]:
-        rows.append(("removed as ambiguous", f"{total.get('ambiguous', 0)}",
-                     "pairs (IoU over the threshold, but another object fits nearly as well)"))
     sizes = total.get("group_sizes", {})
     if sizes:
         spread = ", ".join(f"{n} of {k}" for k, n in sorted(sizes.items(), key=lambda kv: int(kv[0])))
         rows.append(("multi-object groups", f"{sum(sizes.values())}", f"groups (by members: {spread})"))
+    return rows
+
+
+def funnel_table(total: dict) -> list[list[str]]:
+    """The keep rule's funnel as a table: a header (category, pairs, each check that removed any pair, in the rule's
+    order, kept), one row per category and one for all; no rows when no check removed a pair."""
+    steps = stats.funnel(total)
+    reasons = list(steps["all"]["removed"])
+    if not reasons:
+        return []
+    rows = [["category", "pairs", *reasons, "kept"]]
+    for category, step in steps.items():
+        removed = step["removed"]
+        rows.append([category, str(step["kept"] + sum(removed.values())),
+                     *(str(removed.get(reason, 0)) for reason in reasons), str(step["kept"])])
     return rows
 
 
@@ -55,6 +67,12 @@ def render(out: str, job: dict, total: dict, markers: list[dict]) -> str:
         for i, n in enumerate(total["iou_histogram"]):
             lines.append(f"  IoU {i / stats.IOU_BINS:.1f}-{(i + 1) / stats.IOU_BINS:.1f}  {n:7d} {'#' * round(30 * n / peak)}")
     lines += [f"{what:17s} {value} {unit}" for what, value, unit in kind_figures(total)]
+    funnel = funnel_table(total)
+    if funnel:
+        lines.append("keep rule funnel  pairs removed by the first check each failed")
+        widths = [max(len(row[i]) for row in funnel) for i in range(len(funnel[0]))]
+        lines += ["  " + "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                  for row in funnel]
     if d["words_per_expression"] is not None:
         lines.append(f"expressions       {sum(total['expression_words'].values())}, {d['words_per_expression']:.1f} words on average")
     for stage in total["stage_seconds"]:
@@ -125,7 +143,7 @@ def figures(job: dict, total: dict, markers: list[dict]) -> list[tuple[str, str,
             ("objects with errors", f"{total['object_errors']}", "objects")]
     if d["keep_rate"] is not None:
         rows += [("verified", f"{total['verified']}", "objects"),
-                 ("kept (IoU ≥ threshold, unambiguous)", f"{total['kept']}", f"objects ({d['keep_rate']:.1%} of verified)")]
+                 ("kept (passed the keep rule)", f"{total['kept']}", f"objects ({d['keep_rate']:.1%} of verified)")]
     rows += kind_figures(total)
     if d["words_per_expression"] is not None:
         rows.append(("words per expression", f"{d['words_per_expression']:.1f}", "words (mean)"))
@@ -139,6 +157,9 @@ def page(out: str, job: dict, total: dict, markers: list[dict], plots: list[str]
     """One HTML page: the key figures, the errors by kind, and the plots (named relative to the page)."""
     cells = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td><td>{html.escape(unit)}</td></tr>"
                     for what, value, unit in figures(job, total, markers))
+    table = funnel_table(total)
+    funnel = "".join("<tr>" + "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row) + "</tr>"
+                     for tag, row in zip(["th"] + ["td"] * len(table), table))
     kinds = "".join(f"<tr><td>{n}</td><td>{html.escape(kind)}</td></tr>"
                     for kind, n in sorted(total["error_kinds"].items(), key=lambda kv: -kv[1])[:15])
     images = "".join(f'<img src="{html.escape(os.path.basename(p))}" alt="{html.escape(os.path.basename(p))}">' for p in plots)
@@ -146,10 +167,13 @@ def page(out: str, job: dict, total: dict, markers: list[dict], plots: list[str]
 <html><head><meta charset="utf-8"><title>sculpt report · {html.escape(out)}</title><style>
 body{{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222}} table{{border-collapse:collapse;margin:8px 0 16px}}
 th,td{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}} td:nth-child(2){{text-align:right;font-weight:600}}
+.funnel td{{text-align:right}} .funnel td:first-child{{text-align:left}}
 img{{width:480px;margin:0 8px 8px 0;border:1px solid #eee}}</style></head>
 <body><h2>sculpt report</h2><p>{html.escape(out)} · config {html.escape(str(job.get("fingerprint")))} ·
 prompts {html.escape(str(job.get("prompts_version")))}</p>
 <table>{cells}</table>
+{f'<h3>Keep rule funnel</h3><p>pairs removed by the first check each failed (README: the keep rule)</p>'
+ f'<table class="funnel">{funnel}</table>' if funnel else ""}
 {f"<h3>Errors by kind</h3><table>{kinds}</table>" if kinds else ""}
 <div>{images}</div></body></html>
 """

@@ -12,6 +12,7 @@ import re
 import pyarrow as pa
 
 from sculpt import schema
+from sculpt.annotation import verify
 
 IOU_BINS = 10  # [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0]
 NO_WORK_SECONDS = 1e-4  # a stage busy less than this per image had nothing to do on them (no rate is shown)
@@ -34,7 +35,8 @@ def empty() -> dict:
         "expression_words": {},  # "n" -> expressions of n words
         "pairs_by_category": {},  # category -> verified pairs (negatives included)
         "kept_by_category": {},  # category -> of those, kept
-        "ambiguous": 0,  # pairs whose IoU passed the threshold but not the ambiguity margin (removed by it)
+        # category -> {reject_reason -> pairs}: the keep rule's funnel, each pair counted at the first check it failed
+        "rejected_by_category": {},
         "group_sizes": {},  # "n" -> multi-object groups of n members
         "stage_seconds": {},  # stage -> busy seconds of its actors
         "stage_images": {},  # stage -> images it processed
@@ -54,9 +56,8 @@ def _add(counter: dict, key, n: int = 1) -> None:
     counter[str(key)] = counter.get(str(key), 0) + n
 
 
-def count(table: pa.Table, threshold: float | None = None) -> dict:
-    """Statistics of a batch of pipeline rows (transient columns still present); ``threshold``: the verify
-    stage's IoU threshold, to count the pairs its ambiguity margin removed."""
+def count(table: pa.Table) -> dict:
+    """Statistics of a batch of pipeline rows (transient columns still present)."""
     stats = empty()
     statuses = table["status"].to_pylist()
     stats["rows"] = table.num_rows
@@ -78,15 +79,16 @@ def count(table: pa.Table, threshold: float | None = None) -> dict:
                 _add(stats["error_kinds"], error_kind(obj["error"]))
             if obj.get("members"):
                 _add(stats["group_sizes"], len(obj["members"]))
+            category = obj.get("category") or "unknown"
+            if obj.get("reject_reason"):
+                _add(stats["rejected_by_category"].setdefault(category, {}), obj["reject_reason"])
             if obj.get("kept") is not None and obj.get("verifier_area") is not None:  # judged by the verifier
-                category = obj.get("category") or "unknown"
                 _add(stats["pairs_by_category"], category)
                 _add(stats["kept_by_category"], category, int(bool(obj["kept"])))
             if obj.get("iou") is not None:
                 stats["verified"] += 1
                 stats["kept"] += bool(obj.get("kept"))
                 stats["iou_histogram"][min(IOU_BINS - 1, int(obj["iou"] * IOU_BINS))] += 1
-                stats["ambiguous"] += threshold is not None and obj["iou"] >= threshold and not obj.get("kept")
             if obj.get("expression"):
                 _add(stats["expression_words"], obj.get("expression_words") or len(obj["expression"].split()))
     for timings in table["stage_seconds"].to_pylist():
@@ -119,6 +121,7 @@ def derived(stats: dict) -> dict:
         "keep_rate": stats["kept"] / stats["verified"] if stats["verified"] else None,
         "keep_rate_by_category": {category: stats.get("kept_by_category", {}).get(category, 0) / pairs
                                   for category, pairs in stats.get("pairs_by_category", {}).items() if pairs},
+        "funnel": funnel(stats)["all"],
         "words_per_expression": sum(int(n) * c for n, c in words.items()) / expressions if expressions else None,
         "error_rate": stats["errors"] / stats["rows"] if stats["rows"] else 0.0,
         "stage_images_per_second": {  # per actor: images over its busy seconds; only stages that did work
@@ -126,3 +129,36 @@ def derived(stats: dict) -> dict:
             if seconds >= NO_WORK_SECONDS * stats["stage_images"][stage]
         },
     }
+
+
+def ordered(counts: dict) -> dict:
+    """reject_reason -> pairs, in the keep rule's order (a reason this sculpt does not know goes last)."""
+    rank = {reason: i for i, reason in enumerate(verify.REASONS)}
+    return dict(sorted(counts.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def funnel(stats: dict) -> dict:
+    """The keep rule's funnel: category -> {"removed": {reject_reason: pairs, in the rule's order}, "kept": pairs};
+    "all" sums the categories. Every judged pair is kept or removed by exactly one check."""
+    removed, kept = stats.get("rejected_by_category", {}), stats.get("kept_by_category", {})
+    out = {category: {"removed": ordered(removed.get(category, {})), "kept": kept.get(category, 0)}
+           for category in sorted(set(removed) | set(kept))}
+    every: dict = {}
+    for counts in removed.values():
+        merge(every, counts)
+    out["all"] = {"removed": ordered(every), "kept": sum(kept.values())}
+    return out
+
+
+def funnel_line(job: dict) -> str | None:
+    """The funnel of a job's derived statistics (``derived(...)["funnel"]``) in one line; None when no pair was judged.
+
+    >>> funnel_line({"funnel": {"removed": {"duplicate_expression": 3, "low_iou": 5}, "kept": 2}})
+    '[sculpt] keep rule: 10 pairs, 2 kept; removed by duplicate_expression 3, low_iou 5'
+    """
+    step = job.get("funnel") or {}
+    removed, kept = step.get("removed") or {}, step.get("kept", 0)
+    if not removed and not kept:
+        return None
+    steps = ", ".join(f"{reason} {n}" for reason, n in removed.items()) or "none"
+    return f"[sculpt] keep rule: {kept + sum(removed.values())} pairs, {kept} kept; removed by {steps}"

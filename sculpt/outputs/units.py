@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sculpt import errors, schema
-from sculpt.io import lease, storage
+from sculpt.io import lease, shards, storage
 from sculpt.io.storage import S3Options
 from sculpt.outputs import stats
 from sculpt.outputs.store import FILTER_SETTINGS, PARTS, OutputStore
@@ -56,6 +56,10 @@ class UnitWriter:
         return self.expected is not None and len(self.seen) == self.expected
 
     def add(self, table: pa.Table) -> None:
+        ends = pc.drop_null(table["unit_end"])  # before the filter: a chunk whose images are all excluded has one
+        if len(ends):  # row, index -1, that carries its end and nothing else
+            self.end = ends[0].as_py()
+            self.expected, self.bytes_read = self.end["size"], self.end["bytes_read"]
         fresh = []  # a row is kept once, even when a retried task's copy arrives in the same table
         for index in table["index"].to_pylist():
             fresh.append(index >= 0 and index not in self.seen)
@@ -63,15 +67,11 @@ class UnitWriter:
                 self.seen.add(index)
         if not all(fresh):
             table = table.filter(pa.array(fresh))
-        stats.merge(self.stats, stats.count(table, self.filter and self.filter["threshold"]))
+        stats.merge(self.stats, stats.count(table))
         for message in pc.drop_null(table["error"]).to_pylist():
             examples = self.first_errors.setdefault(message.split(":", 1)[0], [])
             if len(examples) < 3:
                 examples.append(message)
-        ends = pc.drop_null(table["unit_end"])
-        if len(ends):
-            self.end = ends[0].as_py()
-            self.expected, self.bytes_read = self.end["size"], self.end["bytes_read"]
         self.buffer.append(_finish(table))
         self.buffered += table.num_rows
         if self.buffered >= self.flush_rows:
@@ -131,6 +131,7 @@ class UnitWriter:
             "prompts_version": self.job.get("prompts_version"),
             **self.stats,
             "end": self.end,
+            "excluded": shards.excluded_of(self.end),  # images input.exclude skipped: no row, counted here
             "input_bytes_read": self.bytes_read,
             "started": self.started,
             "committed": time.time(),
