@@ -116,6 +116,8 @@ class VLMConfig(_Checked):
         super().__post_init__()
         if self.max_tiles < self.min_tiles:
             raise ConfigError(f"max_tiles={self.max_tiles!r}: must be an integer >= {self.min_tiles} (min_tiles)")
+        if self.tensor_parallel > 1 and self.gpus not in (0, 1):
+            raise ConfigError(f"gpus={self.gpus:g} with tensor_parallel: each shard takes a whole GPU; set vlm.gpus=1")
 
 
 @dataclass

