@@ -13,6 +13,10 @@ os.environ.update(AWS_ACCESS_KEY_ID="AKIASCULPTTESTONLY01", AWS_SECRET_ACCESS_KE
                   AWS_DEFAULT_REGION="us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM's CPU backend
+# Ray starts its workers at nice 15 (jobs' drivers at 0): beside any other busy process the tests' workers got ~3 % of
+# a core while the test waited at full priority (a suite run took over 40 minutes under two busy loops). At the
+# driver's priority, a loaded machine slows the whole test alike.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session")
