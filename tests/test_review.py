@@ -9,7 +9,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from sculpt import cli, schema
 from sculpt.annotation import rle
 from sculpt.outputs import review
 from sculpt.testing import samples
+from tests.test_cluster import free_port
 from tests.test_export import gradient, mask_at, shard_output
 
 H, W = 24, 32
@@ -175,12 +175,6 @@ def test_import_replaces_verdicts_and_the_report_weighs_strata(out, tmp_path, ca
 # --- a real Label Studio ---------------------------------------------------------------------------------------------
 
 LABEL_STUDIO = os.path.join(sys.prefix, "label-studio", "bin", "label-studio")  # make install: $(VENV)/label-studio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
