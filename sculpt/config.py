@@ -22,7 +22,7 @@ import yaml
 from sculpt.annotation import images
 from sculpt.models import DEFAULT_MODELS
 from sculpt import errors
-from sculpt.stage import Resources, Stage
+from sculpt.stage import BUILTIN_STAGES, STAGE_DEFAULTS, Resources, Stage
 from sculpt.io.storage import S3Options
 
 
@@ -70,7 +70,7 @@ class OutputConfig(_Checked):
 
 @dataclass
 class StageConfig(_Checked):
-    name: str  # a built-in stage (see sculpt.config.BUILTIN_STAGES) or any name when `class` is given
+    name: str  # a built-in stage (see sculpt.stage.BUILTIN_STAGES) or any name when `class` is given
     cls: str | None = None  # "module:Class" of a sculpt.stage.Stage subclass; YAML key `class`
     batch_size: Count = 8  # images per process() call
     actors: Count = 1  # fixed actor pool size
@@ -191,27 +191,6 @@ class JobConfig(_Checked):
         per reader (one being read, one in the stages), whichever is more."""
         readers = self.input.readers
         return self.input.chunks_in_flight or max(self.least_chunks_in_flight + readers, 2 * readers)
-
-
-# Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.
-BUILTIN_STAGES: dict[str, str] = {
-    "caption": "actors.caption:Captioner",
-    "ground": "actors.ground:Grounder",
-    "mask": "actors.mask:Masker",
-    "refer": "actors.refer:Referrer",
-    "verify": "actors.verify:Verifier",
-}
-# Per-stage defaults of the built-in stages (anything a stage's config leaves out). The VLM stages' actors only
-# wait on the engine pool, so each keeps 8 batches in flight: with 2, requests waiting on a busy engine left others
-# idle (4 nodes: 0.40 of the engines' bound, 0.88-0.92 with 8; docs/BENCHMARKS.md).
-STAGE_DEFAULTS: dict[str, dict] = {
-    # CPU clients of the VLM engine pool
-    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8, "batches_in_flight": 8},
-    "ground": {"gpus": 0.25, "batch_size": 8},  # Florence-2-large, ~0.8 B
-    "mask": {"gpus": 0.25, "batch_size": 8},  # SAM2-L, ~0.2 B
-    "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},
-    "verify": {"gpus": 0.5, "batch_size": 8},  # EVF-SAM2, ~0.9 B
-}
 
 
 def default_stages() -> list[StageConfig]:

@@ -19,6 +19,28 @@ from dataclasses import dataclass
 from sculpt import errors, schema
 
 
+
+# Stage names the workflow knows without a `class`, in chain order: the default `stages` of a job.
+BUILTIN_STAGES: dict[str, str] = {
+    "caption": "actors.caption:Captioner",
+    "ground": "actors.ground:Grounder",
+    "mask": "actors.mask:Masker",
+    "refer": "actors.refer:Referrer",
+    "verify": "actors.verify:Verifier",
+}
+# Per-stage defaults of the built-in stages (anything a stage's config leaves out). The VLM stages' actors only
+# wait on the engine pool, so each keeps 8 batches in flight: with 2, requests waiting on a busy engine left others
+# idle (4 nodes: 0.40 of the engines' bound, 0.88-0.92 with 8; docs/BENCHMARKS.md).
+STAGE_DEFAULTS: dict[str, dict] = {
+    # CPU clients of the VLM engine pool
+    "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8, "batches_in_flight": 8},
+    "ground": {"gpus": 0.25, "batch_size": 8},  # Florence-2-large, ~0.8 B
+    "mask": {"gpus": 0.25, "batch_size": 8},  # SAM2-L, ~0.2 B
+    "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},
+    "verify": {"gpus": 0.5, "batch_size": 8},  # EVF-SAM2, ~0.9 B
+}
+
+
 @dataclass(frozen=True)
 class Resources:
     cpus: float = 1.0  # logical CPUs each actor holds

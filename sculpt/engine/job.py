@@ -21,7 +21,7 @@ from sculpt.io.lease import Lease
 from sculpt.outputs.store import OutputStore
 from sculpt.stage import Stage
 
-VLM_POOL = "actors.vlm:vlm_engines"  # found by name, as the built-in stages are (sculpt.config.BUILTIN_STAGES)
+VLM_POOL = "actors.vlm:vlm_engines"  # found by name, as the built-in stages are (sculpt.stage.BUILTIN_STAGES)
 
 
 def main(args) -> int:
