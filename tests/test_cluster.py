@@ -1,5 +1,6 @@
 """The job as a cluster runs it: `ray job submit` against a `ray start --head`, cluster.yaml, Dockerfile."""
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 import time
 import tomllib
 
+import psutil
 import pyarrow.dataset as pads
 import pytest
 import yaml
@@ -33,9 +35,13 @@ def ray_head(tmp_path_factory):
     """A head node on loopback (its own process group, ended afterwards); yields the dashboard address."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
     dashboard = free_port()
+    # Every port the head's agents listen on is its own: their defaults (52365 for the job agent) may be held by
+    # another Ray on the machine, and then `ray job submit` finds "No available agent" for as long as it waits
+    ports = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc",
+                                                          "runtime-env-agent", "metrics-export")]
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--num-gpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports, "--num-cpus=8", "--num-gpus=2",
          f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
@@ -44,8 +50,16 @@ def ray_head(tmp_path_factory):
         assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
         time.sleep(1)
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    # Killed, with every process it started: a graceful `ray start --block` shutdown takes ~30 s, and a process left
+    # behind would hold its ports
+    tree = [head, *psutil.Process(head.pid).children(recursive=True)]
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    with contextlib.suppress(ProcessLookupError):  # and any that left the tree but not the process group
+        os.killpg(head.pid, signal.SIGKILL)
+    psutil.wait_procs([p for p in tree if isinstance(p, psutil.Process)], timeout=30)
+    head.wait(timeout=30)
 
 
 def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
