@@ -2,14 +2,15 @@
 
 Every request about an image carries the same image first and the caption next; only the object's phrase and
 box (in InternVL's 0..1000 convention) differ, at the end, so the engine's prefix cache serves all objects after
-the first. A group is asked about with all its member boxes. Unusable output is an error on that object, not on
+the first. A group is asked about with all its member boxes; an object whose kind has other instances in the image
+(named, or found by the instances stage) is told where they are (``sculpt.annotation.instances.others``). Unusable output is an error on that object, not on
 the image. Each image is also asked for negatives (expressions of something it does not show).
 """
 
 from __future__ import annotations
 
 from actors.vlm import VLMStage, image_key
-from sculpt.annotation import prompts, rle
+from sculpt.annotation import instances, prompts, rle
 from sculpt import schema
 from sculpt.annotation.categories import NEGATIVE
 
@@ -27,13 +28,14 @@ class Referrer(VLMStage):
         count = int(self.params["negatives"])
         for row in rows:
             objects = row["objects"] or []
-            for obj in objects:
+            for i, obj in enumerate(objects):
                 if obj.get("mask") is None or obj.get("error"):
                     continue
                 encoded[image_key(row)] = row["image_bytes"]
                 members = [objects[i]["box"] for i in obj.get("members") or []]
                 text = prompts.refer_prompt(row["caption"], obj.get("phrase"), obj["box"], row["width"], row["height"],
-                                            member_boxes=members)
+                                            member_boxes=members, other_boxes=instances.others(objects, i),
+                                            kind=instances.kind(obj.get("phrase")))
                 requests.append((image_key(row), text))
                 targets.append(obj)
             if count and row.get("caption"):

@@ -1,7 +1,7 @@
 """Verify stage: EVF-SAM2 segments each object from its referring expression alone, and ``sculpt.annotation.verify`` judges
-the pair by one rule: text checks (length, repeating its phrase, another pair's same expression), then the SAM2 mask
-and the image's other objects (agreement and ambiguity), or, for a negative, nothing. The figures are recorded for
-every pair, kept or not, with the first check it failed (``reject_reason``)."""
+the pair by one rule: text checks (length, repeating its phrase, another pair's same expression), the listener's box
+(actors/listen.py), then the SAM2 mask and the image's other objects (agreement and ambiguity), or, for a negative,
+nothing. The figures are recorded for every pair, kept or not, with the first check it failed (``reject_reason``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class Verifier(Stage):
     - ``threshold`` (0.5): keep a pair when IoU >= threshold (the paper's 0.5) ...
     - ``margin`` (0.1): ... and its IoU beats the verifier mask's IoU with every other object of the image
       (``rival_iou``) by this much: a reference that fits another object nearly as well is ambiguous
+    - ``listener_threshold`` (0.5): ... and the listener's box for its expression (``listener_iou``, set by the listen
+      stage, actors/listen.py) overlaps the pair's box with IoU >= this; a pair the listener did not ask about passes
     - ``negative_area`` (0.01): keep a negative when the verifier's mask covers at most this share of the image
     - ``min_words`` (3), ``max_words`` (40): keep an expression of this many words (as written) only
     - ``duplicate_similarity`` (1.0): reject every pair of an image whose expression is near-same as another's:
@@ -30,6 +32,7 @@ class Verifier(Stage):
     name = "verify"
     model_key = "verify"
     defaults = {"threshold": verify.DEFAULT_THRESHOLD, "margin": verify.DEFAULT_MARGIN,
+                "listener_threshold": verify.DEFAULT_LISTENER_THRESHOLD,
                 "negative_area": verify.DEFAULT_NEGATIVE_AREA, "min_words": verify.DEFAULT_MIN_WORDS,
                 "max_words": verify.DEFAULT_MAX_WORDS, "duplicate_similarity": verify.DEFAULT_DUPLICATE_SIMILARITY,
                 "semantic": None, "prefix": "", "keep_masks": False,
@@ -40,6 +43,7 @@ class Verifier(Stage):
         p = self.params
         p["threshold"] = verify.check_threshold(p["threshold"])
         p["margin"] = verify.check_fraction("margin", p["margin"])
+        p["listener_threshold"] = verify.check_fraction("listener_threshold", p["listener_threshold"])
         p["negative_area"] = verify.check_fraction("negative_area", p["negative_area"])
         p["min_words"], p["max_words"] = verify.check_words(p["min_words"], p["max_words"])
         p["duplicate_similarity"] = verify.check_fraction("duplicate_similarity", p["duplicate_similarity"])

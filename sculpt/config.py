@@ -89,6 +89,7 @@ class ModelsConfig(_Checked):
     ground: str = DEFAULT_MODELS["ground"]  # Florence-2
     mask: str = DEFAULT_MODELS["mask"]  # SAM2 (an id known to the sam2 package, or a directory)
     verify: str = DEFAULT_MODELS["verify"]  # EVF-SAM2 (YxZhang/evf-sam2-multitask adds "[semantic] ")
+    instances: str = DEFAULT_MODELS["instances"]  # SAM 3 (transformers' Sam3Model): every instance of each kind
 
 
 @dataclass

@@ -33,7 +33,13 @@ OBJECT_TYPE = pa.struct(
         ("iou", pa.float32()),  # IoU of the verifier's mask (from `expression` alone) with `mask`
         # the verifier mask's highest IoU with any other object of the image (its own members and groups aside)
         ("rival_iou", pa.float32()),
+        # how many instances of its kind the image holds (named or not; the instances stage, actors/instances.py);
+        # null for stuff, negatives, a job without that stage and outputs of sculpt before it
+        ("instances", pa.int32()),
         ("verifier_area", pa.int64()),  # pixels of the verifier's mask
+        # the listener's box for `expression` alone (actors/listen.py) against `box`: box IoU; null where it was not
+        # asked (negatives, pairs the text checks reject, a job without the listen stage, older outputs)
+        ("listener_iou", pa.float32()),
         ("verifier_mask", MASK_TYPE),  # the verifier's mask itself, with the verify stage's keep_masks
         # kept: the pair passed every check of the verify stage's keep rule (sculpt.annotation.verify.CHECKS)
         ("kept", pa.bool_()),

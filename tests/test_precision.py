@@ -124,3 +124,32 @@ def test_grounder_in_reduced_precision(florence_dir, dtype):
     for a, b in zip(found[dtype], found["float32"]):
         assert [o["phrase"] for o in a["objects"]] == [o["phrase"] for o in b["objects"]]
         assert [o["box"] for o in a["objects"]] == [o["box"] for o in b["objects"]]
+
+
+@pytest.fixture(scope="module")
+def sam3_dir(tmp_path_factory):
+    from sculpt.testing import tiny_sam3
+
+    return tiny_sam3.write(str(tmp_path_factory.mktemp("sam3") / "sam3"))
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_instance_finder_in_reduced_precision(sam3_dir, dtype):
+    """SAM 3 (the instances stage), weights in the dtype as transformers loads them (as Florence-2's): the same
+    instances, counts and groups as in float32, the found plant's box and mask within the tolerances above."""
+    from actors.instances import InstanceFinder
+    from sculpt.annotation import instances
+    from tests.test_instances import kit_row
+
+    stages = {d: InstanceFinder(model=sam3_dir, dtype=d) for d in ("float32", dtype)}
+    out = {d: StageActor(stage)(schema.to_table([kit_row("chelsea")])).to_pylist()[0] for d, stage in stages.items()}
+    assert next(stages[dtype].model.parameters()).dtype == getattr(torch, dtype)
+    assert out[dtype]["status"] == out["float32"]["status"] == "ok", out[dtype]["error"]
+    reduced, full = out[dtype]["objects"], out["float32"]["objects"]
+    assert len(reduced) == len(full) == len(kit_row()["objects"]) + 1  # one plant the caption missed, found
+    for a, b in zip(reduced, full):
+        assert (a["phrase"], a["instances"], a["members"]) == (b["phrase"], b["instances"], b["members"])
+        if a["phrase_start"] is None:
+            assert instances.box_iou(a["box"], b["box"]) >= 0.9
+            assert iou(rle.decode(a["mask"]), rle.decode(b["mask"])) >= 0.9
+            assert a["mask_score"] == pytest.approx(b["mask_score"], abs=0.05)

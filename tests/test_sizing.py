@@ -44,4 +44,5 @@ def test_the_example_job_is_the_proposal_for_16_gpus(capsys):
             assert (stage.actors, stage.gpus) == plan["stages"][stage.name]
     assert cli.main(["size", "--gpus", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "replicas: 12" in printed and "{name: ground, actors: 9, gpus: 0.25" in printed
+    assert "replicas: 11" in printed and "{name: ground, actors: 33, gpus: 0.0625" in printed
+    assert "{name: instances, actors: 20, gpus: 0.0625" in printed

@@ -14,7 +14,7 @@ from actors.ground import Grounder  # noqa: E402
 from sculpt import config, schema  # noqa: E402
 from sculpt.annotation import grounding, prompts
 from sculpt.testing import samples
-from sculpt.testing.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE  # noqa: E402
+from sculpt.testing.kit import CAPTION, EXPRESSION, GROUNDING, GROUP_EXPRESSION, LISTENER_ANSWER, NEGATIVE  # noqa: E402
 
 # The caption's own text at each grounded span, a phrase repeated once per box of its group.
 PHRASES = ["A gray cat", "a red sofa", "the wooden floor", "Its long tail", "Two green plants", "Two green plants",
@@ -34,8 +34,8 @@ def pixel_box(bins, width, height):
 
 
 def scene_prompts(width, height):
-    """(prompt, the trained answer, how the stage cleans it) for the caption, refer, group and negative prompts,
-    as the caption and refer stages ask them about the kit's scene."""
+    """(prompt, the trained answer, how the stage cleans it) for the caption, refer, group, negative and listener
+    prompts, as the caption, refer and listen stages ask them about the kit's scene."""
     members = [pixel_box(b, width, height) for b in GROUNDING["two green plants"]]
     return [
         (prompts.CAPTION_PROMPT, CAPTION, prompts.clean_caption),
@@ -44,6 +44,7 @@ def scene_prompts(width, height):
         (prompts.refer_prompt(CAPTION, "Two green plants", members[0], width, height, member_boxes=members),
          GROUP_EXPRESSION, prompts.clean_expression),
         (prompts.negative_prompt(CAPTION, PHRASES, 1), NEGATIVE, lambda text: prompts.clean_negatives(text, 1, PHRASES)[0]),
+        (prompts.listener_prompt(GROUP_EXPRESSION), LISTENER_ANSWER, lambda text: text),
     ]
 
 

@@ -19,8 +19,8 @@ def mask(shape, *cells):
     return out
 
 
-PARAMS = {"threshold": 0.5, "margin": 0.1, "negative_area": 0.01, "min_words": 3, "max_words": 40,
-          "duplicate_similarity": 1.0}  # the stage's defaults
+PARAMS = {"threshold": 0.5, "margin": 0.1, "listener_threshold": 0.5, "negative_area": 0.01, "min_words": 3,
+          "max_words": 40, "duplicate_similarity": 1.0}  # the stage's defaults
 
 
 def judged(evf, sam, threshold=0.5, margin=0.1):
@@ -168,6 +168,8 @@ def pair(expression, phrase="red cup", iou=0.9, rival_iou=0.0, **fields):
     (pair("a RED, cup!", phrase="red cup"), "repeats_phrase"),
     (pair("the red cup on the table", error="verify: masks of different sizes", iou=None), "verify_error"),
     (pair("the red cup on the table", iou=0.49), "low_iou"),
+    (pair("the red cup on the table", iou=0.49, listener_iou=0.49), "listener"),  # tests/test_listen.py has more
+    (pair("the red cup on the table", listener_iou=0.5), None),
     (pair("the red cup on the table", iou=0.625, rival_iou=0.53125), "rival"),  # beats it by 0.09375 < 0.1
     (pair("the red cup on the table", iou=0.625, rival_iou=0.5), None),
     (pair("a yellow umbrella by the door", category="negative", iou=None, verifier_area=2), "negative_drawn"),
@@ -180,7 +182,7 @@ def test_each_check_rejects_its_golden_case(obj, reason):
 
 def test_the_first_failed_check_is_the_reason_in_one_fixed_order():
     assert verify.REASONS == ("no_expression", "too_short", "too_long", "repeats_phrase", "duplicate_expression",
-                              "verify_error", "low_iou", "rival", "negative_drawn")
+                              "verify_error", "listener", "low_iou", "rival", "negative_drawn")
     worst = pair("red cup", phrase="red cup", iou=0.0, rival_iou=1.0)  # fails every check but the negative's
     assert verify.reject_reason(worst, PARAMS, duplicate=True) == "too_short"
     loose = {**PARAMS, "min_words": 1}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-PROMPTS_VERSION = "gssculpt-2"
+PROMPTS_VERSION = "gssculpt-3"  # 3: the refer prompt names the other instances of its kind
 
 CAPTION_PROMPT = (
     "Describe this image in detail in one paragraph. Name every salient object and region: things (people, "
@@ -34,6 +34,11 @@ GROUP_REFER_PROMPT = (
     "not mention the boxes or coordinates. Answer with the expression only."
 )
 
+# Put into a refer prompt right after the caption (the prefix all objects of the image share) when the image holds
+# other instances of the target's kind (the instances stage finds them, named or not): where they are, so that the
+# expression says what tells the target apart.
+OTHERS_SENTENCE = "The image also shows other {kind} instances at <box>{boxes}</box>; the expression must fit none of them.\n\n"
+
 # Negatives (GroundingME, SAM 3): expressions that describe something plausible that the image does not show.
 NEGATIVE_PROMPT = (
     "Image description: {caption}\n\n"
@@ -42,6 +47,11 @@ NEGATIVE_PROMPT = (
     "this image but plausibly could be: an absent kind of object, or a present kind with a colour, place or "
     "state it does not have here. Answer with the expressions only."
 )
+
+# The listener (actors/listen.py): the expression alone, no caption and no target box, asked in InternVL's own
+# referring-expression grounding form; it answers with a box in its 0..1000 convention (``text_to_boxes``).
+LISTENER_PROMPT = ("Please provide the bounding box coordinate of the region this sentence describes: "
+                   "<ref>{expression}</ref>")
 
 MIN_EXPRESSION_WORDS = 2
 
@@ -58,12 +68,45 @@ def boxes_to_text(boxes, width: int, height: int) -> str:
     return "[" + ", ".join(box_to_text(box, width, height)[1:-1] for box in boxes) + "]"
 
 
-def refer_prompt(caption: str | None, phrase: str | None, box, width: int, height: int, member_boxes=None) -> str:
-    """The refer prompt of one object, or of a group when ``member_boxes`` lists its members' boxes."""
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+
+
+def text_to_boxes(text: str, width: int, height: int) -> list[list[float]]:
+    """The pixel boxes (x0, y0, x1, y1) of an answer in InternVL's convention, the inverse of ``box_to_text``: every
+    ``[x0, y0, x1, y1]`` in it (``<box>[[...]]</box>``, ``[[...], [...]]`` or bare), each coordinate clamped to
+    0..1000 and scaled by its axis; corners given the wrong way round are put right, a box of no area is dropped.
+    An answer without one gives ``[]``."""
+    boxes = []
+    for match in _BOX.finditer(text or ""):
+        x0, y0, x1, y1 = (min(1000.0, max(0.0, float(v))) for v in match.groups())
+        x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
+        if x1 > x0 and y1 > y0:
+            boxes.append([x0 / 1000 * width, y0 / 1000 * height, x1 / 1000 * width, y1 / 1000 * height])
+    return boxes
+
+
+def listener_prompt(expression: str) -> str:
+    """What the listener asks: where the expression's region is, from the image and the expression alone."""
+    return LISTENER_PROMPT.format(expression=expression)
+
+
+def refer_prompt(caption: str | None, phrase: str | None, box, width: int, height: int, member_boxes=None,
+                 other_boxes=None, kind: str | None = None) -> str:
+    """The refer prompt of one object, or of a group when ``member_boxes`` lists its members' boxes; with
+    ``other_boxes``, the other instances of its ``kind`` (``sculpt.annotation.instances.others``), named between the
+    caption and the object."""
     if member_boxes:
-        return GROUP_REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the objects",
+        text = GROUP_REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the objects",
                                          box=boxes_to_text(member_boxes, width, height))
-    return REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the object", box=box_to_text(box, width, height))
+    else:
+        text = REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the object",
+                                   box=box_to_text(box, width, height))
+    if not other_boxes:
+        return text
+    shared = len(f"Image description: {caption or '(none)'}\n\n")  # after the image, every object's prefix
+    return text[:shared] + OTHERS_SENTENCE.format(kind=kind or "such", boxes=boxes_to_text(other_boxes, width, height)) \
+        + text[shared:]
 
 
 def negative_prompt(caption: str | None, present: list[str], count: int) -> str:

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from sculpt.annotation import rle
+from sculpt.annotation import grounding, rle
 from sculpt.annotation.categories import NEGATIVE
 
 DEFAULT_THRESHOLD = 0.5
@@ -31,6 +31,8 @@ DEFAULT_MAX_WORDS = 40
 # Two expressions of one image are near-same when difflib's ratio over their normalised words (``words``) is at
 # least this; 1.0: only when equal. Below 1 a long expression differing in one word ("left"/"right") counts too.
 DEFAULT_DUPLICATE_SIMILARITY = 1.0
+# The listener's check: its box for the expression (actors/listen.py) against the pair's box, box IoU at least this
+DEFAULT_LISTENER_THRESHOLD = 0.5
 ARTICLES = frozenset({"a", "an", "the"})
 SEMANTIC_PREFIX = "[semantic] "  # EVF-SAM2-multitask's semantic-level mode (stuff, parts, all instances of a kind)
 SEMANTIC_CATEGORIES = ("stuff", "part")
@@ -109,6 +111,10 @@ CHECKS = (
     ("repeats_phrase", lambda o, p, dup: not _negative(o) and words(o["expression"]) == words(o.get("phrase"))),
     ("duplicate_expression", lambda o, p, dup: dup),
     ("verify_error", lambda o, p, dup: bool(o.get("error"))),
+    # the second opinion, a box-level one: the listener found the expression elsewhere (before the mask checks, so
+    # that low_iou then means "the right place, but the masks disagree"); null (not asked) passes
+    ("listener", lambda o, p, dup: not _negative(o) and o.get("listener_iou") is not None
+     and o["listener_iou"] < p["listener_threshold"]),
     ("low_iou", lambda o, p, dup: not _negative(o) and o["iou"] < p["threshold"]),
     ("rival", lambda o, p, dup: not _negative(o) and o["iou"] - o["rival_iou"] < p["margin"]),
     ("negative_drawn", lambda o, p, dup: _negative(o) and o["verifier_area"] > p["negative_area"] * _image_area(o)),
@@ -119,6 +125,25 @@ REASONS = tuple(reason for reason, _ in CHECKS)
 def reject_reason(obj: dict, params: dict, duplicate: bool = False) -> str | None:
     """The first check of ``CHECKS`` that the judged pair fails; None: it passes them all and is kept."""
     return next((reason for reason, failed in CHECKS if failed(obj, params, duplicate)), None)
+
+
+def listened(objects: list[dict], i: int) -> bool:
+    """Whether the listener asks about pair i: a pair of a box (not a negative) and no object error that passes the
+    text checks whatever the verify stage's params (an expression with words, not its phrase's, no other pair's
+    equal). Length bounds are params: it asks about pairs out of bounds too, which the rule rejects first."""
+    obj = objects[i]
+    mine = words(obj.get("expression"))
+    return (is_pair(obj) and not _negative(obj) and obj.get("box") is not None and not obj.get("error") and bool(mine)
+            and mine != words(obj.get("phrase")) and not duplicated(objects, i, 1.0))
+
+
+def listener_iou(boxes: list, target) -> float:
+    """The listener's box against the pair's box (for a group its union box): the union box of what the listener
+    answered (several boxes for one expression: it found several things), as float32 as stored. No box: 0."""
+    if not boxes:
+        return 0.0
+    union = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    return float(np.float32(grounding.box_iou(union, target)))
 
 
 def split(objects: list[dict]) -> tuple[list[int], list[int]]:

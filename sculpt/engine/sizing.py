@@ -14,24 +14,35 @@ from __future__ import annotations
 
 import math
 
-# GPU milliseconds per image, per stage ("vlm" is caption + refer on the shared engines).
-DEFAULT_COSTS_MS = {"vlm": 198.4, "ground": 36.4, "mask": 12.4, "verify": 17.1}
-VISION_STAGES = ("ground", "mask", "verify")
+# GPU milliseconds per image, per stage ("vlm" is caption + refer + listen on the shared engines).
+DEFAULT_COSTS_MS = {"vlm": 231.8, "ground": 36.4, "mask": 12.4, "instances": 22.5, "verify": 17.1}
+VISION_STAGES = ("ground", "mask", "instances", "verify")
+# Vision stages a job can do without: where the GPUs cannot hold every vision stage beside one engine, the proposal
+# leaves these out (the chain without them still runs; "dropped" says which).
+OPTIONAL_STAGES = ("instances",)
 
 
-def propose(gpus: int, costs_ms: dict | None = None, share_steps=(0.5, 0.25, 0.125), tensor_parallel: int = 1) -> dict:
+def propose(gpus: int, costs_ms: dict | None = None, share_steps=(0.5, 0.25, 0.125, 0.0625), tensor_parallel: int = 1) -> dict:
     """{"vlm_replicas", "stages": {stage: (actors, gpus per actor)}, "images_per_second": {stage: capacity},
     "balance": slowest / fastest capacity}. Vision actors hold one of ``share_steps`` of a GPU: the coarsest that
     balances as well as a finer one (fewer, larger actors batch better)."""
     costs = {**DEFAULT_COSTS_MS, **(costs_ms or {})}
+    try:
+        return _propose(gpus, costs, share_steps, tensor_parallel, VISION_STAGES)
+    except ValueError:
+        vision = tuple(s for s in VISION_STAGES if s not in OPTIONAL_STAGES)
+        return {**_propose(gpus, costs, share_steps, tensor_parallel, vision), "dropped": list(OPTIONAL_STAGES)}
+
+
+def _propose(gpus: int, costs: dict, share_steps, tensor_parallel: int, vision_stages: tuple) -> dict:
     # Engines in whole GPUs, the rest to the vision stages; pick the split whose slowest stage is fastest.
     candidates = []  # (replicas, vision, capacity) of every feasible split
     for step in share_steps:
         for replicas in range(1, gpus // tensor_parallel + 1):
             left = gpus - replicas * tensor_parallel
-            if left < len(VISION_STAGES) * step:
+            if left < len(vision_stages) * step:
                 break
-            vision = _split(left, {s: costs[s] for s in VISION_STAGES}, step)
+            vision = _split(left, {s: costs[s] for s in vision_stages}, step)
             capacity = {"vlm": replicas * tensor_parallel / costs["vlm"] * 1000}
             capacity |= {s: actors * share / costs[s] * 1000 for s, (actors, share) in vision.items()}
             candidates.append((replicas, vision, capacity))
@@ -42,7 +53,7 @@ def propose(gpus: int, costs_ms: dict | None = None, share_steps=(0.5, 0.25, 0.1
     near = [c for c in candidates if min(c[2].values()) >= 0.99 * fastest]
     best = max(near, key=lambda c: min(c[2].values()) / max(c[2].values()))
     replicas, vision, capacity = best
-    return {"vlm_replicas": replicas, "tensor_parallel": tensor_parallel, "stages": vision,
+    return {"vlm_replicas": replicas, "tensor_parallel": tensor_parallel, "stages": vision, "dropped": [],
             "images_per_second": capacity, "balance": min(capacity.values()) / max(capacity.values())}
 
 
@@ -61,15 +72,17 @@ def _split(gpus: float, costs: dict, step: float) -> dict:
 
 
 def job_sections(plan: dict) -> str:
-    """The proposal as the `vlm` and `stages` YAML of a job config (caption/refer: one client actor per engine)."""
+    """The proposal as the `vlm` and `stages` YAML of a job config (caption/refer/listen: one client actor per engine)."""
     replicas = plan["vlm_replicas"]
     lines = ["vlm:", f"  replicas: {replicas}", "  gpus: 1" if plan["tensor_parallel"] == 1 else "  gpus: 0",
              f"  tensor_parallel: {plan['tensor_parallel']}", "stages:",
              f"  - {{name: caption, actors: {replicas}, cpus: 0.5, batch_size: 8}}"]
-    for stage in ("ground", "mask"):
-        actors, share = plan["stages"][stage]
-        lines.append(f"  - {{name: {stage}, actors: {actors}, gpus: {share:g}, batch_size: 8}}")
+    for stage in ("ground", "mask", "instances"):
+        if stage in plan["stages"]:
+            actors, share = plan["stages"][stage]
+            lines.append(f"  - {{name: {stage}, actors: {actors}, gpus: {share:g}, batch_size: 8}}")
     lines.append(f"  - {{name: refer, actors: {replicas}, cpus: 0.5, batch_size: 4}}")
+    lines.append(f"  - {{name: listen, actors: {replicas}, cpus: 0.5, batch_size: 4}}")
     actors, share = plan["stages"]["verify"]
     lines.append(f"  - {{name: verify, actors: {actors}, gpus: {share:g}, batch_size: 8}}")
     return "\n".join(lines)
@@ -77,5 +90,7 @@ def job_sections(plan: dict) -> str:
 
 def describe(plan: dict) -> str:
     rates = ", ".join(f"{s} {r:.1f}" for s, r in plan["images_per_second"].items())
+    left_out = (f"; left out, as the GPUs cannot hold them beside the rest: {', '.join(plan['dropped'])}"
+                if plan.get("dropped") else "")
     return (f"images/s each stage can sustain: {rates}; slowest/fastest = {plan['balance']:.2f} "
-            f"(job rate ~{min(plan['images_per_second'].values()):.1f} images/s)")
+            f"(job rate ~{min(plan['images_per_second'].values()):.1f} images/s){left_out}")

@@ -6,4 +6,5 @@ DEFAULT_MODELS = {
     "ground": "florence-community/Florence-2-large",
     "mask": "facebook/sam2.1-hiera-large",
     "verify": "YxZhang/evf-sam2",
+    "instances": "facebook/sam3",  # every instance of a kind (SAM 3 through transformers)
 }

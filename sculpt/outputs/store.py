@@ -51,8 +51,8 @@ class IncompatibleOutput(errors.JobError):
     pass
 
 
-FILTER_SETTINGS = ("threshold", "margin", "negative_area", "min_words", "max_words", "duplicate_similarity",
-                   "semantic", "prefix")
+FILTER_SETTINGS = ("threshold", "margin", "listener_threshold", "negative_area", "min_words", "max_words",
+                   "duplicate_similarity", "semantic", "prefix")
 
 
 def fingerprint(settings: dict) -> str:

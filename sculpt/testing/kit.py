@@ -6,10 +6,10 @@ They run through exactly the code that loads and runs the real ones.
 
 The two text models are briefly trained at kit time (seeded, a few seconds on one CPU thread) to act out one
 fixed scene, whatever the image, so every object reaches every stage: the tiny InternVL answers the caption
-prompt with ``CAPTION``, any refer prompt with ``EXPRESSION``, any group refer prompt with
-``GROUP_EXPRESSION`` and any negative prompt with ``NEGATIVE``; the tiny Florence-2 grounds ``CAPTION`` (and
-each run of its sentences) to ``GROUNDING``'s boxes. SAM2 and EVF-SAM2 keep random weights: their masks are
-meaningless.
+prompt with ``CAPTION``, any refer prompt with ``EXPRESSION``, any group refer prompt with ``GROUP_EXPRESSION``,
+any negative prompt with ``NEGATIVE`` and any listener prompt with ``LISTENER_ANSWER``; the tiny Florence-2 grounds ``CAPTION`` (and each run of its sentences) to ``GROUNDING``'s boxes. The tiny SAM 3 is
+trained too (a few seconds), to find every instance of each grounded kind, ``UNNAMED`` ones included, with
+box-shaped masks. SAM2 and EVF-SAM2 keep random weights: their masks are meaningless.
 """
 
 from __future__ import annotations
@@ -40,6 +40,16 @@ GROUNDING = {
     "two green plants": [(600, 90, 740, 700), (790, 130, 950, 720)],
     "the window": [(480, 20, 990, 470)],
 }
+# Instances of the scene's kinds that the caption never names, which the tiny SAM 3 finds beside the named ones
+# (sculpt.testing.tiny_sam3.scene_instances): a third plant, on the left. "two green plants" says how many, so their
+# group is not completed with it (sculpt.annotation.instances): it is a rival of the group's expression.
+UNNAMED = {"plant": [(20, 60, 280, 600)]}
+# What the trained tiny InternVL answers to any listener prompt (listener_prompt(...)): the cat's box, in InternVL's
+# 0..1000 convention. A pair of the cat would agree with it; the group of the two plants, the one pair of the scene
+# that passes the text checks (every single object gets EXPRESSION: duplicates), disagrees (box IoU 0): the listener
+# rejects it, before the mask checks.
+LISTENER_BOX = (120, 310, 560, 810)
+LISTENER_ANSWER = "[[" + ", ".join(map(str, LISTENER_BOX)) + "]]"
 
 # `models` key -> the module whose write(directory, seed) writes that model's tiny checkpoint
 WRITERS = {
@@ -47,22 +57,26 @@ WRITERS = {
     "ground": "sculpt.testing.tiny_florence2",
     "mask": "sculpt.testing.tiny_sam2",
     "verify": "sculpt.testing.tiny_evf_sam2",
+    "instances": "sculpt.testing.tiny_sam3",
 }
 
 
 # The rest of DIR/models.yaml: what the tiny models need to run on a CPU. A new local Ray with logical CPUs and GPUs
-# enough for the five stages (readers 2 + caption 1 + ground 1 + mask 1 + refer 1 + verify 1 + the VLM engine 1 = 8
-# CPUs; the engine 1 + ground 0.25 + mask 0.25 + verify 0.5 = 2 GPUs, which tiny models use on the CPU), small images,
-# short answers, no CUDA graphs, and 1 GiB of KV cache for vLLM's CPU backend (else it asks for most of the RAM;
+# enough for the stages (readers 2 + caption 1 + ground 1 + mask 1 + instances 1 + refer 1 + listen 1 + verify 1 + the
+# VLM engine 1 = 10 CPUs; the engine 1 + ground 0.25 + mask 0.25 + verify 0.5 = 2 GPUs, which tiny models use on the
+# CPU; the tiny SAM 3 takes no GPU share), small
+# images, short answers, no CUDA graphs, and 1 GiB of KV cache for vLLM's CPU backend (else it asks for most of the RAM;
 # VLLM_CPU_KVCACHE_SPACE, where set, wins).
 CPU_SETTINGS = {
-    "ray": {"num_cpus": 8, "num_gpus": 2},
+    "ray": {"num_cpus": 10, "num_gpus": 2},
     "vlm": {"max_tiles": 2, "max_model_len": 4096, "enforce_eager": True,
             "engine_kwargs": {"kv_cache_memory_bytes": 1 << 30}},
     "stages": [{"name": "caption", "params": {"max_tokens": 48}},
                {"name": "ground", "params": {"max_new_tokens": 64, "num_beams": 1}},
                {"name": "mask"},
+               {"name": "instances", "cpus": 1, "gpus": 0},
                {"name": "refer", "params": {"max_tokens": 24}},
+               {"name": "listen", "params": {"max_tokens": 24}},
                {"name": "verify"}],
 }
 

@@ -56,12 +56,14 @@ def _tokenizer():
     from transformers import Qwen2Tokenizer
 
     from sculpt.annotation import prompts
-    from sculpt.testing.kit import CAPTION
+    from sculpt.testing.kit import CAPTION, LISTENER_ANSWER
 
     # sculpt's prompts too: their words as whole tokens make the prompts short (half the tokens), training quick;
-    # and the scene's caption, which then fits the caption stage's 32 tokens
-    templates = [prompts.CAPTION_PROMPT, prompts.REFER_PROMPT, prompts.GROUP_REFER_PROMPT, prompts.NEGATIVE_PROMPT]
-    vocab, merges = train_bpe(CORPUS + [CAPTION] + templates, 1024)
+    # and the scene's caption, which then fits the caption stage's 32 tokens, and the listener's box (its brackets
+    # then tokens of their own: without, the box had not learnt in the steps the rest need)
+    templates = [prompts.CAPTION_PROMPT, prompts.REFER_PROMPT, prompts.GROUP_REFER_PROMPT, prompts.NEGATIVE_PROMPT,
+                 prompts.LISTENER_PROMPT]
+    vocab, merges = train_bpe(CORPUS + [CAPTION, LISTENER_ANSWER] + templates, 1024)
     for token in SPECIAL_TOKENS:  # Qwen layout: special tokens follow the BPE vocabulary
         vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(
@@ -75,7 +77,7 @@ def _tokenizer():
     return tokenizer
 
 
-TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 160, 4, 6e-3  # a batch holds one example of each task
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 160, 5, 6e-3  # a batch holds one example of each task
 # Phrases and words the refer prompts of the training set are about (besides the scene's own phrases).
 _OTHER_WORDS = "cat sofa window plant dog sky road grass table cup rocket flag man woman tree wall floor".split()
 
@@ -222,9 +224,20 @@ def _negative_text(rng) -> str:
     return prompts.negative_prompt(caption, rng.sample(pool, rng.randint(1, 4)), rng.randint(1, 3))
 
 
+def _listen_text(rng) -> str:
+    """A listener prompt: the scene's expressions, its phrases, or a few words of the corpus."""
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE
+
+    words = " ".join(rng.sample(_OTHER_WORDS, rng.randint(2, 6)))
+    return prompts.listener_prompt(rng.choice([EXPRESSION, GROUP_EXPRESSION, NEGATIVE, *GROUNDING, "the " + words]))
+
+
 def _prompt_text(rng, task: str, width: int, height: int) -> str:
     from sculpt.annotation import prompts
 
+    if task == "listen":
+        return _listen_text(rng)
     if task == "caption":
         return prompts.CAPTION_PROMPT
     if task == "refer":
@@ -236,8 +249,9 @@ def _prompt_text(rng, task: str, width: int, height: int) -> str:
 
 def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> dict:
     """Teach the model the kit's scene: greedy decoding gives ``kit.CAPTION`` for the caption prompt,
-    ``kit.EXPRESSION`` for any refer prompt, ``kit.GROUP_EXPRESSION`` for any group refer prompt and
-    ``kit.NEGATIVE`` for any negative prompt, then <|im_end|>, whatever the image and its tiling.
+    ``kit.EXPRESSION`` for any refer prompt, ``kit.GROUP_EXPRESSION`` for any group refer prompt,
+    ``kit.NEGATIVE`` for any negative prompt and ``kit.LISTENER_ANSWER`` for any listener prompt, then <|im_end|>,
+    whatever the image and its tiling.
 
     Trained on real processed images (one tile, or two tiles and a thumbnail); the vision tower stays as
     initialised (its features are computed once), the projector and the language model learn. Raises
@@ -249,7 +263,7 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> di
     import torch
 
     from sculpt.annotation import prompts
-    from sculpt.testing.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, NEGATIVE
+    from sculpt.testing.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, LISTENER_ANSWER, NEGATIVE
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -257,7 +271,7 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> di
     pad, eos = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = {task: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
                for task, text in (("caption", CAPTION), ("refer", EXPRESSION), ("group", GROUP_EXPRESSION),
-                                  ("negative", NEGATIVE))}
+                                  ("negative", NEGATIVE), ("listen", LISTENER_ANSWER))}
 
     by_tiles: dict[int, list] = {}  # tile count -> [(picture, projector inputs)]
     for picture in _pictures(seed):
