@@ -130,13 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_export_command(commands) -> None:
     p = commands.add_parser("export", help="the output's expression-mask pairs as GSEval jsonl, COCO JSON, HF Parquet "
-                            "or Label Studio tasks")
+                            "or Label Studio tasks, or as training data: GLaMM GCG, RefCOCO (refer API), LLaVA")
     p.add_argument("output")
-    p.add_argument("dest", help="a .jsonl (gseval) or .json (coco, labelstudio) file, or a directory of Parquet files (hf)")
-    p.add_argument("--format", required=True, choices=["gseval", "coco", "hf", "labelstudio"],
+    p.add_argument("dest", help="a .jsonl (gseval) or .json (coco, labelstudio, gcg, llava) file, or a directory: "
+                   "of Parquet files (hf), of instances.json + refs(sculpt).p (refcoco; name it refcoco for REFER)")
+    p.add_argument("--format", required=True,
+                   choices=["gseval", "coco", "hf", "labelstudio", "gcg", "refcoco", "llava"],
                    help="gseval: GroundingSuite jsonl (class_id from the category: 1 stuff, 2 part, 3 multi, 4 single); "
                    "coco: instances + RefCOCO-style refs; hf: Parquet pairs for datasets.load_dataset; labelstudio: "
-                   "tasks JSON with brush masks, expressions and boxes as predictions")
+                   "tasks JSON with brush masks, expressions and boxes as predictions; gcg: GLaMM grounded captions; "
+                   "refcoco: instances.json + refs(sculpt).p, split by image; llava: conversations with [SEG] and RLE "
+                   "masks")
     p.add_argument("--all", action="store_true", help="every pair with its iou and kept, not only kept ones")
     p.add_argument("--images", metavar="DIR", help="also write each exported image, upright, to DIR/<shard>/<key>.jpg "
                    "(read from the input shards) and point the records at it")
@@ -145,6 +149,9 @@ def add_export_command(commands) -> None:
     p.add_argument("--shards", action="append", metavar="PATH",
                    help="where the input tars are now, if not where the job read them (repeatable; for --images)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p.add_argument("--seed", type=int, default=0, help="refcoco: the seed of the split by image (default 0)")
+    p.add_argument("--split", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
+                   help="refcoco: fractions of the images in train, val, test (default 0.8,0.1,0.1)")
     p.add_argument("--s3-endpoint")
 
 
@@ -250,13 +257,16 @@ def export(args, s3: S3Options) -> int:
 
     try:
         counts = export.export(args.output, args.dest, args.format, s3, keep_all=args.all, overwrite=args.overwrite,
-                               images=args.images, image_root=args.image_root, shards=args.shards)
+                               images=args.images, image_root=args.image_root, shards=args.shards, seed=args.seed,
+                               split=args.split)
     except export.ExportError as exc:
         print(f"sculpt export: {exc}", file=sys.stderr)
         return 1
     which = "pairs" if args.all else "kept pairs"
     print(f"exported {counts['pairs']} {which} of {counts['images']} images to {args.dest} ({args.format})"
-          + (f"; {counts['image_files']} image files in {args.images}" if args.images else ""))
+          + (f"; {counts['image_files']} image files in {args.images}" if args.images else "")
+          + (f"; {counts['records']} records" if "records" in counts else "")
+          + ("; split " + ", ".join(f"{counts[s]} {s}" for s in ("train", "val", "test")) if "train" in counts else ""))
     return 0
 
 

@@ -53,9 +53,10 @@ from sculpt import schema
 from sculpt.io import storage
 from sculpt.annotation.categories import CLASS_IDS, SINGLE
 from sculpt.io.storage import S3Options
+from sculpt.outputs import training
 from sculpt.outputs.pairs import ExportError, ShardImages, data_files, image_path, iter_pairs, upright_jpeg
 
-FORMATS = ("gseval", "coco", "hf", "labelstudio")
+FORMATS = ("gseval", "coco", "hf", "labelstudio") + training.FORMATS  # the training formats: sculpt/outputs/training.py
 LABEL = "object"  # the one label of Label Studio's brush and rectangle results
 LABEL_STUDIO_CONFIG = f"""<View>
   <Image name="image" value="$image"/>
@@ -293,14 +294,15 @@ WRITERS = {"gseval": write_gseval, "coco": write_coco, "hf": write_hf, "labelstu
 
 
 def export(out: str, dest: str, fmt: str, s3: S3Options = S3Options(), keep_all: bool = False, overwrite: bool = False,
-           images: str | None = None, image_root: str | None = None, shards: list[str] | None = None) -> dict:
+           images: str | None = None, image_root: str | None = None, shards: list[str] | None = None,
+           seed: int = 0, split=training.SPLIT) -> dict:
     """Export OUT's pairs to DEST in ``fmt``; returns counts of images and pairs written (and image files).
 
     ``images``: also extract the images to this directory, and reference them there unless ``image_root`` says
     how the records should name it (e.g. Label Studio's ``/data/local-files/?d=`` prefix). ``shards``: where the
-    input tars are, when not where the job read them.
+    input tars are, when not where the job read them. ``seed``, ``split``: refcoco's train/val/test by image.
     """
-    if fmt not in WRITERS:
+    if fmt not in WRITERS and fmt not in training.WRITERS:
         raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     if not data_files(out, s3):
         raise ExportError(f"{out}: no sculpt output here (no committed Parquet files)")
@@ -316,6 +318,14 @@ def export(out: str, dest: str, fmt: str, s3: S3Options = S3Options(), keep_all:
         # an image folder of their own to a record's path, which leaves an absolute path as it is
         images = os.path.abspath(images)
     root = image_root if image_root is not None else (images or "")
+    if fmt in training.WRITERS:
+        items = training.iter_images(out, training.BUILDERS[fmt], s3, keep_all, image_root=root)
+        extracted: dict = {}
+        if images:
+            items = extracting_images(items, images, ShardImages(out, s3, shards), s3, extracted)
+        counts = training.WRITERS[fmt](items, dest, s3, seed=seed, split=training.checked_split(split))
+        tidy_tmp(storage.join(dest, "x") if fmt == "refcoco" else dest, s3)
+        return {**counts, **extracted}
     pairs = iter_pairs(out, s3, keep_all, image_root=root, negatives=fmt == "hf")  # the one format with a place for them
     extracted: dict = {}
     if images:
