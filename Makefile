@@ -42,7 +42,7 @@ browser:
 	  else echo "note: chromium is not installed and this user cannot apt-get it; tests/test_preview.py will skip"; fi
 
 demo: install
-	$(PY) workflows/annotate.py $(ARGS)
+	$(PY) workflows/annotate.py --demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)

@@ -85,7 +85,11 @@ def preview(args) -> int:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML job config (see workflows/annotate.yaml)")
-    parser.add_argument("--input", action="append", help="shard file, directory, glob or s3:// prefix (repeatable)")
+    parser.add_argument("--input", action="append",
+                        help="SA-1B or WebDataset tars, a folder of images or Parquet files: a file, directory, glob "
+                             "or s3:// prefix (repeatable; input.kind)")
+    parser.add_argument("--demo", action="store_true",
+                        help="the demo's tiny offline models on the CPU, on --input when given (a folder of images)")
     parser.add_argument("--output", help="output directory or s3:// prefix")
     parser.add_argument("--overwrite", action="store_true", help="delete output written with another config and start over")
     parser.add_argument("--redo-errors", action="store_true",
@@ -116,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
                    help="GPU ms per image of a stage (vlm, ground, mask, verify), e.g. from benchmarks/gpu_stages.py")
     p.add_argument("--tensor-parallel", type=int, default=1)
-    p = commands.add_parser("samples", help="write small SA-1B-format shards from scikit-image photographs")
+    p = commands.add_parser("samples", help="write small SA-1B-format shards (or --kind) from scikit-image photographs")
     p.add_argument("directory")
+    p.add_argument("--kind", choices=["sa1b", "images", "webdataset", "parquet"], default="sa1b",
+                   help="images: a folder of JPEG/PNG/WebP files; webdataset: tars; parquet: Hugging Face's layout")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--images", type=int, default=6, help="images per shard")
     p.add_argument("--scale", type=float, default=1.0, help="enlarge the photographs by this factor")
@@ -239,8 +245,11 @@ def main(argv=None) -> int:
     elif args.command == "size":
         size(args, parser)
     elif args.command == "samples":
-        from sculpt.testing.samples import make_sample_shards
+        from sculpt.testing.samples import make_sample_inputs, make_sample_shards
 
+        if args.kind != "sa1b":
+            print(make_sample_inputs(args.directory, args.kind, args.shards * args.images, args.images))
+            return 0
         for path in make_sample_shards(args.directory, args.shards, args.images, args.scale):
             print(path)
     elif args.command == "models":

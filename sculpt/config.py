@@ -42,7 +42,14 @@ class _Checked:  # a config section whose fields are checked against their types
 
 @dataclass
 class InputConfig(_Checked):
-    shards: list[str] = field(default_factory=list)  # SA-1B tars: files, directories, globs, s3://bucket/prefix
+    shards: list[str] = field(default_factory=list)  # files, directories, globs, s3://bucket/prefix (input.kind)
+    # what input.shards holds (sculpt/io/inputs.py): SA-1B tars, folders of images, WebDataset tars or Parquet files;
+    # auto: what the files show (tars whose first member is sa_<id>.* are SA-1B, other tars WebDataset)
+    kind: Literal["auto", "sa1b", "images", "webdataset", "parquet"] = "auto"
+    # images: the files of a folder read; webdataset: the member of a sample that is its image
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    image_column: str = "image"  # parquet: the encoded image: bytes, a path, or Hugging Face's {bytes, path}
+    id_column: str | None = None  # parquet: each image's id (its image_key); None: its row's position in its file
     readers: Count = 2  # chunks read at the same time (each a streaming task holding one CPU)
     batch_images: Count = 16  # images per batch a reader yields (Ray Data gathers them into blocks: ray.block_bytes)
     chunk_images: Count = 1000  # images per output unit (a chunk of a shard: its own Parquet file and marker)

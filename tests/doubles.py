@@ -85,6 +85,18 @@ class ThresholdMasker(Stage):
             ]
 
 
+class ThresholdReferrer(ThresholdMasker):
+    """ThresholdMasker's object with a referring expression: one exportable pair per image."""
+
+    name = "referrer"
+
+    def process(self, rows):
+        super().process(rows)
+        for row in rows:
+            for obj in row["objects"]:
+                obj.update(expression="the dark half", category="stuff", iou=1.0)
+
+
 class Faulty(Stage):
     """Adds its name to the caption; raises for chosen images, the way real faults arrive.
 

@@ -14,7 +14,7 @@ import warnings
 import pyarrow as pa
 
 from sculpt.config import JobConfig
-from sculpt.io import exclude, shards
+from sculpt.io import exclude, inputs, shards
 from sculpt.outputs import units
 from sculpt.stage import Stage, actor_class, control_actor, ray_options
 
@@ -102,12 +102,14 @@ def forget_old_block_stats() -> type:
     return ForgetOldBlockStats
 
 
-def _split(row: dict) -> list[dict]:
-    return [{"segment": piece.to_json()} for piece in shards.split(shards.Segment.from_json(row["segment"]))]
+def _split(row: dict, options: shards.ReadOptions) -> list[dict]:
+    return [{"segment": piece.to_json()} for piece in inputs.split(shards.Segment.from_json(row["segment"]), options)]
 
 
-def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate, device_faults=None):
-    """The streaming dataset of the segments' rows through every stage, written in the cluster; yields receipts."""
+def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: JobConfig, gate, device_faults=None,
+                  source: inputs.Source | None = None):
+    """The streaming dataset of the segments' rows through every stage, written in the cluster; yields receipts.
+    ``source``: the input's kind (``Plan.source``; None: SA-1B tars)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -127,11 +129,14 @@ def build_dataset(segments: list[shards.Segment], stages: list[Stage], config: J
         read_attempts=config.faults.read_attempts,
         retry_backoff=config.faults.backoff_seconds,
         exclude=exclude.load(config.input.exclude, config.s3),  # read once here, sent to every reader
+        source=source,
     )
     ds = ray.data.from_items([{"segment": segment.to_json()} for segment in segments], override_num_blocks=len(segments))
-    # local tars: one segment per chunk, each its own block, so that chunks are read in parallel tasks. The
-    # header scans are CPU-less tasks: unbounded, Ray would start a worker process for every shard at once
-    ds = ds.flat_map(_split, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=config.input.readers))
+    # local tars, folders and Parquet files: one segment per chunk, each its own block, so that chunks are read in
+    # parallel tasks. The header scans are CPU-less tasks: unbounded, Ray would start a worker process for every
+    # shard at once
+    ds = ds.flat_map(_split, fn_kwargs={"options": options}, num_cpus=0,
+                     compute=ray.data.TaskPoolStrategy(size=config.input.readers))
     ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
         _read_segments,
@@ -170,7 +175,7 @@ def _read_segments(batch: pa.Table, options: shards.ReadOptions, gate):
         chunks.append([unit, 0])
 
     for row in batch.to_pylist():
-        for rows in shards.read_segment(shards.Segment.from_json(row["segment"]), options, take):
+        for rows in inputs.read_segment(shards.Segment.from_json(row["segment"]), options, take):
             table = schema.to_table(rows)
             chunks[-1][1] += table.nbytes
             yield table

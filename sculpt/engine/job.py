@@ -17,6 +17,7 @@ from sculpt import errors
 from sculpt.config import JobConfig
 from sculpt.engine import cluster, pipeline, planning, progress
 from sculpt.engine.planning import Plan
+from sculpt.io import inputs
 from sculpt.io.lease import Lease
 from sculpt.outputs.store import OutputStore
 from sculpt.stage import Stage
@@ -64,6 +65,8 @@ def take_output(config: JobConfig, stages: list[Stage], todo: Plan):
         with errors.at_job_level(todo.store.uri, doing="clearing the output and writing the job file"):
             if todo.store.prepare(todo.job, overwrite=config.output.overwrite) != todo.committed:
                 todo = planning.plan(config, stages)
+            for shard, files in todo.listings.items():  # a folder's listing, recorded before any of it is read
+                inputs.write_listing(todo.store.uri, shard, files, config.s3)
         yield todo, lease
     except BaseException:
         give_back(todo.store, lease, failing=True)
@@ -95,13 +98,13 @@ def vlm_pool(config: JobConfig, stages: list[Stage]):
 
 
 def config_of(args) -> tuple[str | None, list[str]]:
-    """The config file and ``--set`` items of ``sculpt run``'s arguments (the demo's when no input is given), the
-    flags turned into overrides after them."""
+    """The config file and ``--set`` items of ``sculpt run``'s arguments (the demo's when no input is given, or
+    with ``--demo``), the flags turned into overrides after them."""
     path, items = args.config, list(args.set)
     if is_demo(args):
         from sculpt.testing import demo
 
-        path, first = demo.prepare()
+        path, first = demo.prepare(args.input)
         items = first + items
     for flag, key in (("input", "input.shards"), ("output", "output.path"), ("s3_endpoint", "s3.endpoint")):
         if getattr(args, flag):
@@ -113,7 +116,8 @@ def config_of(args) -> tuple[str | None, list[str]]:
 
 
 def is_demo(args) -> bool:
-    return not args.config and not args.input
+    """No config and no input, or ``--demo`` (the demo's tiny models, on ``--input`` when given)."""
+    return getattr(args, "demo", False) or not args.config and not args.input
 
 
 def tell(summary: dict, demo: bool = False) -> int:

@@ -51,7 +51,7 @@ def _stream(config, stages, todo: Plan, lease: Lease | None, commits: Commits, g
     """Hand every receipt of the dataset to ``commits``; returns the bytes of receipts the driver received."""
     # prefetch_batches=0: with a window, Ray Data holds each receipt back until the next one comes, and the last
     # receipts in flight would free the places that let the next chunk be read (a deadlock)
-    receipts_stream = build_dataset(todo.segments, stages, config, gate, device_faults).iter_batches(
+    receipts_stream = build_dataset(todo.segments, stages, config, gate, device_faults, todo.source).iter_batches(
         batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     driver_bytes = 0
     with errors.at_job_level(config.output.path, unwrap=True):  # a write task's full disk: one line

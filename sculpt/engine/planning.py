@@ -12,62 +12,85 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.compute as pc
 
-from sculpt.annotation import prompts
-from sculpt import schema
-from sculpt.io import exclude, shards, storage
+from sculpt.annotation import profiles, prompts
+from sculpt import errors, schema
+from sculpt.io import exclude, inputs, shards, storage
 from sculpt.config import JobConfig
+from sculpt.engine.vlm import profile_of
 from sculpt.outputs.store import OutputStore, fingerprint, shard_done
 from sculpt.stage import Stage
 
 SCHEMA_VERSION = 4  # 3: units are chunks of shards; 4: objects carry reject_reason
 
 
-def job_record(config: JobConfig, stages: list[Stage]) -> dict:
-    """What the output depends on; its hash guards a rerun against mixing configs."""
+def job_record(config: JobConfig, stages: list[Stage], source: inputs.Source | None = None) -> dict:
+    """What the output depends on; its hash guards a rerun against mixing configs. ``source``: the input's kind
+    (``find_input``), recorded unless it is SA-1B's (whose outputs keep the fingerprint they had before kinds)."""
     settings = {
         "schema_version": SCHEMA_VERSION,
         "stages": [stage.describe() for stage in stages],
         "input": {"max_image_pixels": config.input.max_image_pixels, "keep_source_annotations": config.input.keep_source_annotations,
                   "chunk_images": config.input.chunk_images},
     }
+    if source is not None and source.settings():
+        settings["input"]["source"] = source.settings()
     if config.input.exclude:  # the list's content, not its path: another list is another config (none: as before)
         settings["input"]["exclude"] = exclude.load(config.input.exclude, config.s3).digest()
+    record = {}
     if any(stage.model_key == "vlm" for stage in stages):
         vlm = dataclasses.asdict(config.vlm)
-        settings["vlm"] = {key: value for key, value in vlm.items() if key not in config.vlm.RESOURCE_FIELDS}
+        settings["vlm"] = {key: value for key, value in vlm.items()
+                           if key not in config.vlm.RESOURCE_FIELDS and key != "profile"}
+        labels = vlm_profiles(config, stages)
+        record["vlm_profile"] = ",".join(labels)
+        if labels != [profiles.INTERNVL.label]:  # InternVL's outputs keep the fingerprint they had before profiles
+            settings["vlm"]["profile"] = record["vlm_profile"]
     return {
         "fingerprint": fingerprint(settings),
         "settings": settings,
         "model_ids": {stage.name: stage.model_id for stage in stages if stage.model_id},
         "prompts_version": prompts.PROMPTS_VERSION,
+        **record,
     }
 
 
-def list_shards(config: JobConfig) -> list[str]:
-    """Every shard the input names, sorted. An input that names none, a path that is not there, two shards that
-    would write one output unit (``errors.BadInput``) or a store that cannot be listed (``errors.StoreFailure``:
-    S3 unreachable or refusing) end the job with one line."""
-    from sculpt import errors
+def vlm_profiles(config: JobConfig, stages: list[Stage]) -> list[str]:
+    """Resolve ``vlm.profile`` for each VLM stage's model once, here (auto: its checkpoint's config.json, or its
+    name), and hand the stages the result, so that every actor of the job speaks the one recorded; the profiles'
+    labels (name-version), sorted."""
+    labels = set()
+    for stage in stages:
+        if stage.model_key == "vlm":
+            profile = profile_of(config.vlm.profile, stage.model_id)
+            stage.profile = profile.name
+            labels.add(profile.label)
+    return sorted(labels)
 
-    found: set[str] = set()
-    fix = "check input.shards (or --input): tar files, directories of them, globs or s3://bucket/prefix"
-    for pattern in config.input.shards:
-        with errors.at_job_level(pattern):
-            try:
-                found.update(storage.list_files(pattern, config.s3))
-            except FileNotFoundError as exc:
-                raise errors.BadInput(f"{exc}; {fix}") from None
-    uris = sorted(found)
-    if not uris:
-        raise errors.BadInput(f"no shards ({', '.join(storage.SHARD_SUFFIXES)}) found in {config.input.shards}; "
-                              f"{fix}")
-    names: dict[str, str] = {}
-    for uri in uris:
-        other = names.setdefault(shards.shard_name(uri), uri)
-        if other != uri:
-            raise errors.BadInput(f"two shards would write the same output unit {shards.shard_name(uri)!r}: {other} "
-                                  f"and {uri}; give input.shards only one of them, or rename one")
-    return uris
+
+def configured_source(config: JobConfig) -> inputs.Source:
+    """The input's kind and options as the config gives them (``kind`` may still be auto)."""
+    cfg = config.input
+    return inputs.Source(cfg.kind, tuple(e.lower().lstrip(".") for e in cfg.image_extensions), cfg.image_column,
+                         cfg.id_column)
+
+
+def find_input(config: JobConfig, store: OutputStore | None = None) -> tuple[inputs.Source, list[str]]:
+    """The input's kind (``input.kind``, or what the files show) and its shards, sorted (``inputs.find``). An input
+    that names none, a path that is not there, two shards that would write one output unit (``errors.BadInput``)
+    or a store that cannot be listed (``errors.StoreFailure``: S3 unreachable or refusing) end the job with one
+    line. ``store``: the output, whose job file says which kind its tars are (auto: not read from the input again).
+    """
+    recorded = None
+    if store is not None and config.input.kind == "auto":
+        with errors.at_job_level(store.uri):
+            job = store.job()
+        recorded = inputs.Source.of_job(job).kind if job is not None else None
+    return inputs.find(config.input.shards, config.input.kind, config.s3, configured_source(config), recorded)
+
+
+def list_shards(config: JobConfig) -> list[str]:
+    """Every shard the input names, sorted (``find_input``)."""
+    return find_input(config)[1]
 
 
 @dataclasses.dataclass
@@ -79,6 +102,9 @@ class Plan:
     redo: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # unit -> indices of its error rows
     committed: set[str] = dataclasses.field(default_factory=set)  # units committed before this run
     last_chunks: dict[str, int] = dataclasses.field(default_factory=dict)  # shard -> its last chunk, where committed
+    source: inputs.Source = inputs.Source()  # the input's kind
+    # a folder of images -> its listing, to be recorded in the output before anything is read (first run)
+    listings: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def shard_done(self, shard: str, committed: set[str]) -> bool:
         """Every chunk of the shard, up to its last, is among ``committed`` (``store.shard_done``)."""
@@ -94,12 +120,14 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
     A shard's chunks are found from their markers: a resume starts each unfinished run of chunks where the chunk
     before it ended, and reads no committed chunk."""
     store = OutputStore(config.output.path, config.s3)
-    all_shards = list_shards(config)
+    source, all_shards = find_input(config, store)
     # local inputs as absolute paths: export and preview find the shards from wherever they are run
-    inputs = [pattern if storage.is_s3(pattern) else os.path.abspath(pattern) for pattern in config.input.shards]
-    job = {**job_record(config, stages), "inputs": inputs, "total_shards": len(all_shards),
+    patterns = [pattern if storage.is_s3(pattern) else os.path.abspath(pattern) for pattern in config.input.shards]
+    job = {**job_record(config, stages, source), "inputs": patterns, "total_shards": len(all_shards),
            **({"exclude": config.input.exclude} if config.input.exclude else {})}
-    committed = set() if store.replaces(job, config.output.overwrite) else store.committed()
+    replaced = store.replaces(job, config.output.overwrite)
+    committed = set() if replaced else store.committed()
+    listings, unrecorded = _listings(store, source, all_shards, replaced)
     by_shard: dict[str, set[int]] = {}
     for unit in committed:
         shard, chunk = shards.parse_unit(unit)
@@ -128,12 +156,31 @@ def plan(config: JobConfig, stages: list[Stage]) -> Plan:
             continue
         segments.append(shards.Segment(uris[shard], config.input.chunk_images, start, chunk + 1,
                                        None if end["last"] else end["next_offset"], {chunk: indices}))
+    if listings:  # a folder's segments carry their part of its listing
+        segments = [inputs.with_files(seg, listings[shards.shard_name(seg.uri)]) for seg in segments]
     shards_done = sum(shard_done(by_shard.get(shard, set()), last) for shard, last in last_chunks.items())
     print(f"[sculpt] {len(all_shards)} shards: {shards_done} done, {len(committed)} chunks committed, "
           f"{len(segments) - len(redo)} run(s) of chunks to read"
           + (f", {sum(map(len, redo.values()))} error rows of {len(redo)} committed chunks to redo" if config.output.redo_errors else "")
           + f"; output {store.uri} (config {job['fingerprint']})", flush=True)
-    return Plan(store, job, all_shards, segments, redo, committed, last_chunks)
+    return Plan(store, job, all_shards, segments, redo, committed, last_chunks, source,
+                {name: listings[name] for name in unrecorded})
+
+
+def _listings(store: OutputStore, source: inputs.Source, uris: list[str], replaced: bool):
+    """A folder input's listings: each as the output recorded it at the job's first run (files added since are not
+    read, and no committed chunk shifts), else as listed now; and the folders whose listing is not yet recorded."""
+    if source.kind != "images":
+        return {}, set()
+
+    def listing(uri: str):
+        name = shards.shard_name(uri)
+        recorded = None if replaced else inputs.read_listing(store.uri, name, store.s3)
+        return name, recorded if recorded is not None else inputs.list_images(uri, source, store.s3), recorded is None
+
+    with ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(listing, uris))
+    return {name: files for name, files, _ in found}, {name for name, _, new in found if new}
 
 
 def _unfinished(store: OutputStore, uri: str, chunks: set[int], chunk_images: int) -> tuple[list[shards.Segment], int | None]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sculpt import errors, schema
 from sculpt.annotation import images
 from sculpt.io.exclude import Exclusions
-from sculpt.io.storage import SHARD_SUFFIXES, S3Options, filesystem, is_s3
+from sculpt.io.storage import SHARD_SUFFIXES, CountingReader, S3Options, filesystem, is_s3
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 READ_BUFFER = 8 << 20  # one ranged GET per 8 MiB on S3, not per tar record
@@ -34,33 +34,16 @@ class ReadOptions:
     read_attempts: int = 5  # opens of a shard's stream, each after a storage fault, before the shard is left pending
     retry_backoff: float = 1.0  # seconds before the first reopen; doubles each time
     exclude: Exclusions = Exclusions()  # images skipped unread: no row, counted in unit_end (``excluded_of``)
+    source: object = None  # sculpt.io.inputs.Source: another kind of input than SA-1B tars (None: SA-1B)
 
 
 def shard_name(uri: str) -> str:
     """The output unit a shard becomes: its file name without the tar suffix."""
     name = posixpath.basename(uri.rstrip("/"))
-    for suffix in SHARD_SUFFIXES:
+    for suffix in (*SHARD_SUFFIXES, ".parquet"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-class _CountingReader:
-    """File object for tarfile that counts the bytes it hands out."""
-
-    def __init__(self, stream):
-        self.stream, self.bytes_read = stream, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read() if size is None or size < 0 else self.stream.read(size)
-        self.bytes_read += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.stream.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.stream.tell()
 
 
 # What the store and tarfile raise while a shard is read; ``sculpt.errors.RULES`` (reading) tells what each is.
@@ -166,6 +149,7 @@ class Segment:
     stop: int | None = None  # chunk to stop before (the next committed one); None: read to the shard's end
     stop_offset: int | None = None  # where that chunk begins (uncompressed tars): no byte from there on is read
     only: dict[int, list[int]] | None = None  # chunk -> the indices to read (a redo of error rows); others skipped
+    files: list[str] | None = None  # a folder of images: its recorded listing from start.offset on (io/folders.py)
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "only": {str(k): v for k, v in (self.only or {}).items()} or None})
@@ -293,13 +277,15 @@ class _SegmentReader:
             # a local tar with an exclusion list is read seekable: an excluded member's data is seeked past, unread
             seek = bool(self.options.exclude) and not self.compressed and not is_s3(self.uri)
             base, skip = (0, self.members_done) if self.compressed else (0 if seek else self.resume_at, 0)
-            reader = _CountingReader(stream)
+            reader = CountingReader(stream)
             with tarfile.open(fileobj=reader, mode="r:" if seek else "r|*") as tar:
                 for member in tar:
                     if skip:
                         skip -= 1
                         continue
-                    parsed = _member_key(member.name) if member.isfile() else None
+                    parsed = self._parse(member)
+                    for key in self._ready_before(parsed[0]) if parsed else ():
+                        self._add(key)
                     if parsed is not None and self.count - self.first >= self.segment.chunk_images and not self.pending:
                         yield self._end_chunk(False, self.bytes_read + reader.bytes_read)  # this member starts the next
                         if self.chunk == self.segment.stop:
@@ -310,11 +296,11 @@ class _SegmentReader:
                         self._take(tar, member, *parsed)
                     self.members_done += 1
                     self.resume_at = base + member.offset_data + _padded(member.size)
-                    if parsed is not None and "image" in self.pending[parsed[0]] and "json" in self.pending[parsed[0]]:
+                    if parsed is not None and self._complete(parsed[0]):
                         self._add(parsed[0])
-                        if len(self.rows) > self.options.batch_images:  # one kept back: the last carries the end
-                            yield self.rows[:-1]
-                            del self.rows[:-1]
+                    if len(self.rows) > self.options.batch_images:  # one kept back: the last carries the end
+                        yield self.rows[:-1]
+                        del self.rows[:-1]
             return False
         finally:
             self.bytes_read += reader.bytes_read if reader else 0
@@ -337,9 +323,21 @@ class _SegmentReader:
         if parts.get("excluded"):
             self.excluded += 1
         elif self.chunk not in self.only or self.count in self.only[self.chunk]:
-            self.rows.append(_image_row(self.shard, unit_name(self.shard, self.chunk), self.count, key, parts,
-                                        self.options))
+            self.rows.append(self._row(key, parts))
         self.count += 1
+
+    # What a member is and when an image is whole: SA-1B's layout (io/webdataset.py has another)
+    def _parse(self, member: tarfile.TarInfo) -> tuple[str, str] | None:
+        return _member_key(member.name) if member.isfile() else None
+
+    def _ready_before(self, key: str) -> list[str]:  # images whole once a member of ``key`` arrives
+        return []
+
+    def _complete(self, key: str) -> bool:
+        return "image" in self.pending[key] and "json" in self.pending[key]
+
+    def _row(self, key: str, parts: dict) -> dict:
+        return _image_row(self.shard, unit_name(self.shard, self.chunk), self.count, key, parts, self.options)
 
     def _end_chunk(self, last: bool, read: int) -> list[dict]:
         if not self.rows and self.count == self.first:  # a shard (or what is left of one) without images: one row

@@ -110,6 +110,24 @@ def list_files(pattern: str, s3: S3Options = S3Options(), suffixes: tuple[str, .
     return files
 
 
+class CountingReader:
+    """A file object (for tarfile, pyarrow.parquet) that counts the bytes it hands out."""
+
+    def __init__(self, stream):
+        self.stream, self.bytes_read = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read() if size is None or size < 0 else self.stream.read(size)
+        self.bytes_read += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+
 def is_store_fault(exc: BaseException, uri: str) -> bool:
     """A fault of the store at ``uri`` past its clients' own retries, which leaves a unit pending (pyarrow raises
     OSError, boto3 its own errors): transient by ``sculpt.errors.RULES``. A full local disk is not one (job-level:

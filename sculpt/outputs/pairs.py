@@ -98,42 +98,51 @@ def iter_pairs(out: str, s3: S3Options = S3Options(), keep_all: bool = False, ba
 
 
 class ShardImages:
-    """The encoded image of an output row, read from its input shard.
+    """The encoded image of an output row, read from its input shard (a tar, a folder of images, a Parquet file:
+    the job file's input kind, ``sculpt.io.inputs``).
 
-    The shards are the job's ``inputs`` (from OUT's job file) unless ``shards`` names where they are now. Rows
-    must come shard after shard in index order (``iter_rows``): each shard's tar is then streamed once, forward,
-    through ``sculpt.io.shards.read_shard`` (local or S3, with its retries); a row asked for out of order restarts it.
+    The shards are the job's ``inputs`` (from OUT's job file) unless ``shards`` names where they are now; a folder's
+    files are those its listing in OUT records. Rows must come shard after shard in index order (``iter_rows``):
+    each shard is then streamed once, forward, through ``sculpt.io.inputs.read_shard`` (local or S3, with its
+    retries); a row asked for out of order restarts it.
     """
 
     def __init__(self, out: str, s3: S3Options = S3Options(), shards: list[str] | None = None):
         self.out, self.s3, self.patterns = out, s3, shards
         self.uris: dict[str, str] | None = None
+        self.source = None
         self.shard, self.stream, self.next_index = None, iter(()), 0
 
     def _uri(self, shard: str) -> str:
+        from sculpt.io import inputs
         from sculpt.io.shards import shard_name
 
         if self.uris is None:
+            job = OutputStore(self.out, self.s3).job() or {}
             if self.patterns is None:
-                job = OutputStore(self.out, self.s3).job() or {}
                 self.patterns = job.get("inputs") or []
+            self.source = inputs.Source.of_job(job)
             found = []
             for pattern in self.patterns:
                 try:
-                    found += storage.list_files(pattern, self.s3)
-                except FileNotFoundError:
+                    found += inputs.find([pattern], self.source.kind, self.s3, self.source)[1]
+                except errors.BadInput:
                     pass
             self.uris = {shard_name(uri): uri for uri in found}
         if shard not in self.uris:
             raise ExportError(f"the input shard of unit {shard} is not under {self.patterns}; pass --shards PATH "
-                              "(repeatable) where the input tars are now")
+                              "(repeatable) where the input (tars, folder, Parquet files) is now")
         return self.uris[shard]
 
     def _restart(self, shard: str) -> None:
-        from sculpt.io.shards import ReadOptions, read_shard
+        from sculpt.io import inputs
+        from sculpt.io.shards import ReadOptions
 
+        uri = self._uri(shard)
+        files = inputs.read_listing(self.out, shard, self.s3) if self.source.kind == "images" else None
         # No size limit here: the job already refused what it would not read, perhaps under a raised limit.
-        batches = read_shard(self._uri(shard), ReadOptions(s3=self.s3, max_image_pixels=1 << 62))
+        options = ReadOptions(s3=self.s3, max_image_pixels=1 << 62, source=self.source)
+        batches = inputs.read_shard(uri, options, files)
         self.shard, self.stream, self.next_index = shard, (r for batch in batches for r in batch), 0
 
     def get(self, row: dict) -> bytes | None:

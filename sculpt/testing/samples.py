@@ -100,3 +100,42 @@ def make_sample_shards(out_dir: str, shards: int = 2, images_per_shard: int = 4,
         write_tar(path, members)
         paths.append(path)
     return paths
+
+
+def make_sample_inputs(out_dir: str, kind: str, images: int = 6, per_file: int = 3) -> str:
+    """``images`` of the photographs as one of the other inputs (README: Input): ``images`` a folder of JPEG, PNG
+    and WebP files (under a subfolder too), ``webdataset`` tars of ``per_file`` samples (``<key>.jpg``, a
+    ``.json`` beside every other one, a ``.cls``), ``parquet`` Parquet files in Hugging Face's layout (an ``image``
+    struct ``{bytes, path}`` and an ``id`` column, row groups of 2). Returns the path to give ``--input``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    encoded = []
+    for i in range(images):
+        image, fmt = photo(PHOTOS[i % len(PHOTOS)]), ("JPEG", "PNG", "WEBP")[i % 3]
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format=fmt, **({"quality": 90} if fmt != "PNG" else {}))
+        encoded.append((f"photo_{i:04d}", {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt], buffer.getvalue()))
+    files = [encoded[j:j + per_file] for j in range(0, images, per_file)]
+    for n, group in enumerate(files):
+        if kind == "images":
+            for key, ext, data in group:
+                path = os.path.join(out_dir, "more" if n % 2 else "", f"{key}.{ext}")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        elif kind == "webdataset":
+            members = []
+            for j, (key, ext, data) in enumerate(group):
+                members += [(f"{key}.{ext}", data), (f"{key}.cls", str(j).encode())]
+                members += [(f"{key}.json", json.dumps({"source": key}).encode())] if j % 2 else []
+            write_tar(os.path.join(out_dir, f"photos-{n:06d}.tar"), members)
+        elif kind == "parquet":
+            rows = {"id": [key for key, _, _ in group],
+                    "image": [{"bytes": data, "path": f"{key}.{ext}"} for key, ext, data in group]}
+            pq.write_table(pa.table(rows), os.path.join(out_dir, f"train-{n:05d}.parquet"), row_group_size=2)
+        else:
+            raise ValueError(f"kind={kind!r}: images, webdataset or parquet")
+    return out_dir
