@@ -31,7 +31,9 @@ def obj(box, iou=None, expression=None, error=None, phrase="thing", size=(H, W))
     m = mask_at(*box, size=size)
     return {"phrase": phrase, "box": [float(x0), float(y0), float(x1 - 1), float(y1 - 1)], "mask": rle.encode(m),
             "area": int(m.sum()), "iou": iou, "kept": None if iou is None else iou >= 0.5, "expression": expression,
-            "expression_words": len(expression.split()) if expression else None, "error": error}
+            "expression_words": len(expression.split()) if expression else None, "error": error,
+            "reject_reason": None if iou is None or iou >= 0.5 else "low_iou", "instances": 2,
+            "listener_iou": None if iou is None else round(iou / 2, 2)}
 
 
 def unit_rows(unit):
@@ -178,6 +180,11 @@ def test_hf_splits_files_and_all_keeps_rejected(out, tmp_path):
     table = pq.ParquetDataset(dest).read()
     assert table.num_rows == 8 and table.schema.equals(export.PAIR_SCHEMA)
     assert sorted(table["kept"].to_pylist()) == [False] * 4 + [True] * 4
+    # every score of the keep rule comes along: the reason a pair was rejected, its instances, the listener's IoU
+    rows = table.to_pylist()
+    assert {(r["kept"], r["reject_reason"]) for r in rows} == {(True, None), (False, "low_iou")}
+    assert {r["instances"] for r in rows} == {2}
+    assert all(r["listener_iou"] == pytest.approx(round(r["iou"] / 2, 2)) for r in rows)
 
 
 def test_refuses_existing_dest_and_empty_output(out, tmp_path, capsys):

@@ -14,7 +14,7 @@ Formats (``FORMATS``):
 
 - ``gseval``: GroundingSuite's GSEval jsonl, one pair a line — ``idx``, ``image_path``, ``class_id``, ``label``
   (the expression), ``caption``, ``box`` (x0, y0, x1, y1 pixels), ``segmentation`` (COCO RLE, counts a string),
-  plus ``shard``/``index``/``object``/``phrase``/``iou``/``kept``, which GroundingSuite's evaluator ignores.
+  plus ``shard``/``index``/``object``/``phrase``/``iou``/``kept``/``reject_reason``, which GroundingSuite's evaluator ignores.
   ``class_id`` comes from the pair's category (``sculpt.annotation.categories``; 4, single, for outputs without one).
   Negatives (no target) go only to ``hf``, the one format with a place for a pair without a region.
 - ``coco``: one COCO instances JSON (``images``, ``annotations`` with RLE ``segmentation`` and xywh ``bbox``,
@@ -84,7 +84,10 @@ PAIR_SCHEMA = pa.schema(
         ("area", pa.int64()),
         ("iou", pa.float32()),
         ("rival_iou", pa.float32()),  # the verifier mask's best IoU with another object (the ambiguity test)
+        ("instances", pa.int32()),  # instances of its kind in the image (the instances stage)
+        ("listener_iou", pa.float32()),  # the listener's box for the expression against the pair's box
         ("kept", pa.bool_()),
+        ("reject_reason", pa.string()),  # the first check of the keep rule it failed; null when kept
         ("category", pa.string()),  # stuff | part | single | multi | negative
         ("members", pa.list_(pa.int32())),  # a group's member objects (positions in the row's `objects`)
     ]
@@ -137,7 +140,7 @@ def gseval_record(idx: int, pair: dict) -> dict:
         "label": pair["expression"],
         "caption": pair["caption"] or "", "box": pair["box"], "segmentation": pair["mask"],
         "shard": pair["shard"], "index": pair["index"], "object": pair["object"], "phrase": pair["phrase"],
-        "iou": pair["iou"], "kept": pair["kept"],
+        "iou": pair["iou"], "kept": pair["kept"], "reject_reason": pair["reject_reason"],
     }
 
 

@@ -83,8 +83,9 @@ def pair_record(row: dict, position: int, obj: dict, image_root: str = "") -> di
         "caption": row.get("caption"), "phrase": obj.get("phrase"), "expression": obj["expression"],
         "box": [float(v) for v in obj["box"]] if obj.get("box") is not None else None,
         "mask": {"size": [int(v) for v in obj["mask"]["size"]], "counts": obj["mask"]["counts"]},
-        "area": obj.get("area"), "iou": obj.get("iou"), "rival_iou": obj.get("rival_iou"), "kept": obj.get("kept"),
-        "category": obj.get("category"), "members": obj.get("members"),
+        "area": obj.get("area"), "iou": obj.get("iou"), "rival_iou": obj.get("rival_iou"),
+        "instances": obj.get("instances"), "listener_iou": obj.get("listener_iou"), "kept": obj.get("kept"),
+        "reject_reason": obj.get("reject_reason"), "category": obj.get("category"), "members": obj.get("members"),
     }
 
 
