@@ -1,8 +1,9 @@
 """Listen stage: a second opinion on each expression from the VLM pool, before the verify stage judges it.
 
 The listener is asked where the expression's region is, from the image and the expression alone (no caption, no
-target box), in InternVL's own grounding form (``prompts.LISTENER_PROMPT``); the box it answers is compared with the
-pair's box (``listener_iou``), and the verify stage's keep rule rejects a pair whose listener looked elsewhere
+target box), in the VLM family's own grounding form (its profile, ``sculpt.annotation.profiles``: InternVL's is
+``prompts.LISTENER_PROMPT``); the box it answers, read in the family's convention, is compared with the pair's box
+(``listener_iou``), and the verify stage's keep rule rejects a pair whose listener looked elsewhere
 (``reject_reason`` ``listener``). One short request per pair, image first, through the same engine pool as caption
 and refer: each image's requests go to the replica whose prefix cache holds the image already.
 """
@@ -31,10 +32,12 @@ class Listener(VLMStage):
             for i, obj in enumerate(objects):
                 if verify.listened(objects, i):
                     encoded[image_key(row)] = row["image_bytes"]
-                    requests.append((image_key(row), prompts.listener_prompt(obj["expression"])))
+                    requests.append((image_key(row), prompts.listener_prompt(
+                        obj["expression"], self.boxes(row["width"], row["height"])["profile"])))
                     targets.append((row, obj))
         if not requests:
             return
         for (row, obj), answer in zip(targets, self.ask(encoded, requests, self.params["max_tokens"])):
-            boxes = prompts.text_to_boxes(answer["text"], row["width"], row["height"])
+            boxes = prompts.text_to_boxes(answer["text"], row["width"], row["height"],
+                                          **self.boxes(row["width"], row["height"]))
             obj["listener_iou"] = verify.listener_iou(boxes, obj["box"])

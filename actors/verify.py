@@ -14,6 +14,9 @@ class Verifier(Stage):
     """Params (``model``, from the config's ``models.verify``, is an EVF-SAM2 hub id or checkpoint directory):
 
     - ``threshold`` (0.5): keep a pair when IoU >= threshold (the paper's 0.5) ...
+    - ``reasoning_threshold`` (0.5): the threshold of reasoning pairs (``style`` reasoning, made by the refer stage):
+      the same filter and margin judge them, and a reasoning pair is kept only when the object it names is
+      (``unkept_target``)
     - ``margin`` (0.1): ... and its IoU beats the verifier mask's IoU with every other object of the image
       (``rival_iou``) by this much: a reference that fits another object nearly as well is ambiguous
     - ``listener_threshold`` (0.5): ... and the listener's box for its expression (``listener_iou``, set by the listen
@@ -32,6 +35,7 @@ class Verifier(Stage):
     name = "verify"
     model_key = "verify"
     defaults = {"threshold": verify.DEFAULT_THRESHOLD, "margin": verify.DEFAULT_MARGIN,
+                "reasoning_threshold": verify.DEFAULT_REASONING_THRESHOLD,
                 "listener_threshold": verify.DEFAULT_LISTENER_THRESHOLD,
                 "negative_area": verify.DEFAULT_NEGATIVE_AREA, "min_words": verify.DEFAULT_MIN_WORDS,
                 "max_words": verify.DEFAULT_MAX_WORDS, "duplicate_similarity": verify.DEFAULT_DUPLICATE_SIMILARITY,
@@ -43,6 +47,7 @@ class Verifier(Stage):
         p = self.params
         p["threshold"] = verify.check_threshold(p["threshold"])
         p["margin"] = verify.check_fraction("margin", p["margin"])
+        p["reasoning_threshold"] = verify.check_fraction("reasoning_threshold", p["reasoning_threshold"])
         p["listener_threshold"] = verify.check_fraction("listener_threshold", p["listener_threshold"])
         p["negative_area"] = verify.check_fraction("negative_area", p["negative_area"])
         p["min_words"], p["max_words"] = verify.check_words(p["min_words"], p["max_words"])

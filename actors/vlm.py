@@ -3,15 +3,19 @@
 Caption and refer are the same model, so one set of weights serves both: ``vlm_engines`` starts the pool's
 engine actors (named, in the job's namespace) before the pipeline runs; the stage actors (``VLMStage``, CPU
 only) find them by name and send each image's requests to one replica, where the image prefix is cached.
+With ``vlm.endpoint`` no engine starts: ``vlm_engines`` checks that server and hands the stages an ``Endpoint``,
+which sends them the same conversations over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from sculpt import errors
 from sculpt.annotation import images
@@ -71,7 +75,8 @@ class VLMEngine:
         from vllm import SamplingParams
 
         pictures = {key: Image.fromarray(images.load_rgb(data)) for key, data in encoded_images.items()}
-        conversations = [conversation(pictures[key], text, key) for key, text in requests]
+        conversations = [conversation({"type": "image_pil", "image_pil": pictures[key], "uuid": key}, text)
+                         for key, text in requests]
         try:
             return self.answer(conversations, SamplingParams(max_tokens=max_tokens, temperature=0.0))
         except Exception as exc:
@@ -221,20 +226,140 @@ def retried_start(engine_class: type, attempts: int, backoff: float) -> type:
     return type(engine_class.__name__, (engine_class,), {"__init__": __init__})
 
 
-def conversation(picture, text: str, key: str) -> list[dict]:
-    """One user turn: the image first, then the text (the order that lets requests share the image prefix).
+def conversation(image: dict, text: str) -> list[dict]:
+    """One user turn: the image first, then the text (the order that lets requests share the image prefix), for
+    the engines and for an endpoint alike.
 
-    ``key`` names the image (``image_key``: one per image of a job) for vLLM's multimodal caches, which otherwise
-    hash every request's full-size pixels (~10 MB for an SA-1B image; dozens of requests per image)."""
-    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture, "uuid": key},
-                                         {"type": "text", "text": text}]}]
+    ``image`` is the turn's image part: for an engine the decoded picture, whose ``uuid`` names it (``image_key``:
+    one per image of a job) for vLLM's multimodal caches, which otherwise hash every request's full-size pixels
+    (~10 MB for an SA-1B image; dozens of requests per image); for an endpoint its data URL (``Endpoint``)."""
+    return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
+
+
+class EndpointError(Exception):
+    """A VLM server's answer that is no fault of the server (400: a request it cannot serve): the image's error row."""
+
+
+class Endpoint:
+    """An OpenAI-compatible server the user already runs (``vlm.endpoint``), asked instead of the engine pool.
+
+    Each stage actor holds one: an ``openai`` client, whose own retries (``faults.engine_call_retries``, backing
+    off and heeding the server's Retry-After) and timeout (``vlm.timeout_seconds``) each request gets, and
+    ``in_flight`` threads that send the requests of all the actor's batches (``vlm.max_in_flight`` shared among
+    the actors: the job's bound at the server). The requests are the engines' conversations (``conversation``),
+    the image as a data URL (``vlm.image_url``), so the server's prefix cache computes each image once. A fault
+    past the client's retries that ``errors.RULES`` calls transient (unreachable, a timeout, 429, 5xx) is raised
+    as ``SpentRetries``, as a call to a dead engine past Ray's resends is: the batch is not tried again, each
+    image once more, then its unit waits for the next run.
+
+    The API key is read from the variable ``vlm.api_key_env`` names where the requests are sent (every node needs
+    it; a new local Ray's workers have the driver's): never pickled, written or logged, and cut out of every
+    message this raises.
+    """
+
+    def __init__(self, url: str, model: str, key_env: str, timeout: float, retries: int, in_flight: int):
+        self.url, self.model, self.key_env = url.rstrip("/"), model, key_env
+        self.timeout, self.retries, self.in_flight = timeout, retries, in_flight
+        self.client = self.senders = self.key = None
+
+    def __getstate__(self) -> dict:  # to a stage actor without the client, its threads or the key
+        return {**self.__dict__, "client": None, "senders": None, "key": None}
+
+    @property
+    def shown(self) -> str:
+        return vlm.shown_url(self.url)
+
+    def connect(self) -> None:
+        if self.client is not None:
+            return
+        try:
+            import openai
+        except ImportError:
+            raise errors.JobError("vlm.endpoint needs the openai package: pip install 'sculpt[endpoint]'") from None
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # else a log line per request
+        self.key = os.environ.get(self.key_env) or None
+        self.client = openai.OpenAI(base_url=self.url, api_key=self.key or "none", max_retries=self.retries,
+                                    timeout=self.timeout)
+        self.senders = ThreadPoolExecutor(self.in_flight, thread_name_prefix="vlm-endpoint")
+
+    def check(self, models: set[str], attempts: int, backoff: float) -> None:
+        """Refuse, with one line, a server that does not answer (each of ``attempts`` tries past the client's
+        retries), refuses the key, or serves none of ``models`` under that name."""
+        self.connect()
+
+        def again(attempt, exc):
+            print(f"[sculpt] the VLM server at {self.shown} does not answer ({self.redacted(exc)}); try "
+                  f"{attempt + 2} of {attempts}", flush=True)
+
+        try:
+            served = {model.id for model in errors.retrying(self.client.models.list, attempts, backoff, again)}
+        except Exception as exc:
+            raise errors.JobError(self.refusal(exc)) from None
+        if set(models) - served:
+            raise errors.JobError(f"the VLM server at {self.shown} serves {sorted(served)}, not "
+                                  f"{sorted(set(models) - served)}: set models.vlm to the name it serves its model "
+                                  "under (its --served-model-name, else the path it was started with)")
+
+    def refusal(self, exc: BaseException) -> str:
+        line, name = self.redacted(exc), type(exc).__name__
+        if name in ("AuthenticationError", "PermissionDeniedError"):
+            given = f"the key in ${self.key_env}" if self.key else f"no key (${self.key_env} is not set)"
+            return (f"the VLM server at {self.shown} refused {given} ({line}); set {self.key_env} to the key it was "
+                    "started with (vlm.api_key_env names the variable)")
+        if errors.classify(exc) is errors.TRANSIENT:
+            return f"the VLM server at {self.shown} does not answer ({line}); start it, or fix vlm.endpoint"
+        return (f"the VLM server at {self.shown} could not list its models ({line}); vlm.endpoint must be an "
+                "OpenAI-compatible server's /v1 URL")
+
+    def redacted(self, exc: BaseException) -> str:
+        return vlm.redact(errors.describe(exc), self.key)
+
+    def chat(self, encoded_images: dict[str, bytes], requests: list[tuple[str, str]], max_tokens: int) -> list[dict]:
+        """Greedy answers to (image key, text) requests, in order, as ``VLMEngine.chat`` gives them."""
+        urls = {key: vlm.image_url(encoded_images[key]) for key in dict.fromkeys(key for key, _ in requests)}
+        sent = [self.senders.submit(self.send, conversation({"type": "image_url", "image_url": {"url": urls[key]}},
+                                                            text), max_tokens) for key, text in requests]
+        try:
+            return [request.result() for request in sent]
+        except Exception as exc:
+            for request in sent:
+                request.cancel()
+            raise self.fault(exc) from None  # not chained: the client's exception holds the request, key and all
+
+    def send(self, messages: list[dict], max_tokens: int) -> dict:
+        return vlm.endpoint_answer(self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=0.0))
+
+    def fault(self, exc: BaseException) -> Exception:
+        if errors.classify(exc) is errors.TRANSIENT:
+            return errors.SpentRetries(f"the VLM server at {self.shown} failed past its client's {self.retries} "
+                                       f"retries (faults.engine_call_retries): {self.redacted(exc)}")
+        return EndpointError(f"the VLM server at {self.shown} refused the request: {self.redacted(exc)}")
+
+
+def use_endpoint(config, stages) -> None:
+    """Hand each VLM stage the server of ``vlm.endpoint`` (before the stages go to their actors), once it answers
+    and serves their models."""
+    settings = config.vlm
+    each = vlm.in_flight_each(settings.max_in_flight, sum(stage.resources.actors for stage in stages))
+    for stage in stages:
+        stage.endpoint = Endpoint(settings.endpoint, stage.model_id, settings.api_key_env, settings.timeout_seconds,
+                                  config.faults.engine_call_retries, each)
+    models = {stage.model_id for stage in stages}
+    stages[0].endpoint.check(models, config.faults.attempts, config.faults.backoff_seconds)
+    print(f"[sculpt] no VLM engines: asking the server at {stages[0].endpoint.shown} for {', '.join(sorted(models))}, "
+          f"at most {each} request(s) in flight from each of the {', '.join(s.name for s in stages)} actors", flush=True)
 
 
 @contextlib.contextmanager
 def vlm_engines(config, stages, engine_class=VLMEngine):
     """Start the engine pool if a stage needs it, and yield the engines that started; end it (and its placement
-    groups) afterwards."""
+    groups) afterwards. With ``vlm.endpoint``, start none: hand the stages that server (``use_endpoint``)."""
     if not any(stage.model_key == "vlm" for stage in stages):
+        yield []
+        return
+    if config.vlm.endpoint:
+        use_endpoint(config, [stage for stage in stages if stage.model_key == "vlm"])
         yield []
         return
     import ray
@@ -299,10 +424,25 @@ class VLMStage(Stage):
     """A stage that asks the VLM pool; CPU only, the engines hold the GPUs."""
 
     model_key = "vlm"
+    endpoint: Endpoint | None = None  # vlm.endpoint's server (vlm_engines hands it over); None: the engine pool
+    profile: str = "auto"  # vlm.profile, resolved for the job by planning (sculpt.engine.planning.vlm_profiles)
+    _conventions = None  # (the profile, its resized-input rule or None), found at the first use
+
+    def boxes(self, width: int, height: int) -> dict:
+        """How boxes of an image of this size are written and read: the keyword arguments (``profile``,
+        ``input_size``) of ``sculpt.annotation.prompts``' box functions, in the model family's convention."""
+        if self._conventions is None:
+            profile = vlm.profile_of(self.profile, self.model_id)
+            self._conventions = (profile, None if profile.relative else resized_input(self.model_id))
+        profile, rule = self._conventions
+        return {"profile": profile, "input_size": rule(width, height) if rule else None}
 
     def setup(self) -> None:
         import ray
 
+        if self.endpoint is not None:
+            self.endpoint.connect()
+            return
         self.engines = [ray.get_actor(name) for name in vlm.engine_names(ray.util.list_named_actors())]
         self.down: set[int] = set()  # replicas whose restart failed: dead for the job
         if not self.engines:
@@ -310,8 +450,11 @@ class VLMStage(Stage):
 
     def ask(self, encoded_images: dict[str, bytes], requests: list[tuple[str, str]], max_tokens: int) -> list[dict]:
         """Answers to (image key, text) requests, each image's requests sent to its own replica; those of a replica
-        that could not start again, to the live ones."""
+        that could not start again, to the live ones; or all to ``vlm.endpoint``'s server."""
         import ray
+
+        if self.endpoint is not None:
+            return self.endpoint.chat(encoded_images, requests, max_tokens)
 
         by_replica: dict[int, list[int]] = {}
         for position, (key, _) in enumerate(requests):
@@ -346,6 +489,24 @@ class VLMStage(Stage):
             self.down.add(replica)
             print(f"[sculpt] {self.name}: VLM engine {replica} could not start again ({creation_fault(exc)}); its "
                   f"images go to the other {len(self.engines) - len(self.down)}", flush=True)
+
+
+def resized_input(model: str):
+    """The size (width, height) of the model's resized input for an image's (width, height), by its image
+    processor's own rule (transformers' ``smart_resize`` with the checkpoint's pixel bounds, patch and merge sizes):
+    Qwen2.5-VL's boxes are in its pixels."""
+    from transformers import AutoImageProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    processor = AutoImageProcessor.from_pretrained(model)
+    factor = processor.patch_size * processor.merge_size
+    least, most = processor.size["shortest_edge"], processor.size["longest_edge"]  # pixels, as its resize reads them
+
+    def input_size(width: int, height: int) -> tuple[int, int]:
+        resized_height, resized_width = smart_resize(height, width, factor=factor, min_pixels=least, max_pixels=most)
+        return resized_width, resized_height
+
+    return input_size
 
 
 def image_key(row: dict) -> str:

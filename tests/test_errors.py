@@ -32,6 +32,7 @@ CASES = [
     (named("ActorDiedError", RayActorError)("The actor died"), None, False, TRANSIENT),
     (errors.TransientError("the remote service is down"), None, False, TRANSIENT),
     (ConnectionResetError(104, "Connection reset by peer"), None, False, TRANSIENT),
+    (named("APIConnectionError", named("OpenAIError"))("Connection error."), None, False, TRANSIENT),  # vlm.endpoint
     # retried below; not a broken device here even if the engine's was (another process)
     (errors.SpentRetries("the VLM engine died on this call (illegal memory access)"), None, False, TRANSIENT),
     (OSError("image file is truncated (3 bytes not processed)"), None, False, PERMANENT),  # PIL: about the image

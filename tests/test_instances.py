@@ -100,7 +100,7 @@ def test_the_refer_prompt_names_the_other_instances_after_the_image_and_caption(
     assert plain.startswith(shared) and told.startswith(shared)
     assert told == shared + "The image also shows other cat instances at <box>[[500, 0, 1000, 1000]]</box>; the " \
                             "expression must fit none of them.\n\n" + plain[len(shared):]
-    assert prompts.PROMPTS_VERSION == "gssculpt-3"
+    assert prompts.PROMPTS_VERSION == "gssculpt-4"  # 4: the reasoning prompt (issue 30)
 
 
 @pytest.fixture(scope="module")

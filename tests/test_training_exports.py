@@ -402,3 +402,110 @@ def test_training_exports_to_s3(s3_server, tmp_path):
         assert len(records) == counts["records"] == (2 if fmt == "gcg" else 4)
     with pytest.raises(export.ExportError, match="exists"):
         export.export("s3://training/out", "s3://training/gcg.json", "gcg", s3)
+
+
+# --- issue 30's other kinds: reasoning references and grounded chat, and outputs from before them ---------------------
+
+CHAT_TURNS = [  # about image_objects(): the left cup (0), the group of plates (3), the rejected table (7)
+    {"question": "What can one drink from here?", "answer": "The cup on the left, or the plates' owner's cup.",
+     "spans": [{"start": 0, "end": 19, "objects": [0]}]},
+    {"question": "What holds the food?", "answer": "Both plates do, on the table.",
+     "spans": [{"start": 0, "end": 11, "objects": [3]}, {"start": 19, "end": 28, "objects": [7]}]},
+    {"question": "Is the table set?", "answer": "Yes, the table is.",  # names only a rejected object: no export
+     "spans": [{"start": 5, "end": 14, "objects": [7]}]},
+]
+
+
+def reasoning_rows(unit):
+    from sculpt.annotation import reasoning
+
+    rows = unit_rows(unit)
+    objects = rows[0]["objects"]
+    objects.append({**schema.new_object(**reasoning.reasoning_fields(objects, 0, "what people drink hot coffee from")),
+                    "kept": True, "iou": 0.8})
+    objects.append({**schema.new_object(**reasoning.reasoning_fields(objects, 4, "what holds a second drink")),
+                    "kept": False, "iou": 0.1, "reject_reason": "low_iou"})
+    rows[0]["chat"] = CHAT_TURNS
+    return rows
+
+
+def test_reasoning_pairs_and_chat_turns_export_to_llava_gcg_and_refcoco(tmp_path):
+    out = write_output(str(tmp_path / "out"), ("sa_000000",), make_rows=reasoning_rows)
+    rows = output_rows_of(out, ("sa_000000",))
+    row = rows[("sa_000000", 0)]
+    masks = object_masks(row)
+    assert row["chat"][1]["spans"][1] == {"start": 19, "end": 28, "objects": [7]}  # stored as written
+    # llava: the kept reasoning pair joins the refer conversation with its own question; the chat turns follow the
+    # caption, each phrase a [SEG] with its object's mask (a turn naming only rejected objects is left out)
+    dest = str(tmp_path / "llava.json")
+    assert cli.main(["export", out, dest, "--format", "llava"]) == 0
+    loaded = {c["item"]["id"]: c for c in lisa_conversations(dest)}
+    refer = loaded["sa_000000:0:refer"]
+    [(n, turn)] = [(n, t) for n, t in enumerate(refer["item"]["turns"]) if t["kind"] == "reasoning"]
+    assert turn["objects"] == [8] and turn["expression"] == "what people drink hot coffee from"
+    assert refer["messages"][2 * n][1] == "what people drink hot coffee from Please output the segmentation mask."
+    assert refer["messages"][2 * n + 1][1] == "Sure, it is [SEG]."
+    assert np.array_equal(refer["masks"][turn["masks"][0]], masks[0])
+    caption = loaded["sa_000000:0:caption"]
+    assert [t["kind"] for t in caption["item"]["turns"]] == ["caption", "chat", "chat"]
+    assert caption["messages"][2:] == [
+        ("USER", "What can one drink from here?"),
+        ("ASSISTANT", "<p> The cup on the left </p> [SEG], or the plates' owner's cup."),
+        ("USER", "What holds the food?"), ("ASSISTANT", "<p> Both plates </p> [SEG] do, on the table.")]
+    for turn in caption["item"]["turns"][1:]:
+        for k, objects in zip(turn["masks"], turn["objects"]):
+            assert np.array_equal(caption["masks"][k], np.logical_or.reduce([masks[i] for i in objects]))
+    assert caption["item"]["turns"][2]["objects"] == [[3]]
+    # gcg: one record per chat turn after the caption's, its question beside the answer, which GLaMM's reader tags
+    dest = str(tmp_path / "gcg.json")
+    assert cli.main(["export", out, dest, "--format", "gcg"]) == 0
+    gcg = [a for a in glamm_gcg(dest) if a["info"]["index"] == 0]
+    assert [a["info"]["kind"] for a in gcg] == ["caption", "chat", "chat"]
+    assert [a["info"].get("question") for a in gcg] == [None, "What can one drink from here?", "What holds the food?"]
+    assert gcg[2]["tagged"] == "<p> Both plates </p> [SEG] do, on the table."
+    assert np.array_equal(gcg[1]["masks"][0].astype(bool), masks[0])
+    # refcoco: the kept reasoning pair is a ref of its own on its target's mask, its annotation says its style
+    data = tmp_path / "data"
+    assert cli.main(["export", out, str(data / "refcoco"), "--format", "refcoco"]) == 0
+    api = Refer(str(data), "refcoco", "sculpt")
+    [ref] = [r for r in api.data["refs"] if r["index"] == 0 and r["object"] == 8]
+    assert ref["sentences"][0]["raw"] == "what people drink hot coffee from"
+    assert api.refToAnn[ref["ref_id"]]["style"] == "reasoning" and api.refToAnn[ref["ref_id"]]["target"] == 0
+    assert np.array_equal(api.getMask(ref)["mask"].astype(bool), masks[0])
+    assert not [r for r in api.data["refs"] if r["index"] == 0 and r["object"] == 9]  # the rejected one
+
+
+def output_rows_of(out, units):
+    import pyarrow.parquet as pq
+
+    return {(r["shard"], r["index"]): r for name in units for r in pq.read_table(f"{out}/{name}.parquet").to_pylist()}
+
+
+def test_outputs_of_schema_version_4_still_export(tmp_path):
+    """An output written before reasoning and chat (objects without style and target, no chat column) exports the
+    same in every training format: readers take the missing fields as null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    new = write_output(str(tmp_path / "new"), ("sa_000000",))
+    old = write_output(str(tmp_path / "old"), ("sa_000000",))
+    path = f"{old}/sa_000000.parquet"
+    table = pq.read_table(path)
+    old_object = pa.struct([f for f in schema.OBJECT_TYPE if f.name not in ("style", "target")])
+    old_schema = pa.schema([f.with_type(pa.list_(old_object)) if f.name == "objects" else f
+                            for f in schema.OUTPUT_SCHEMA if f.name != "chat"])
+    rows = [{k: v for k, v in r.items() if k != "chat"} for r in table.to_pylist()]
+    for r in rows:
+        r["objects"] = [{k: v for k, v in o.items() if k not in ("style", "target")} for o in r["objects"] or []] \
+            if r["objects"] is not None else None
+    pq.write_table(pa.Table.from_pylist(rows, schema=old_schema), path)
+    assert "chat" not in pq.read_schema(path).names
+    for fmt, name in (("gcg", "x.json"), ("llava", "x.json"), ("refcoco", "refcoco")):
+        assert cli.main(["export", old, str(tmp_path / "o" / fmt / name), "--format", fmt]) == 0
+        assert cli.main(["export", new, str(tmp_path / "n" / fmt / name), "--format", fmt]) == 0
+    for fmt in ("gcg", "llava"):
+        assert json.loads((tmp_path / "o" / fmt / "x.json").read_text()) == \
+            json.loads((tmp_path / "n" / fmt / "x.json").read_text())
+    old_api, new_api = (Refer(str(tmp_path / side / "refcoco"), "refcoco", "sculpt") for side in ("o", "n"))
+    assert len(old_api.Refs) == 5 and old_api.data["refs"] == new_api.data["refs"]
+    assert old_api.data["annotations"] == new_api.data["annotations"]

@@ -20,7 +20,7 @@ def mask(shape, *cells):
 
 
 PARAMS = {"threshold": 0.5, "margin": 0.1, "listener_threshold": 0.5, "negative_area": 0.01, "min_words": 3,
-          "max_words": 40, "duplicate_similarity": 1.0}  # the stage's defaults
+          "max_words": 40, "duplicate_similarity": 1.0, "reasoning_threshold": 0.5}  # the stage's defaults
 
 
 def judged(evf, sam, threshold=0.5, margin=0.1):
@@ -182,7 +182,7 @@ def test_each_check_rejects_its_golden_case(obj, reason):
 
 def test_the_first_failed_check_is_the_reason_in_one_fixed_order():
     assert verify.REASONS == ("no_expression", "too_short", "too_long", "repeats_phrase", "duplicate_expression",
-                              "verify_error", "listener", "low_iou", "rival", "negative_drawn")
+                              "verify_error", "listener", "low_iou", "rival", "negative_drawn", "unkept_target")
     worst = pair("red cup", phrase="red cup", iou=0.0, rival_iou=1.0)  # fails every check but the negative's
     assert verify.reject_reason(worst, PARAMS, duplicate=True) == "too_short"
     loose = {**PARAMS, "min_words": 1}

@@ -64,9 +64,10 @@ def check_every_instance_a_rival(rows, tiny_models, tmp_path):
     from sculpt.testing import kit, samples
 
     for row in (r for r in rows if r["status"] == "ok"):
-        found = [o for o in row["objects"] if o["phrase_start"] is None and o["category"] != "negative"]
+        found = [o for o in row["objects"] if o["phrase_start"] is None and o["category"] != "negative"
+                 and o["target"] is None]  # (a reasoning pair has no caption span either)
         assert [(o["phrase"], o["instances"]) for o in found] == [("plant", 3)], found
-        plants = [o for o in row["objects"] if instances.kind(o["phrase"]) == "plant"]
+        plants = [o for o in row["objects"] if instances.kind(o["phrase"]) == "plant" and o["target"] is None]
         assert len(plants) == 4 and {o["instances"] for o in plants} == {3}  # two named, their group, the found one
         assert [len(o["members"]) for o in plants if o["members"]] == [2]
 
@@ -104,6 +105,86 @@ def check_every_instance_a_rival(rows, tiny_models, tmp_path):
     assert instances.box_iou(rival["box"], where) > 0.8
 
 
+class TrustsItsMasks(Stage):
+    """Stands in for the verify stage: the keep rule judges each pair with its own mask as the verifier's (IoU 1) and
+    no margin (the random tiny SAM2's masks overlap each other ~0.95), so that the text checks and a reasoning pair's
+    target decide (the random tiny EVF-SAM2 keeps nothing)."""
+
+    name = "verify"
+
+    def process(self, rows):
+        from actors.verify import Verifier
+        from sculpt.annotation import verify
+
+        params = {**Verifier.defaults, "margin": 0.0}
+        for row in rows:
+            objects = row["objects"] or []
+            for i in verify.split(objects)[0]:
+                verify.judge(objects, i, objects[i]["mask"], params)
+
+
+def check_reasoning_and_chat(rows, job_stats, tiny_models, tmp_path):
+    """Reasoning references and grounded chat (issue 30). In the five-stage run: the refer stage asked the tiny
+    InternVL for a reasoning reference to the one object whose plain pair passed the text checks (the group of the
+    two plants), stored it as an object of its own (its target's mask, box and category, ``style`` reasoning) and
+    the listener and verifier judged it by the same rule (the listener, who answers the cat's box, rejects it as it
+    rejects the group); nothing was kept, so the chat stage asked nothing. A second job on the same engines, one image
+    and a verifier that trusts the masks (``TrustsItsMasks``) keeps the group, so its reasoning pair is kept and the
+    chat stage writes the tiny model's turn (kit.CHAT), whose mark names the group; the llava and gcg exports carry
+    both."""
+    from sculpt import cli
+    from sculpt.annotation import chat
+    from sculpt.testing import kit, samples
+
+    judged = 0
+    for row in (r for r in rows if r["status"] == "ok"):
+        objects = row["objects"]
+        reasoned = [(i, o) for i, o in enumerate(objects) if o["style"] == "reasoning"]
+        assert len(reasoned) == 1, [(o["expression"], o["style"]) for o in objects]
+        i, obj = reasoned[0]
+        target = objects[obj["target"]]
+        assert obj["expression"] == kit.REASONING and target["members"] and obj["target"] < i
+        assert (obj["mask"], obj["box"], obj["category"], obj["phrase"]) == \
+            (target["mask"], target["box"], target["category"], target["phrase"])
+        assert obj["phrase_start"] is None and obj["reject_reason"] == "listener" and obj["iou"] is not None
+        assert all(o["style"] == "plain" for o in objects if o["expression"] and o["target"] is None)
+        assert row["chat"] is None  # no kept object: not asked
+        judged += 1
+    assert job_stats["reasoning_pairs"] == judged and job_stats["reasoning_kept"] == 0
+
+    image = samples.photo("hubble_deep_field")
+    (tmp_path / "chat-in").mkdir()
+    shard = str(tmp_path / "chat-in" / "sa_000007.tar")
+    samples.write_tar(shard, [("sa_7.jpg", samples.jpeg_bytes(image)), ("sa_7.json", samples.sa1b_json(7, image))])
+    stages = [{"name": "caption"}, {"name": "ground"}, {"name": "mask"}, {"name": "refer"},
+              {"name": "verify", "class": "tests.test_vlm_stages:TrustsItsMasks", "cpus": 0.5},
+              {"name": "chat", "actors": 1, "cpus": 0.5, "params": {"max_tokens": 48}}]
+    out = tmp_path / "chat"
+    cfg = config.load(None, [f"input.shards=[{shard}]", f"output.path={out}", *VLM_SETTINGS,
+                             f"stages={json.dumps(stages)}", "input.readers=1", "stages.caption.params.max_tokens=32",
+                             "stages.ground.params.max_new_tokens=64", "stages.ground.params.num_beams=1",
+                             "stages.refer.params.max_tokens=16", *(f"models.{k}={v}" for k, v in tiny_models.items())])
+    run_job(cfg, config.build_stages(cfg))
+    [row] = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+    objects = row["objects"]
+    [group] = [i for i, o in enumerate(objects) if o["members"]]
+    [copy] = [i for i, o in enumerate(objects) if o["style"] == "reasoning"]
+    assert objects[group]["kept"] and objects[copy]["kept"] and objects[copy]["target"] == group
+    assert chat.listed(objects) == [group]
+    [turn] = row["chat"]
+    [span] = turn["spans"]
+    assert (turn["question"], turn["answer"]) == ("What do people water here?", "They water the plants so that they grow.")
+    assert (turn["answer"][span["start"]:span["end"]], span["objects"]) == ("the plants", [group])
+    assert cli.main(["export", str(out), str(tmp_path / "chat.json"), "--format", "llava"]) == 0
+    records = json.loads((tmp_path / "chat.json").read_text())
+    kinds = [[t["kind"] for t in r["turns"]] for r in records]
+    assert "reasoning" in kinds[0] and kinds[1] in (["caption", "chat"], ["chat"]), kinds
+    assert records[1]["conversations"][-1]["value"] == "They water <p> the plants </p> [SEG] so that they grow."
+    assert cli.main(["export", str(out), str(tmp_path / "gcg.json"), "--format", "gcg"]) == 0
+    gcg = json.loads((tmp_path / "gcg.json").read_text())
+    assert [(r["kind"], r.get("question")) for r in gcg][-1] == ("chat", "What do people water here?")
+
+
 @pytest.mark.usefixtures("engine_pool")
 class TestOnOneEnginePool:
     """The real engine: caption and refer share it, the whole chain runs on it, and a killed engine core (last)."""
@@ -131,10 +212,12 @@ class TestOnOneEnginePool:
         assert [r["status"] for r in rows] == ["ok"] * 4  # the trained tiny model captions and refers every image
         for row in rows:
             assert row["caption"] == kit.CAPTION
-            obj, negative = row["objects"]  # the masked object, and the negative the refer stage asked for
+            obj, negative, reasoned = row["objects"]  # the masked object, the negative, its reasoning pair
             assert obj["expression"] == kit.EXPRESSION and obj["error"] is None
             assert obj["expression_words"] == len(kit.EXPRESSION.split())
             assert (negative["category"], negative["expression"], negative["area"]) == ("negative", kit.NEGATIVE, 0)
+            assert (reasoned["style"], reasoned["target"]) == ("reasoning", 0)
+            assert kit.REASONING.startswith(reasoned["expression"])  # (12 tokens may cut it)
         # every refer request found its image (and caption) already in the engine's prefix cache
         hits = cache["prefix_cache_hits"] - before["prefix_cache_hits"]  # this job's
         assert hits >= 256 * sum(r["status"] != "error" for r in rows)
@@ -152,11 +235,11 @@ class TestOnOneEnginePool:
                      "stages.ground.params.max_new_tokens=64", "stages.ground.params.num_beams=1",
                      "stages.refer.params.max_tokens=16", *(f"models.{k}={v}" for k, v in tiny_models.items()),
                      "stages.listen.params.max_tokens=24", "input.readers=1",  # one chunk: one reader; 8 CPUs in all
-                     "stages.instances.cpus=0"]  # (its 0.5 would make 8.5)
+                     "stages.instances.cpus=0", "stages.chat.cpus=0"]  # (their 0.5 and 1 would make 9.5)
         cfg = config.load(None, overrides)
         stages = config.build_stages(cfg)
-        assert [s.name for s in stages] == ["caption", "ground", "mask", "instances", "refer", "listen", "verify"]
-        verify_params = stages[-1].params
+        assert [s.name for s in stages] == ["caption", "ground", "mask", "instances", "refer", "listen", "verify", "chat"]
+        verify_params = stages[-2].params
         summary = run_job(cfg, stages)
 
         rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
@@ -170,7 +253,8 @@ class TestOnOneEnginePool:
         for row in rows:
             assert row["status"] in ("ok", "error")
             if row["status"] == "error":
-                assert row["error"].split(":")[0] in {"caption", "ground", "mask", "instances", "refer", "listen", "verify"}
+                assert row["error"].split(":")[0] in {"caption", "ground", "mask", "instances", "refer", "listen", "verify",
+                                                      "chat"}
             for i, obj in enumerate(row["objects"]):
                 assert obj["mask"]["size"] == [row["height"], row["width"]]
                 assert obj["area"] == rle.decode(obj["mask"]).sum()
@@ -207,15 +291,16 @@ class TestOnOneEnginePool:
             assert np.array_equal(rle.decode(group["mask"]), union) and group["expression"]
         assert {n["expression"] for n in negatives} == {kit.NEGATIVE}
         marker = json.loads((tmp_path / "out" / ".sculpt" / "markers" / "sa_000001-00000.json").read_text())
-        assert set(marker["model_ids"]) == {"caption", "ground", "mask", "instances", "refer", "listen", "verify"}
+        assert set(marker["model_ids"]) == {"caption", "ground", "mask", "instances", "refer", "listen", "verify", "chat"}
         assert marker["model_ids"]["verify"] == tiny_models["verify"] and marker["prompts_version"]
         assert marker["filter"] == {"threshold": 0.5, "margin": 0.1, "listener_threshold": 0.5, "negative_area": 0.01,
                                     "min_words": 3, "max_words": 40,
-                                    "duplicate_similarity": 1.0, "semantic": [], "prefix": ""}
+                                    "duplicate_similarity": 1.0, "semantic": [], "prefix": "", "reasoning_threshold": 0.5}
         # the tiny VLM writes one expression for every single object of an image: all of them are ambiguous
         assert any(obj["reject_reason"] == "duplicate_expression" and obj["expression"] == kit.EXPRESSION for obj in objects)
         # every stage that saw an image timed it; the job's statistics are written and reported
-        assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "instances", "refer", "listen", "verify"}
+        assert set(marker["stage_images"]) <= {"caption", "ground", "mask", "instances", "refer", "listen", "verify",
+                                               "chat"}
         assert marker["stage_images"]["caption"] == sum(1 for r in rows if not (r["error"] or "").startswith("read"))
         job_stats = json.loads((tmp_path / "out" / ".sculpt" / "stats.json").read_text())
         assert job_stats["rows"] == 4 and "stage_images_per_second" in job_stats["derived"]
@@ -228,6 +313,7 @@ class TestOnOneEnginePool:
         assert job_stats["pairs_by_category"]["negative"] == len(negatives) and job_stats["group_sizes"]
         check_listener(rows, verify_params)
         check_every_instance_a_rival(rows, tiny_models, tmp_path)
+        check_reasoning_and_chat(rows, job_stats, tiny_models, tmp_path)
 
     @staticmethod
     def engine_cores(engine_pool, ray):

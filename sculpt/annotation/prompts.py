@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 
-PROMPTS_VERSION = "gssculpt-3"  # 3: the refer prompt names the other instances of its kind
+from sculpt.annotation import profiles
+from sculpt.annotation.profiles import Profile
+
+PROMPTS_VERSION = "gssculpt-4"  # 3: the refer prompt names the other instances of its kind; 4: reasoning prompt
 
 CAPTION_PROMPT = (
     "Describe this image in detail in one paragraph. Name every salient object and region: things (people, "
@@ -48,6 +51,29 @@ NEGATIVE_PROMPT = (
     "state it does not have here. Answer with the expressions only."
 )
 
+# Reasoning references (issue 30; Ground-V's "the fruit rich in antioxidants"): an object the refer stage has a usable
+# plain expression for, named by what it is for, how it is used or what one knows about it, not by how it looks.
+# Same prefix as the refer prompts (image, then the caption): the prefix cache serves it.
+REASONING_PROMPT = (
+    "Image description: {caption}\n\n"
+    "Reasoning task: without naming it, write one expression of about 12 words that identifies "
+    "<ref>{phrase}</ref><box>{box}</box> only by what it is for, how it is used or what one knows about it, like "
+    "\"the fruit rich in antioxidants\". Do not mention its colour, material, shape, size, the box or coordinates. "
+    "Answer with the expression only."
+)
+
+# Grounded chat (issue 30; LLaVA-Grounding's grounded visual chat): questions and answers about the image, written
+# from the caption and its kept objects (a numbered list, ``CHAT_OBJECT`` each), every listed object an answer
+# mentions marked ``<ref>words</ref>[n]``; sculpt.annotation.chat reads the marks back. Image, then the caption first.
+CHAT_PROMPT = (
+    "Image description: {caption}\n\n"
+    "Chat task. The objects of the image:\n{objects}\n"
+    "Write {count} question and answer pair(s) that a person could ask about this image and answer from it. In "
+    "each answer, mark every listed object it mentions as <ref>its words</ref>[n], n being its number in the list. "
+    "Write each pair as two lines, \"Q: question\" and \"A: answer\"."
+)
+CHAT_OBJECT = "{n}. " + "<ref>{phrase}</ref><box>{box}</box>"
+
 # The listener (actors/listen.py): the expression alone, no caption and no target box, asked in InternVL's own
 # referring-expression grounding form; it answers with a box in its 0..1000 convention (``text_to_boxes``).
 LISTENER_PROMPT = ("Please provide the bounding box coordinate of the region this sentence describes: "
@@ -56,57 +82,82 @@ LISTENER_PROMPT = ("Please provide the bounding box coordinate of the region thi
 MIN_EXPRESSION_WORDS = 2
 
 
-def box_to_text(box, width: int, height: int) -> str:
-    """A pixel box (x0, y0, x1, y1) in InternVL's convention: ``[[x0, y0, x1, y1]]``, each axis scaled to 0..1000."""
-    x0, y0, x1, y1 = box
-    scaled = [round(v / size * 1000) for v, size in ((x0, width), (y0, height), (x1, width), (y1, height))]
-    return "[[" + ", ".join(str(min(1000, max(0, v))) for v in scaled) + "]]"
+# The prompts above are written in InternVL's words; another VLM family's profile (sculpt.annotation.profiles) puts its
+# own referring form where they name a region (REGION) or places (PLACES), and its own listener question.
+REGION, PLACES = "<ref>{phrase}</ref><box>{box}</box>", "<box>{boxes}</box>"
 
 
-def boxes_to_text(boxes, width: int, height: int) -> str:
-    """Several pixel boxes in InternVL's convention: ``[[x0, y0, x1, y1], [...]]``."""
-    return "[" + ", ".join(box_to_text(box, width, height)[1:-1] for box in boxes) + "]"
+def box_to_text(box, width: int, height: int, profile: Profile = profiles.INTERNVL, input_size=None) -> str:
+    """A pixel box (x0, y0, x1, y1) in the profile's convention; InternVL's: ``[[x0, y0, x1, y1]]``, each axis
+    scaled to 0..1000."""
+    return profile.box_to_text(box, width, height, input_size)
 
 
-_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+def boxes_to_text(boxes, width: int, height: int, profile: Profile = profiles.INTERNVL, input_size=None) -> str:
+    """Several pixel boxes in the profile's convention; InternVL's: ``[[x0, y0, x1, y1], [...]]``."""
+    return profile.boxes_to_text(boxes, width, height, input_size)
 
 
-def text_to_boxes(text: str, width: int, height: int) -> list[list[float]]:
-    """The pixel boxes (x0, y0, x1, y1) of an answer in InternVL's convention, the inverse of ``box_to_text``: every
-    ``[x0, y0, x1, y1]`` in it (``<box>[[...]]</box>``, ``[[...], [...]]`` or bare), each coordinate clamped to
-    0..1000 and scaled by its axis; corners given the wrong way round are put right, a box of no area is dropped.
-    An answer without one gives ``[]``."""
-    boxes = []
-    for match in _BOX.finditer(text or ""):
-        x0, y0, x1, y1 = (min(1000.0, max(0.0, float(v))) for v in match.groups())
-        x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
-        if x1 > x0 and y1 > y0:
-            boxes.append([x0 / 1000 * width, y0 / 1000 * height, x1 / 1000 * width, y1 / 1000 * height])
-    return boxes
+def text_to_boxes(text: str, width: int, height: int, profile: Profile = profiles.INTERNVL,
+                  input_size=None) -> list[list[float]]:
+    """The pixel boxes (x0, y0, x1, y1) of an answer in the profile's convention, the inverse of ``box_to_text``; in
+    InternVL's, every ``[x0, y0, x1, y1]`` in it (``<box>[[...]]</box>``, ``[[...], [...]]`` or bare), each
+    coordinate clamped to 0..1000 and scaled by its axis; corners given the wrong way round are put right, a box of
+    no area is dropped. An answer without one gives ``[]``."""
+    return profile.text_to_boxes(text, width, height, input_size)
 
 
-def listener_prompt(expression: str) -> str:
-    """What the listener asks: where the expression's region is, from the image and the expression alone."""
-    return LISTENER_PROMPT.format(expression=expression)
+def listener_prompt(expression: str, profile: Profile = profiles.INTERNVL) -> str:
+    """What the listener asks: where the expression's region is, from the image and the expression alone, in the
+    profile's own grounding words (InternVL's: ``LISTENER_PROMPT``)."""
+    return profile.listener_prompt(expression)
+
+
+def with_region(template: str, profile: Profile, phrase: str, boxes, width: int, height: int, input_size=None,
+                **fields) -> str:
+    """``template`` (InternVL's words, naming its region as ``REGION``) with the region of ``phrase`` at ``boxes``
+    in the profile's referring form."""
+    if profile.style == "internvl":
+        return template.format(phrase=phrase, box=profile.boxes_to_text(boxes, width, height), **fields)
+    region = profile.region(phrase, boxes, width, height, input_size).replace("{", "{{").replace("}", "}}")
+    return template.replace(REGION, region).format(**fields)
 
 
 def refer_prompt(caption: str | None, phrase: str | None, box, width: int, height: int, member_boxes=None,
-                 other_boxes=None, kind: str | None = None) -> str:
+                 other_boxes=None, kind: str | None = None, profile: Profile = profiles.INTERNVL,
+                 input_size=None) -> str:
     """The refer prompt of one object, or of a group when ``member_boxes`` lists its members' boxes; with
     ``other_boxes``, the other instances of its ``kind`` (``sculpt.annotation.instances.others``), named between the
-    caption and the object."""
+    caption and the object. Boxes in the ``profile``'s convention (``input_size``: its resized input, where it
+    needs one)."""
     if member_boxes:
-        text = GROUP_REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the objects",
-                                         box=boxes_to_text(member_boxes, width, height))
+        text = with_region(GROUP_REFER_PROMPT, profile, phrase or "the objects", list(member_boxes), width, height,
+                           input_size, caption=caption or "(none)")
     else:
-        text = REFER_PROMPT.format(caption=caption or "(none)", phrase=phrase or "the object",
-                                   box=box_to_text(box, width, height))
+        text = with_region(REFER_PROMPT, profile, phrase or "the object", [box], width, height, input_size,
+                           caption=caption or "(none)")
     if not other_boxes:
         return text
     shared = len(f"Image description: {caption or '(none)'}\n\n")  # after the image, every object's prefix
-    return text[:shared] + OTHERS_SENTENCE.format(kind=kind or "such", boxes=boxes_to_text(other_boxes, width, height)) \
-        + text[shared:]
+    places = profile.places(other_boxes, width, height, input_size).replace("{", "{{").replace("}", "}}")
+    others = OTHERS_SENTENCE.replace(PLACES, places).format(kind=kind or "such")
+    return text[:shared] + others + text[shared:]
+
+
+def reasoning_prompt(caption: str | None, phrase: str | None, box, width: int, height: int, member_boxes=None,
+                     profile: Profile = profiles.INTERNVL, input_size=None) -> str:
+    """The reasoning prompt of one object (a group: all its members' boxes), after the same prefix as its refer
+    prompt; ``sculpt.annotation.reasoning`` checks the answer."""
+    return with_region(REASONING_PROMPT, profile, phrase or "the object", list(member_boxes) if member_boxes else [box],
+                       width, height, input_size, caption=caption or "(none)")
+
+
+def chat_prompt(caption: str | None, listed: list[tuple[str | None, list]], count: int, width: int, height: int,
+                profile: Profile = profiles.INTERNVL, input_size=None) -> str:
+    """The grounded chat prompt: ``listed`` holds each listed object's (phrase, boxes), numbered from 1."""
+    objects = "\n".join(with_region(CHAT_OBJECT, profile, phrase or "the object", boxes, width, height, input_size, n=n)
+                        for n, (phrase, boxes) in enumerate(listed, 1))
+    return CHAT_PROMPT.format(caption=caption or "(none)", objects=objects, count=count)
 
 
 def negative_prompt(caption: str | None, present: list[str], count: int) -> str:

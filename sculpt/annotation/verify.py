@@ -36,6 +36,10 @@ DEFAULT_LISTENER_THRESHOLD = 0.5
 ARTICLES = frozenset({"a", "an", "the"})
 SEMANTIC_PREFIX = "[semantic] "  # EVF-SAM2-multitask's semantic-level mode (stuff, parts, all instances of a kind)
 SEMANTIC_CATEGORIES = ("stuff", "part")
+# A reasoning pair (``style``, sculpt.annotation.reasoning) is judged by the same rule, its IoU against this threshold
+# (the ``reasoning_threshold`` param; by default the plain pairs' own: no evidence yet that they need another)
+REASONING = "reasoning"
+DEFAULT_REASONING_THRESHOLD = DEFAULT_THRESHOLD
 
 
 def is_multitask(source: str) -> bool:
@@ -115,16 +119,29 @@ CHECKS = (
     # that low_iou then means "the right place, but the masks disagree"); null (not asked) passes
     ("listener", lambda o, p, dup: not _negative(o) and o.get("listener_iou") is not None
      and o["listener_iou"] < p["listener_threshold"]),
-    ("low_iou", lambda o, p, dup: not _negative(o) and o["iou"] < p["threshold"]),
+    ("low_iou", lambda o, p, dup: not _negative(o) and o["iou"] < _threshold(o, p)),
     ("rival", lambda o, p, dup: not _negative(o) and o["iou"] - o["rival_iou"] < p["margin"]),
     ("negative_drawn", lambda o, p, dup: _negative(o) and o["verifier_area"] > p["negative_area"] * _image_area(o)),
 )
-REASONS = tuple(reason for reason, _ in CHECKS)
+# The rule's last check, on reasoning pairs only: the object it names was not kept (it needs that object's verdict,
+# ``judge`` hands it over), so a kept reasoning pair always names a kept object
+UNKEPT_TARGET = "unkept_target"
+REASONS = tuple(reason for reason, _ in CHECKS) + (UNKEPT_TARGET,)
 
 
-def reject_reason(obj: dict, params: dict, duplicate: bool = False) -> str | None:
-    """The first check of ``CHECKS`` that the judged pair fails; None: it passes them all and is kept."""
-    return next((reason for reason, failed in CHECKS if failed(obj, params, duplicate)), None)
+def _threshold(obj: dict, params: dict) -> float:
+    if obj.get("style") == REASONING:
+        return params.get("reasoning_threshold", params["threshold"])
+    return params["threshold"]
+
+
+def reject_reason(obj: dict, params: dict, duplicate: bool = False, target_kept: bool | None = None) -> str | None:
+    """The first check of ``CHECKS`` that the judged pair fails, then for a reasoning pair whether its target was
+    kept (``target_kept``; None: not known, not checked); None: it passes them all and is kept."""
+    reason = next((reason for reason, failed in CHECKS if failed(obj, params, duplicate)), None)
+    if reason is None and obj.get("style") == REASONING and target_kept is False:
+        return UNKEPT_TARGET
+    return reason
 
 
 def listened(objects: list[dict], i: int) -> bool:
@@ -160,9 +177,13 @@ def split(objects: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def related(objects: list[dict], i: int) -> set[int]:
-    """Object i, its members (a group) and the groups it belongs to: not rivals of its pair."""
-    out = {i} | set(objects[i].get("members") or [])
-    return out | {j for j, obj in enumerate(objects) if i in (obj.get("members") or [])}
+    """Object i, its members (a group) and the groups it belongs to, and the reasoning pairs of these (which share
+    their masks): not rivals of its pair. A reasoning pair's are its target's, and itself."""
+    target = objects[i].get("target")
+    base = target if target is not None and 0 <= target < len(objects) else i
+    out = {i, base} | set(objects[base].get("members") or [])
+    out |= {j for j, obj in enumerate(objects) if base in (obj.get("members") or [])}
+    return out | {j for j, obj in enumerate(objects) if obj.get("target") in out}
 
 
 def judge(objects: list[dict], i: int, verifier_mask: dict, params: dict) -> None:
@@ -187,7 +208,9 @@ def judge(objects: list[dict], i: int, verifier_mask: dict, params: dict) -> Non
             obj["rival_iou"] = float(np.float32(max(rle.ious(verifier_mask, others), default=0.0)))
     except ValueError as exc:
         obj.update(iou=None, rival_iou=None, error=f"verify: {exc}")
-    obj["reject_reason"] = reject_reason(obj, params, duplicated(objects, i, params["duplicate_similarity"]))
+    target = obj.get("target")  # a reasoning pair: its target comes before it, judged already
+    target_kept = bool(objects[target].get("kept")) if target is not None and 0 <= target < len(objects) else None
+    obj["reject_reason"] = reject_reason(obj, params, duplicated(objects, i, params["duplicate_similarity"]), target_kept)
     obj["kept"] = obj["reject_reason"] is None
 
 

@@ -17,12 +17,13 @@ def start(config: JobConfig, stages: list[Stage]) -> None:
 
 
 def resource_demand(config: JobConfig, stages: list[Stage]) -> dict[str, float]:
-    """CPUs and GPUs the job holds at once: every stage's fixed pool, the VLM engines, the shard readers."""
+    """CPUs and GPUs the job holds at once: every stage's fixed pool, the VLM engines (none with an endpoint),
+    the shard readers."""
     demand = {"CPU": float(config.input.readers), "GPU": 0.0}
     for stage in stages:
         demand["CPU"] += stage.resources.cpus * stage.resources.actors
         demand["GPU"] += stage.resources.gpus * stage.resources.actors
-    if any(stage.model_key == "vlm" for stage in stages):
+    if config.vlm.endpoint is None and any(stage.model_key == "vlm" for stage in stages):
         demand["CPU"] += config.vlm.cpus * config.vlm.replicas
         demand["GPU"] += (config.vlm.tensor_parallel if config.vlm.tensor_parallel > 1 else config.vlm.gpus) * config.vlm.replicas
     return demand

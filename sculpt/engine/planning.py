@@ -12,14 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.compute as pc
 
-from sculpt.annotation import prompts
+from sculpt.annotation import profiles, prompts
 from sculpt import errors, schema
 from sculpt.io import exclude, inputs, shards, storage
 from sculpt.config import JobConfig
+from sculpt.engine.vlm import profile_of
 from sculpt.outputs.store import OutputStore, fingerprint, shard_done
 from sculpt.stage import Stage
 
-SCHEMA_VERSION = 4  # 3: units are chunks of shards; 4: objects carry reject_reason
+SCHEMA_VERSION = 5  # 3: units are chunks of shards; 4: objects carry reject_reason; 5: style, target (reasoning), chat
 
 
 def job_record(config: JobConfig, stages: list[Stage], source: inputs.Source | None = None) -> dict:
@@ -35,15 +36,35 @@ def job_record(config: JobConfig, stages: list[Stage], source: inputs.Source | N
         settings["input"]["source"] = source.settings()
     if config.input.exclude:  # the list's content, not its path: another list is another config (none: as before)
         settings["input"]["exclude"] = exclude.load(config.input.exclude, config.s3).digest()
+    record = {}
     if any(stage.model_key == "vlm" for stage in stages):
         vlm = dataclasses.asdict(config.vlm)
-        settings["vlm"] = {key: value for key, value in vlm.items() if key not in config.vlm.RESOURCE_FIELDS}
+        settings["vlm"] = {key: value for key, value in vlm.items()
+                           if key not in config.vlm.RESOURCE_FIELDS and key != "profile"}
+        labels = vlm_profiles(config, stages)
+        record["vlm_profile"] = ",".join(labels)
+        if labels != [profiles.INTERNVL.label]:  # InternVL's outputs keep the fingerprint they had before profiles
+            settings["vlm"]["profile"] = record["vlm_profile"]
     return {
         "fingerprint": fingerprint(settings),
         "settings": settings,
         "model_ids": {stage.name: stage.model_id for stage in stages if stage.model_id},
         "prompts_version": prompts.PROMPTS_VERSION,
+        **record,
     }
+
+
+def vlm_profiles(config: JobConfig, stages: list[Stage]) -> list[str]:
+    """Resolve ``vlm.profile`` for each VLM stage's model once, here (auto: its checkpoint's config.json, or its
+    name), and hand the stages the result, so that every actor of the job speaks the one recorded; the profiles'
+    labels (name-version), sorted."""
+    labels = set()
+    for stage in stages:
+        if stage.model_key == "vlm":
+            profile = profile_of(config.vlm.profile, stage.model_id)
+            stage.profile = profile.name
+            labels.add(profile.label)
+    return sorted(labels)
 
 
 def configured_source(config: JobConfig) -> inputs.Source:

@@ -72,7 +72,8 @@ def _split(gpus: float, costs: dict, step: float) -> dict:
 
 
 def job_sections(plan: dict) -> str:
-    """The proposal as the `vlm` and `stages` YAML of a job config (caption/refer/listen: one client actor per engine)."""
+    """The proposal as the `vlm` and `stages` YAML of a job config (caption/refer/listen/chat: one client actor per
+    engine)."""
     replicas = plan["vlm_replicas"]
     lines = ["vlm:", f"  replicas: {replicas}", "  gpus: 1" if plan["tensor_parallel"] == 1 else "  gpus: 0",
              f"  tensor_parallel: {plan['tensor_parallel']}", "stages:",
@@ -85,6 +86,7 @@ def job_sections(plan: dict) -> str:
     lines.append(f"  - {{name: listen, actors: {replicas}, cpus: 0.5, batch_size: 4}}")
     actors, share = plan["stages"]["verify"]
     lines.append(f"  - {{name: verify, actors: {actors}, gpus: {share:g}, batch_size: 8}}")
+    lines.append(f"  - {{name: chat, actors: {replicas}, cpus: 0.5, batch_size: 4}}")  # a VLM client (issue 30)
     return "\n".join(lines)
 
 

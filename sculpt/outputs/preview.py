@@ -96,6 +96,7 @@ def object_line(obj: dict, colour: tuple[int, int, int]) -> str:
              f'&ldquo;{html.escape(obj.get("expression") or "")}&rdquo;' if obj.get("expression") else "",
              iou, f'<span class="{verdict}">{verdict}{why}</span>' if verdict else "",
              f'<i>{html.escape(obj["category"])}</i>' if obj.get("category") else "",
+             f'<i class="reasoning">reasoning, names #{obj["target"]}</i>' if obj.get("style") == "reasoning" else "",
              f'<span class="members">{len(obj["members"])} members</span>' if obj.get("members") else "",
              f'<span class="rejected">{html.escape(obj["error"])}</span>' if obj.get("error") else ""]
     swatch = f'<span class="swatch" style="background:rgb{colour}"></span>'
@@ -124,6 +125,10 @@ def card_html(row: dict, image: bytes | None, max_side: int = MAX_SIDE) -> str:
                           f'border:2px {style} rgb{colour}"></div>')
         lines.append(object_line(obj, colour))
     caption = f'<p class="caption">{html.escape(row["caption"])}</p>' if row.get("caption") else ""
+    reasoned = [o for o in row.get("objects") or [] if o.get("style") == "reasoning"]
+    if reasoned:  # counted per card: reasoning references, and how many were kept
+        caption += (f'<p class="reasoning" data-reasoning="{len(reasoned)}">{len(reasoned)} reasoning reference(s), '
+                    f'{sum(bool(o.get("kept")) for o in reasoned)} kept</p>')
     return (f'<div class="card" data-status="{html.escape(row.get("status") or "")}" style="width:{shown[0]}px">'
             f'<div class="title">{title}</div><div class="frame" style="width:{shown[0]}px;height:{shown[1]}px">'
             f'{"".join(layers)}</div>{caption}<ul>{"".join(lines) or "<li>no objects</li>"}</ul></div>')

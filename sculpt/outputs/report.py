@@ -31,6 +31,9 @@ def kind_figures(total: dict) -> list[tuple[str, str, str]]:
     for category, pairs in sorted(total.get("pairs_by_category", {}).items()):
         kept = total.get("kept_by_category", {}).get(category, 0)
         rows.append((f"{category} pairs kept", f"{kept} of {pairs}", f"pairs ({kept / pairs:.1%})"))
+    if total.get("reasoning_pairs"):
+        kept, pairs = total.get("reasoning_kept", 0), total["reasoning_pairs"]
+        rows.append(("reasoning pairs kept", f"{kept} of {pairs}", f"pairs ({kept / pairs:.1%}; in the categories above)"))
     sizes = total.get("group_sizes", {})
     if sizes:
         spread = ", ".join(f"{n} of {k}" for k, n in sorted(sizes.items(), key=lambda kv: int(kv[0])))

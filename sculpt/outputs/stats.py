@@ -38,6 +38,8 @@ def empty() -> dict:
         # category -> {reject_reason -> pairs}: the keep rule's funnel, each pair counted at the first check it failed
         "rejected_by_category": {},
         "group_sizes": {},  # "n" -> multi-object groups of n members
+        "reasoning_pairs": 0,  # reasoning references (style reasoning) the verifier judged
+        "reasoning_kept": 0,  # of those, kept
         "stage_seconds": {},  # stage -> busy seconds of its actors
         "stage_images": {},  # stage -> images it processed
     }
@@ -85,6 +87,9 @@ def count(table: pa.Table) -> dict:
             if obj.get("kept") is not None and obj.get("verifier_area") is not None:  # judged by the verifier
                 _add(stats["pairs_by_category"], category)
                 _add(stats["kept_by_category"], category, int(bool(obj["kept"])))
+                if obj.get("style") == verify.REASONING:
+                    stats["reasoning_pairs"] += 1
+                    stats["reasoning_kept"] += bool(obj["kept"])
             if obj.get("iou") is not None:
                 stats["verified"] += 1
                 stats["kept"] += bool(obj.get("kept"))

@@ -52,7 +52,7 @@ class IncompatibleOutput(errors.JobError):
 
 
 FILTER_SETTINGS = ("threshold", "margin", "listener_threshold", "negative_area", "min_words", "max_words",
-                   "duplicate_similarity", "semantic", "prefix")
+                   "duplicate_similarity", "semantic", "prefix", "reasoning_threshold")
 
 
 def fingerprint(settings: dict) -> str:

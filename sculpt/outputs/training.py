@@ -27,10 +27,11 @@ exports with those loaders' reading lines:
   answer ``Sure, it is [SEG].``; each negative: the answer says it is not in the image) and a ``caption``
   conversation (the grounded caption as a detailed description, ``<p> phrase </p> [SEG]`` per grounded phrase).
 
-Where issue 30's other kinds go when the output has them: reasoning references are objects with ``style:
-reasoning``: ``refer_turns`` gives them ``QUESTIONS["reasoning"]`` and they join the ``refer`` conversation and the
-refcoco refs as they are; grounded chat turns (spans → objects per answer) become more turns of the ``caption``
-conversation (``caption_conversation``) and more GCG records (``gcg_records``, ``question`` beside ``caption``).
+Issue 30's other kinds: reasoning references are objects with ``style: reasoning``: ``refer_turns`` gives them
+``QUESTIONS["reasoning"]`` and they join the ``refer`` conversation and the refcoco refs as they are (an annotation
+says its ``style``); grounded chat turns (the row's ``chat``: spans → objects per answer) become more turns of the
+``caption`` conversation (``caption_conversation``, kind ``chat``) and more GCG records (``gcg_records``, kind
+``chat``, ``question`` beside ``caption``). Outputs without these fields (schema version 4) export as before.
 
 Kept pairs only by default (``keep_all``: every pair); a grounded phrase is exported when the group it names, or
 else every object it names, is kept. Records name ``shard``, ``index`` and the objects they come from. Rows are
@@ -77,7 +78,7 @@ def iter_rows(out: str, s3: S3Options = S3Options(), batch_size: int = 256):
     fs, _ = storage.filesystem(out, s3)
     for path in data_files(out, s3):
         dataset = pads.dataset(path, format="parquet", filesystem=fs)
-        columns = READ_COLUMNS + [c for c in ("grounded_caption",) if c in dataset.schema.names]
+        columns = READ_COLUMNS + [c for c in ("grounded_caption", "chat") if c in dataset.schema.names]
         order = np.argsort(dataset.to_table(columns=["index"])["index"].to_numpy(), kind="stable")
         for start in range(0, len(order), batch_size):
             for row in dataset.take(pa.array(order[start:start + batch_size]), columns=columns).to_pylist():
@@ -175,10 +176,22 @@ def gcg_record(row: dict, text: str, phrases: list[dict], kind: str, question: s
     return record if question is None else {**record, "question": question}
 
 
+def chat_turns(row: dict, objects: dict[int, dict]) -> list[tuple[str, str, list[dict]]]:
+    """(question, answer, exported phrases) of each grounded chat turn of the row with a phrase to export."""
+    turns = []
+    for turn in row.get("chat") or []:
+        text, phrases = grounded_phrases(turn["answer"], turn["spans"], row["objects"], objects)
+        if phrases:
+            turns.append((turn["question"], text, phrases))
+    return turns
+
+
 def gcg_records(row: dict, objects: dict[int, dict]) -> list[dict]:
-    """The image's grounded caption as a GCG record (grounded chat turns will follow it, one record each)."""
+    """The image's grounded caption as a GCG record, then one record per grounded chat turn (``question`` beside)."""
     text, phrases = grounded_phrases(row.get("caption"), row["grounded_caption"], row["objects"], objects)
-    return [gcg_record(row, text, phrases, "caption")] if phrases else []
+    records = [gcg_record(row, text, phrases, "caption")] if phrases else []
+    return records + [gcg_record(row, answer, found, "chat", question=question)
+                      for question, answer, found in chat_turns(row, objects)]
 
 
 # --- llava ----------------------------------------------------------------------------------------------------------
@@ -220,14 +233,16 @@ def conversation(row: dict, kind: str, turns: list[tuple[str, str, dict, list[di
 
 
 def caption_conversation(row: dict, objects: dict[int, dict]) -> dict | None:
-    """The grounded caption as a detailed-description turn (grounded chat turns will follow it)."""
+    """The grounded caption as a detailed-description turn, then the grounded chat turns (kind ``chat``)."""
     text, phrases = grounded_phrases(row.get("caption"), row["grounded_caption"], row["objects"], objects)
-    if not phrases:
+    turns = [(QUESTIONS["caption"], text, phrases, "caption")] if phrases else []
+    turns += [(question, answer, found, "chat") for question, answer, found in chat_turns(row, objects)]
+    if not turns:
         return None
-    turn = {"kind": "caption", "objects": [p["objects"] for p in phrases],
-            "spans": [[p["start"], p["end"]] for p in phrases]}
-    return conversation(row, "caption", [(QUESTIONS["caption"], tagged(text, phrases), turn,
-                                          [p["mask"] for p in phrases])])
+    return conversation(row, "caption", [
+        (question, tagged(answer, found), {"kind": kind, "objects": [p["objects"] for p in found],
+                                           "spans": [[p["start"], p["end"]] for p in found]}, [p["mask"] for p in found])
+        for question, answer, found, kind in turns])
 
 
 def llava_records(row: dict, objects: dict[int, dict]) -> list[dict]:
@@ -310,7 +325,8 @@ def write_refcoco(items, dest: str, s3: S3Options = S3Options(), seed: int = 0, 
                     "id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": [mask],
                     "area": obj.get("area") if obj.get("area") is not None else rle.area(mask),
                     "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0, "phrase": obj.get("phrase"),
-                    "iou": obj.get("iou"), "kept": obj.get("kept"), "members": obj.get("members"), **trace,
+                    "iou": obj.get("iou"), "kept": obj.get("kept"), "members": obj.get("members"),
+                    "style": obj.get("style"), "target": obj.get("target"), **trace,
                 }, ensure_ascii=False).encode())
                 words = tokens(obj["expression"])
                 batch.append(_pickled({

@@ -129,6 +129,7 @@ class UnitWriter:
             "model_ids": self.job["model_ids"],
             "filter": self.filter,
             "prompts_version": self.job.get("prompts_version"),
+            **({"vlm_profile": self.job["vlm_profile"]} if self.job.get("vlm_profile") else {}),
             **self.stats,
             "end": self.end,
             "excluded": shards.excluded_of(self.end),  # images input.exclude skipped: no row, counted here

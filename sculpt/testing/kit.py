@@ -7,7 +7,8 @@ They run through exactly the code that loads and runs the real ones.
 The two text models are briefly trained at kit time (seeded, a few seconds on one CPU thread) to act out one
 fixed scene, whatever the image, so every object reaches every stage: the tiny InternVL answers the caption
 prompt with ``CAPTION``, any refer prompt with ``EXPRESSION``, any group refer prompt with ``GROUP_EXPRESSION``,
-any negative prompt with ``NEGATIVE`` and any listener prompt with ``LISTENER_ANSWER``; the tiny Florence-2 grounds ``CAPTION`` (and each run of its sentences) to ``GROUNDING``'s boxes. The tiny SAM 3 is
+any negative prompt with ``NEGATIVE``, any reasoning prompt with ``REASONING``, any chat prompt with ``CHAT`` and any
+listener prompt with ``LISTENER_ANSWER``; the tiny Florence-2 grounds ``CAPTION`` (and each run of its sentences) to ``GROUNDING``'s boxes. The tiny SAM 3 is
 trained too (a few seconds), to find every instance of each grounded kind, ``UNNAMED`` ones included, with
 box-shaped masks. SAM2 and EVF-SAM2 keep random weights: their masks are meaningless.
 """
@@ -32,6 +33,13 @@ EXPRESSION = "the gray cat on the red sofa"
 # and one negative per image.
 GROUP_EXPRESSION = "the two green plants standing beside the window"
 NEGATIVE = "a yellow umbrella leaning against the window"
+# What the trained tiny InternVL answers to any reasoning prompt (reasoning_prompt(...)): in the scene the refer stage
+# asks it about the group of the two plants (the one object whose plain pair passes the text checks), and it names
+# them by use, none of their phrase's words or their looks (sculpt.annotation.reasoning.clean_reasoning keeps it).
+REASONING = "the things people water so that they grow"
+# What the trained tiny InternVL answers to any chat prompt (chat_prompt(...)): one turn whose answer marks the first
+# listed object (sculpt.annotation.chat reads the mark back to that object).
+CHAT = "Q: What do people water here?\nA: They water <ref>the plants</ref>[1] so that they grow."
 GROUNDING = {
     "a gray cat": [(120, 310, 560, 810)],
     "a red sofa": [(30, 450, 970, 990)],
@@ -62,13 +70,13 @@ WRITERS = {
 
 
 # The rest of DIR/models.yaml: what the tiny models need to run on a CPU. A new local Ray with logical CPUs and GPUs
-# enough for the stages (readers 2 + caption 1 + ground 1 + mask 1 + instances 1 + refer 1 + listen 1 + verify 1 + the
-# VLM engine 1 = 10 CPUs; the engine 1 + ground 0.25 + mask 0.25 + verify 0.5 = 2 GPUs, which tiny models use on the
+# enough for the stages (readers 2 + caption 1 + ground 1 + mask 1 + instances 1 + refer 1 + listen 1 + verify 1 + chat
+# 1 + the VLM engine 1 = 11 CPUs; the engine 1 + ground 0.25 + mask 0.25 + verify 0.5 = 2 GPUs, which tiny models use on the
 # CPU; the tiny SAM 3 takes no GPU share), small
 # images, short answers, no CUDA graphs, and 1 GiB of KV cache for vLLM's CPU backend (else it asks for most of the RAM;
 # VLLM_CPU_KVCACHE_SPACE, where set, wins).
 CPU_SETTINGS = {
-    "ray": {"num_cpus": 10, "num_gpus": 2},
+    "ray": {"num_cpus": 11, "num_gpus": 2},
     "vlm": {"max_tiles": 2, "max_model_len": 4096, "enforce_eager": True,
             "engine_kwargs": {"kv_cache_memory_bytes": 1 << 30}},
     "stages": [{"name": "caption", "params": {"max_tokens": 48}},
@@ -77,7 +85,8 @@ CPU_SETTINGS = {
                {"name": "instances", "cpus": 1, "gpus": 0},
                {"name": "refer", "params": {"max_tokens": 24}},
                {"name": "listen", "params": {"max_tokens": 24}},
-               {"name": "verify"}],
+               {"name": "verify"},
+               {"name": "chat", "actors": 1, "cpus": 1, "params": {"max_tokens": 48}}],
 }
 
 
@@ -103,7 +112,7 @@ def kit_version() -> str:
     from sculpt.annotation import prompts
 
     digest = hashlib.sha256()
-    for module in [__name__, prompts.__name__, *WRITERS.values()]:
+    for module in [__name__, prompts.__name__, "sculpt.annotation.profiles", *WRITERS.values()]:
         with open(importlib.import_module(module).__file__, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]

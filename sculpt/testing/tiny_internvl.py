@@ -56,14 +56,14 @@ def _tokenizer():
     from transformers import Qwen2Tokenizer
 
     from sculpt.annotation import prompts
-    from sculpt.testing.kit import CAPTION, LISTENER_ANSWER
+    from sculpt.testing.kit import CAPTION, CHAT, LISTENER_ANSWER, REASONING
 
     # sculpt's prompts too: their words as whole tokens make the prompts short (half the tokens), training quick;
     # and the scene's caption, which then fits the caption stage's 32 tokens, and the listener's box (its brackets
     # then tokens of their own: without, the box had not learnt in the steps the rest need)
     templates = [prompts.CAPTION_PROMPT, prompts.REFER_PROMPT, prompts.GROUP_REFER_PROMPT, prompts.NEGATIVE_PROMPT,
-                 prompts.LISTENER_PROMPT]
-    vocab, merges = train_bpe(CORPUS + [CAPTION, LISTENER_ANSWER] + templates, 1024)
+                 prompts.LISTENER_PROMPT, prompts.REASONING_PROMPT, prompts.CHAT_PROMPT]
+    vocab, merges = train_bpe(CORPUS + [CAPTION, LISTENER_ANSWER, REASONING, CHAT] + templates, 1024)
     for token in SPECIAL_TOKENS:  # Qwen layout: special tokens follow the BPE vocabulary
         vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(
@@ -77,7 +77,7 @@ def _tokenizer():
     return tokenizer
 
 
-TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 160, 5, 6e-3  # a batch holds one example of each task
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 160, 7, 6e-3  # a batch holds one example of each task
 # Phrases and words the refer prompts of the training set are about (besides the scene's own phrases).
 _OTHER_WORDS = "cat sofa window plant dog sky road grass table cup rocket flag man woman tree wall floor".split()
 
@@ -224,13 +224,35 @@ def _negative_text(rng) -> str:
     return prompts.negative_prompt(caption, rng.sample(pool, rng.randint(1, 4)), rng.randint(1, 3))
 
 
+def _reasoning_text(rng, width: int, height: int) -> str:
+    """A reasoning prompt: a phrase (the scene's, the corpus's or none) and its box, or a group's member boxes."""
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import GROUNDING
+
+    phrase = rng.choice(list(GROUNDING) + ["the " + rng.choice(_OTHER_WORDS), None])
+    members = [_box(rng, width, height) for _ in range(rng.randint(2, 3))] if rng.random() < 0.3 else None
+    return prompts.reasoning_prompt(_caption(rng), phrase, _box(rng, width, height), width, height, members)
+
+
+def _chat_text(rng, width: int, height: int) -> str:
+    """A chat prompt: 1-3 listed objects (the scene's phrases or the corpus's, one box each; few, as the prompt is
+    the longest the kit trains on), 1-3 turns."""
+    from sculpt.annotation import prompts
+    from sculpt.testing.kit import GROUNDING
+
+    pool = list(GROUNDING) + ["the " + word for word in _OTHER_WORDS]
+    listed = [(phrase, [_box(rng, width, height)]) for phrase in rng.sample(pool, rng.randint(1, 3))]
+    return prompts.chat_prompt(_caption(rng), listed, rng.randint(1, 3), width, height)
+
+
 def _listen_text(rng) -> str:
     """A listener prompt: the scene's expressions, its phrases, or a few words of the corpus."""
     from sculpt.annotation import prompts
-    from sculpt.testing.kit import EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE
+    from sculpt.testing.kit import EXPRESSION, GROUNDING, GROUP_EXPRESSION, NEGATIVE, REASONING
 
     words = " ".join(rng.sample(_OTHER_WORDS, rng.randint(2, 6)))
-    return prompts.listener_prompt(rng.choice([EXPRESSION, GROUP_EXPRESSION, NEGATIVE, *GROUNDING, "the " + words]))
+    return prompts.listener_prompt(rng.choice([EXPRESSION, GROUP_EXPRESSION, NEGATIVE, REASONING, *GROUNDING,
+                                               "the " + words]))
 
 
 def _prompt_text(rng, task: str, width: int, height: int) -> str:
@@ -244,13 +266,18 @@ def _prompt_text(rng, task: str, width: int, height: int) -> str:
         return _refer_text(rng, width, height)
     if task == "group":
         return _group_text(rng, width, height)
+    if task == "reasoning":
+        return _reasoning_text(rng, width, height)
+    if task == "chat":
+        return _chat_text(rng, width, height)
     return _negative_text(rng)
 
 
 def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> dict:
     """Teach the model the kit's scene: greedy decoding gives ``kit.CAPTION`` for the caption prompt,
     ``kit.EXPRESSION`` for any refer prompt, ``kit.GROUP_EXPRESSION`` for any group refer prompt,
-    ``kit.NEGATIVE`` for any negative prompt and ``kit.LISTENER_ANSWER`` for any listener prompt, then <|im_end|>,
+    ``kit.NEGATIVE`` for any negative prompt, ``kit.REASONING`` for any reasoning prompt and ``kit.LISTENER_ANSWER``
+    for any listener prompt (``kit.CHAT`` for any chat prompt), then <|im_end|>,
     whatever the image and its tiling.
 
     Trained on real processed images (one tile, or two tiles and a thumbnail); the vision tower stays as
@@ -263,7 +290,7 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> di
     import torch
 
     from sculpt.annotation import prompts
-    from sculpt.testing.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, LISTENER_ANSWER, NEGATIVE
+    from sculpt.testing.kit import CAPTION, CHAT, EXPRESSION, GROUP_EXPRESSION, LISTENER_ANSWER, NEGATIVE, REASONING
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -271,7 +298,8 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> di
     pad, eos = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = {task: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
                for task, text in (("caption", CAPTION), ("refer", EXPRESSION), ("group", GROUP_EXPRESSION),
-                                  ("negative", NEGATIVE), ("listen", LISTENER_ANSWER))}
+                                  ("negative", NEGATIVE), ("listen", LISTENER_ANSWER), ("reasoning", REASONING),
+                                  ("chat", CHAT))}
 
     by_tiles: dict[int, list] = {}  # tile count -> [(picture, projector inputs)]
     for picture in _pictures(seed):
