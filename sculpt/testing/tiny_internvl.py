@@ -127,22 +127,28 @@ def write(directory: str, seed: int = 0, max_tiles: int = 4, train: bool = True)
 
         with one_thread():
             train_scene(model, processor, seed)
-    # Saved in bfloat16 and configured so: vLLM's dtype "auto" then loads exactly these weights, with no cast.
+    return save_in_bfloat16(model, out)
+
+
+def save_in_bfloat16(model, out) -> str:
+    """Saved in bfloat16 and configured so: vLLM's dtype "auto" then loads exactly these weights, with no cast."""
+    import torch
+
     model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(out)
     return str(out)
 
 
-def _chat(processor, text: str) -> str:
+def chat_prompt(processor, text: str) -> str:
     """The prompt of one user turn (image placeholder, then ``text``) and the assistant header."""
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
 def _chat_ids(processor, text: str) -> list[int]:
-    """Token ids of ``_chat``, the image placeholder unexpanded."""
-    return processor.tokenizer(_chat(processor, text), add_special_tokens=False)["input_ids"]
+    """Token ids of ``chat_prompt``, the image placeholder unexpanded."""
+    return processor.tokenizer(chat_prompt(processor, text), add_special_tokens=False)["input_ids"]
 
 
 def _expand(processor, ids: list[int], tiles: int) -> list[int]:
@@ -310,7 +316,7 @@ def train_scene(model, processor, seed: int = 0, steps: int = TRAIN_STEPS) -> di
     caption_ids = _chat_ids(processor, prompts.CAPTION_PROMPT)
     # The image expansion above is the processor's own.
     picture, features = by_tiles[3][0]
-    expected = processor(images=[picture], text=[_chat(processor, prompts.CAPTION_PROMPT)], crop_to_patches=True,
+    expected = processor(images=[picture], text=[chat_prompt(processor, prompts.CAPTION_PROMPT)], crop_to_patches=True,
                          max_patches=2, min_patches=1)["input_ids"][0]
     assert list(expected) == _expand(processor, caption_ids, 3), "InternVL processor expands images differently"
 

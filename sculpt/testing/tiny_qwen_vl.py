@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sculpt.testing import tiny_internvl
+
 MAX_TOKENS = 64  # merged patches (image tokens) per image at most: the processor's max_pixels
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -175,21 +177,12 @@ def write(directory: str, family: str = "qwen2_5_vl", seed: int = 0, train: bool
 
         with one_thread():
             train_scene(model, processor, family, seed)
-    model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
-    model.save_pretrained(out)
-    return str(out)
-
-
-def _chat(processor, text: str) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return tiny_internvl.save_in_bfloat16(model, out)
 
 
 def _prompt_text(rng, task: str, family: str, width: int, height: int) -> str:
     """The tiny InternVL's training prompts, in this family's words and box convention."""
     from sculpt.annotation import profiles, prompts
-    from sculpt.testing import tiny_internvl
 
     profile = profiles.PROFILES[family]
     size = None if profile.relative else input_size(family, width, height)
@@ -223,7 +216,7 @@ def _image(processor, picture):
 def _prompt_ids(processor, text: str, grid) -> list[int]:
     """Token ids of one user turn about the picture: the processor's own expansion of its image placeholder into
     one <|image_pad|> per merged patch (checked against the processor in ``train_scene``)."""
-    ids = processor.tokenizer(_chat(processor, text), add_special_tokens=False)["input_ids"]
+    ids = processor.tokenizer(tiny_internvl.chat_prompt(processor, text), add_special_tokens=False)["input_ids"]
     at = ids.index(processor.image_token_id)
     return ids[:at] + [processor.image_token_id] * (int(grid.prod()) // 4) + ids[at + 1:]
 
@@ -267,7 +260,6 @@ def train_scene(model, processor, family: str, seed: int = 0, steps: int = TRAIN
     import torch
     from PIL import Image
 
-    from sculpt.testing import tiny_internvl
     from sculpt.testing.kit import CAPTION, EXPRESSION, GROUP_EXPRESSION, NEGATIVE
 
     rng = random.Random(seed)
@@ -278,7 +270,7 @@ def train_scene(model, processor, family: str, seed: int = 0, steps: int = TRAIN
                                   ("negative", NEGATIVE), ("listen", listener_answer(family)))}
     pictures = [(picture, _image(processor, picture)) for picture in tiny_internvl._pictures(seed)]
     picture, image = pictures[1]
-    expected = processor(images=[picture], text=[_chat(processor, "x")], return_tensors="pt")
+    expected = processor(images=[picture], text=[tiny_internvl.chat_prompt(processor, "x")], return_tensors="pt")
     assert expected["input_ids"][0].tolist() == _prompt_ids(processor, "x", image[1]), "the processor expands differently"
     assert expected["mm_token_type_ids"][0].tolist() == [int(i == processor.image_token_id) for i in _prompt_ids(processor, "x", image[1])]
     for parameter in model.model.visual.parameters():
