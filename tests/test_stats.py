@@ -109,6 +109,22 @@ def test_the_run_summary_prints_the_funnel_in_one_line():
     assert not any("keep rule" in line for line in progress.describe({**summary, "job": {}}))
 
 
+def test_the_run_summary_counts_reasoning_references_and_chat_turns():
+    from sculpt.engine import progress
+
+    rows = funnel_rows().to_pylist()
+    objects = rows[0]["objects"]
+    objects[0] = {**objects[0], "style": "reasoning", "kept": True, "verifier_area": 1}
+    rows[0]["chat"] = [{"question": "q", "answer": "a", "spans": []}] * 2
+    counted = stats.count(schema.to_table(rows))
+    assert (counted["reasoning_pairs"], counted["reasoning_kept"], counted["chat_turns"]) == (1, 1, 2)
+    summary = {"shards": 1, "committed_now": 1, "images": 1, "errors": 0, "seconds": 1.0, "pending": [],
+               "job": progress.rounded(stats.derived(counted))}
+    whole = progress.describe(summary)[1]
+    assert "reasoning references kept 1 of 1" in whole and "grounded chat turns 2" in whole
+    assert "reasoning" not in progress.describe({**summary, "job": {}})[0]  # none: nothing said
+
+
 def test_report_shows_the_funnel_per_category(tmp_path, capsys):
     store = OutputStore(str(tmp_path / "out"))
     store.prepare(JOB)

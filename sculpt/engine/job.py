@@ -131,6 +131,8 @@ def tell(summary: dict, demo: bool = False) -> int:
 
         written = preview.write_preview(out, os.path.join(out, "_preview"))
         print(f"Preview: open {os.path.abspath(written['index'])} in a browser ({written['cards']} images).")
+        print(f"Training data: `sculpt export {out} gcg.json --format gcg` (GLaMM), `--format refcoco` (refer API), "
+              "`--format llava` (LISA-style conversations); README: Export.")
     if summary["pending"]:
         first, why = next(iter(summary["pending"].items()))
         print(f"sculpt: {len(summary['pending'])} unit(s) left pending after transient faults (first: {first}: {why}); "

@@ -57,6 +57,10 @@ def describe(summary: dict) -> list[str]:
     kinds = job.get("keep_rate_by_category", {})
     if kinds:
         whole += "; kept by kind: " + ", ".join(f"{kind} {rate:.0%}" for kind, rate in sorted(kinds.items()))
+    if job.get("reasoning_pairs"):
+        whole += f"; reasoning references kept {job.get('reasoning_kept', 0)} of {job['reasoning_pairs']}"
+    if job.get("chat_turns"):
+        whole += f"; grounded chat turns {job['chat_turns']}"
     excluded = f", {summary['excluded']} excluded by input.exclude" if summary.get("excluded") else ""
     lines = [f"[sculpt] this run: {summary['committed_now']} unit(s) committed, {summary['images']} images "
              f"({summary['errors']} errors{excluded}) in {summary['seconds']:.1f} s; {len(summary['pending'])} left pending"]

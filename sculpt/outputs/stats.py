@@ -40,6 +40,7 @@ def empty() -> dict:
         "group_sizes": {},  # "n" -> multi-object groups of n members
         "reasoning_pairs": 0,  # reasoning references (style reasoning) the verifier judged
         "reasoning_kept": 0,  # of those, kept
+        "chat_turns": 0,  # grounded chat turns stored (the chat stage)
         "stage_seconds": {},  # stage -> busy seconds of its actors
         "stage_images": {},  # stage -> images it processed
     }
@@ -96,6 +97,8 @@ def count(table: pa.Table) -> dict:
                 stats["iou_histogram"][min(IOU_BINS - 1, int(obj["iou"] * IOU_BINS))] += 1
             if obj.get("expression"):
                 _add(stats["expression_words"], obj.get("expression_words") or len(obj["expression"].split()))
+    if "chat" in table.column_names:
+        stats["chat_turns"] = sum(len(turns or []) for turns in table["chat"].to_pylist())
     for timings in table["stage_seconds"].to_pylist():
         for timing in timings or []:
             stats["stage_seconds"][timing["stage"]] = stats["stage_seconds"].get(timing["stage"], 0.0) + timing["seconds"]
@@ -127,6 +130,8 @@ def derived(stats: dict) -> dict:
         "keep_rate_by_category": {category: stats.get("kept_by_category", {}).get(category, 0) / pairs
                                   for category, pairs in stats.get("pairs_by_category", {}).items() if pairs},
         "funnel": funnel(stats)["all"],
+        "reasoning_pairs": stats.get("reasoning_pairs", 0), "reasoning_kept": stats.get("reasoning_kept", 0),
+        "chat_turns": stats.get("chat_turns", 0),
         "words_per_expression": sum(int(n) * c for n, c in words.items()) / expressions if expressions else None,
         "error_rate": stats["errors"] / stats["rows"] if stats["rows"] else 0.0,
         "stage_images_per_second": {  # per actor: images over its busy seconds; only stages that did work
