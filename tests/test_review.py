@@ -206,7 +206,7 @@ def label_studio(tmp_path_factory):
             try:
                 if requests.get(f"{url}/health", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or too busy to answer in 2 s
                 pass
             if time.monotonic() > deadline:
                 pytest.fail("Label Studio did not answer in 240 s:\n" + (data / "server.log").read_text()[-3000:])
