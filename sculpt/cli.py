@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", action="append", default=[], metavar="STAGE=MS",
                    help="GPU ms per image of a stage (vlm, ground, mask, verify), e.g. from benchmarks/gpu_stages.py")
     p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--reasoning", type=int, default=None, metavar="N",
+                   help="reasoning references per image (stages.refer.params.reasoning; default the stage's)")
+    p.add_argument("--chat-turns", type=int, default=None, metavar="N",
+                   help="grounded chat turns per image (stages.chat.params.turns; default the stage's)")
     p = commands.add_parser("samples", help="write small SA-1B-format shards (or --kind) from scikit-image photographs")
     p.add_argument("directory")
     p.add_argument("--kind", choices=["sa1b", "images", "webdataset", "parquet"], default="sa1b",
@@ -289,7 +293,11 @@ def size(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--cost {item!r}: expected STAGE=MS with STAGE one of {', '.join(sizing.DEFAULT_COSTS_MS)}")
         costs[stage] = float(ms)
     try:
-        plan = sizing.propose(args.gpus, costs, tensor_parallel=args.tensor_parallel)
+        counts = {key: value for key, value in (("reasoning_count", args.reasoning), ("chat_turns", args.chat_turns))
+                  if value is not None}
+        if any(value < 0 for value in counts.values()):
+            parser.error("--reasoning and --chat-turns count per image: 0 or more")
+        plan = sizing.propose(args.gpus, costs, tensor_parallel=args.tensor_parallel, **counts)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"# sculpt size --gpus {args.gpus}: {sizing.describe(plan)}")

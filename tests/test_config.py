@@ -254,7 +254,7 @@ def test_values_of_the_right_type_are_kept_as_written():
     assert [vlm.pop(key) for key in ("endpoint", "api_key_env", "timeout_seconds")] == [None, "SCULPT_VLM_API_KEY", 300.0]
     assert vlm.pop("profile") == "auto"  # job_record fingerprints the resolved profile instead, InternVL's not at all
     assert vlm == {
-        "replicas": 11, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,
+        "replicas": 12, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,
         "max_in_flight": 256, "max_model_len": 8192, "dtype": "auto", "trust_remote_code": False,
         "enforce_eager": False, "engine_kwargs": {}}
 

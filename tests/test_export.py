@@ -409,3 +409,106 @@ def test_categories_become_gseval_class_ids_and_negatives_go_only_to_hf(tmp_path
     assert loaded["category"] == ["stuff", "part", "single", "single", "multi", "negative"]
     assert loaded["members"][4] == [2, 3] and loaded["box"][5] is None
     assert not rle.decode(loaded["mask"][5]).any()  # a negative's target: nothing
+
+
+# --- the expression's style (issue 30's reasoning references) in every format ----------------------------------------
+
+def reasoning_objects(h, w):
+    """Two kept plain pairs, a kept reasoning pair to the first and a rejected one to the second (``--all``)."""
+    from sculpt.annotation import reasoning
+
+    objects = [{**obj((0, 0, w // 2, h // 2), 0.9, "the cup at the top left", phrase="cup", size=(h, w)), "style": "plain"},
+               {**obj((w // 2, h // 2, w, h), 0.8, "the plate at the bottom right", phrase="plate", size=(h, w)),
+                "style": "plain"}]
+    objects.append({**schema.new_object(**reasoning.reasoning_fields(objects, 0, "what one drinks hot coffee from")),
+                    "iou": 0.85, "kept": True})
+    objects.append({**schema.new_object(**reasoning.reasoning_fields(objects, 1, "what holds the meal")),
+                    "iou": 0.2, "kept": False, "reject_reason": "low_iou"})
+    return objects
+
+
+STYLES = {0: "plain", 1: "plain", 2: "reasoning", 3: "reasoning"}  # reasoning_objects' pairs by position
+
+
+def to_schema_version_4(path):
+    """Rewrite an output file as sculpt wrote it before issue 30: objects without style and target, no chat column."""
+    import pyarrow as pa
+
+    old_object = pa.struct([f for f in schema.OBJECT_TYPE if f.name not in ("style", "target")])
+    old_schema = pa.schema([f.with_type(pa.list_(old_object)) if f.name == "objects" else f
+                            for f in schema.OUTPUT_SCHEMA if f.name != "chat"])
+    rows = [{k: v for k, v in r.items() if k != "chat"} for r in pq.read_table(path).to_pylist()]
+    for r in rows:
+        r["objects"] = [{k: v for k, v in o.items() if k not in ("style", "target")} for o in r["objects"] or []]
+    pq.write_table(pa.Table.from_pylist(rows, schema=old_schema), path)
+
+
+def exported_styles(out, dest):
+    """{format: {(index, object): style}} of every pair (``--all``) in each of gseval, coco (its annotations and its
+    refs), hf, labelstudio (each result's meta) and review (the Label Studio tasks ``sculpt review sample`` builds)."""
+    from sculpt.outputs import review
+
+    found = {}
+    assert cli.main(["export", out, str(dest / "g.jsonl"), "--format", "gseval", "--all"]) == 0
+    found["gseval"] = {(r["index"], r["object"]): r["style"] for r in read_jsonl(dest / "g.jsonl")}
+    assert cli.main(["export", out, str(dest / "coco.json"), "--format", "coco", "--all"]) == 0
+    coco = json.loads((dest / "coco.json").read_text())
+    found["coco annotations"] = {(a["index"], a["object"]): a["style"] for a in coco["annotations"]}
+    found["coco refs"] = {(r["index"], r["object"]): r["style"] for r in coco["refs"]}
+    assert cli.main(["export", out, str(dest / "hf"), "--format", "hf", "--all"]) == 0
+    table = pq.ParquetDataset(str(dest / "hf")).read()
+    assert table.schema.equals(export.PAIR_SCHEMA)
+    found["hf"] = {(r["index"], r["object"]): r["style"] for r in table.to_pylist()}
+    assert cli.main(["export", out, str(dest / "ls.json"), "--format", "labelstudio", "--all"]) == 0
+    results = [r for t in json.loads((dest / "ls.json").read_text()) for p in t["predictions"] for r in p["result"]]
+    assert {r["type"] for r in results} == {"brushlabels", "textarea", "rectanglelabels"}
+    by_pair = {}
+    for r in results:  # every result of a pair (mask, expression, box) says the same style
+        by_pair.setdefault((r["meta"]["index"], r["meta"]["object"]), set()).add(r["meta"]["style"])
+    assert all(len(styles) == 1 for styles in by_pair.values())
+    found["labelstudio"] = {key: styles.pop() for key, styles in by_pair.items()}
+    review.sample(out, str(dest / "review"), n=50)
+    tasks = json.loads((dest / "review" / "tasks.json").read_text())
+    found["review"] = {(t["data"]["index"], t["data"]["object"]): t["data"]["style"] for t in tasks}
+    assert all(t["data"]["style"] in t["data"]["facts"].split(" · ") for t in tasks)  # the reviewer reads it
+    return found
+
+
+def test_every_format_says_a_pairs_style_plain_or_reasoning(tmp_path):
+    pictures = [samples.jpeg_bytes(gradient(20, 24))] * 2
+    out = shard_output(tmp_path, pictures, reasoning_objects)
+    found = exported_styles(out, tmp_path)
+    assert set(found) == {"gseval", "coco annotations", "coco refs", "hf", "labelstudio", "review"}
+    expected = {(index, position): style for index in (0, 1) for position, style in STYLES.items()}
+    for fmt, styles in found.items():
+        assert set(styles) == set(expected), fmt  # every pair is there (two reasoning ones an image) ...
+        assert styles == expected, fmt  # ... and says its style
+    # the exported reasoning pair is its target's mask with the reasoning expression
+    [line] = [r for r in read_jsonl(tmp_path / "g.jsonl") if (r["index"], r["object"]) == (0, 2)]
+    assert line["label"] == "what one drinks hot coffee from" and line["kept"] is True
+    target = next(r for r in read_jsonl(tmp_path / "g.jsonl") if (r["index"], r["object"]) == (0, 0))
+    assert line["segmentation"] == target["segmentation"]
+    # kept pairs only: the rejected reasoning pair is left out, the kept one stays reasoning
+    export.export(out, str(tmp_path / "kept.jsonl"), "gseval")
+    assert {(r["index"], r["object"]): r["style"] for r in read_jsonl(tmp_path / "kept.jsonl")} == \
+        {(i, p): s for (i, p), s in expected.items() if p != 3}
+
+
+def test_outputs_without_style_export_their_pairs_as_plain(tmp_path):
+    """Outputs of schema version 4 (objects without style) and objects whose style is null export style plain."""
+    pictures = [samples.jpeg_bytes(gradient(20, 24))] * 2
+    out = shard_output(tmp_path, pictures, lambda h, w: [o for o in reasoning_objects(h, w)[:2]])
+    to_schema_version_4(f"{out}/sa_000000.parquet")
+    objects = pq.read_schema(f"{out}/sa_000000.parquet").field("objects").type.value_type
+    assert "style" not in [f.name for f in objects] and "category" in [f.name for f in objects]
+    found = exported_styles(out, tmp_path)
+    expected = {(index, position): "plain" for index in (0, 1) for position in (0, 1)}
+    for fmt, styles in found.items():
+        assert set(styles) == set(expected) and styles == expected, fmt
+    # schema version 5, style null (an object the refer stage did not write): plain as well
+    (tmp_path / "v5").mkdir()
+    out = shard_output(tmp_path / "v5", pictures)  # obj(): no style
+    assert pq.read_table(f"{out}/sa_000000.parquet").to_pylist()[0]["objects"][0]["style"] is None
+    export.export(out, str(tmp_path / "v5.jsonl"), "gseval")
+    lines = read_jsonl(tmp_path / "v5.jsonl")
+    assert len(lines) == 2 and {line["style"] for line in lines} == {"plain"}

@@ -4,6 +4,10 @@ A *pair* is one object of an ``ok`` row that has a mask and a referring expressi
 By default only kept pairs (the verifier's IoU reached the threshold) are exported; ``keep_all=True``
 (``--all``) exports every pair with its ``iou`` and ``kept``. Error and empty rows have no pairs.
 
+Each pair says how its expression names the object, its ``style`` (``pairs.style_of``): ``plain`` or ``reasoning``
+(by what it is for or what one knows about it; ``sculpt.annotation.reasoning``); outputs before schema version 5
+have no style, and their pairs are plain.
+
 Every exported record names where it came from: ``shard``, ``index`` (the image's position in its shard, as in
 that shard's Parquet rows) and ``object`` (the position in the row's ``objects`` list). Images are referenced as
 ``<shard>/<image_key>.jpg`` (the tar member of that input shard), under ``image_root`` when one is given.
@@ -14,19 +18,21 @@ Formats (``FORMATS``):
 
 - ``gseval``: GroundingSuite's GSEval jsonl, one pair a line — ``idx``, ``image_path``, ``class_id``, ``label``
   (the expression), ``caption``, ``box`` (x0, y0, x1, y1 pixels), ``segmentation`` (COCO RLE, counts a string),
-  plus ``shard``/``index``/``object``/``phrase``/``iou``/``kept``/``reject_reason``, which GroundingSuite's evaluator ignores.
+  plus ``shard``/``index``/``object``/``phrase``/``iou``/``kept``/``reject_reason``/``style``, which GroundingSuite's
+  evaluator ignores.
   ``class_id`` comes from the pair's category (``sculpt.annotation.categories``; 4, single, for outputs without one).
   Negatives (no target) go only to ``hf``, the one format with a place for a pair without a region.
 - ``coco``: one COCO instances JSON (``images``, ``annotations`` with RLE ``segmentation`` and xywh ``bbox``,
-  one category ``object``) plus RefCOCO-style ``refs`` (``ref_id``, ``ann_id``, ``image_id``, ``sentences``);
-  ``pycocotools.coco.COCO`` loads it. Only images with at least one exported pair are listed.
-- ``hf``: a directory of Parquet files, one row per pair (``PAIR_SCHEMA``), for
+  one category ``object``) plus RefCOCO-style ``refs`` (``ref_id``, ``ann_id``, ``image_id``, ``sentences``, the
+  expression's ``style``, also on its annotation); ``pycocotools.coco.COCO`` loads it. Only images with at least
+  one exported pair are listed.
+- ``hf``: a directory of Parquet files, one row per pair (``PAIR_SCHEMA``, its ``style`` a column), for
   ``datasets.load_dataset("parquet", data_files=f"{DEST}/*.parquet")``.
 - ``labelstudio``: a Label Studio tasks JSON, one task per image (``data.image``, ``data.caption``), its pairs as
   one prediction: per pair a ``brushlabels`` result (the mask in Label Studio's brush RLE, encoded by
   ``label_studio_sdk.converter.brush``), a per-region ``textarea`` result with the expression (same region id)
   and a ``rectanglelabels`` result with the box in percent; each result's ``meta`` holds shard, index, object,
-  phrase, iou and kept. ``LABEL_STUDIO_CONFIG`` is the labeling config these results fit.
+  phrase, iou, kept and style. ``LABEL_STUDIO_CONFIG`` is the labeling config these results fit.
 
 The output is read a record batch at a time (``pyarrow.dataset``), and written as it goes: memory stays bounded
 by a batch whatever the output's size. OUT and DEST may be local paths or ``s3://`` URIs (``sculpt.io.storage``);
@@ -89,6 +95,8 @@ PAIR_SCHEMA = pa.schema(
         ("kept", pa.bool_()),
         ("reject_reason", pa.string()),  # the first check of the keep rule it failed; null when kept
         ("category", pa.string()),  # stuff | part | single | multi | negative
+        # how the expression names the object: plain | reasoning (sculpt.annotation.reasoning; plain: older outputs)
+        ("style", pa.string()),
         ("members", pa.list_(pa.int32())),  # a group's member objects (positions in the row's `objects`)
     ]
 )
@@ -140,7 +148,7 @@ def gseval_record(idx: int, pair: dict) -> dict:
         "label": pair["expression"],
         "caption": pair["caption"] or "", "box": pair["box"], "segmentation": pair["mask"],
         "shard": pair["shard"], "index": pair["index"], "object": pair["object"], "phrase": pair["phrase"],
-        "iou": pair["iou"], "kept": pair["kept"], "reject_reason": pair["reject_reason"],
+        "iou": pair["iou"], "kept": pair["kept"], "reject_reason": pair["reject_reason"], "style": pair["style"],
     }
 
 
@@ -183,14 +191,14 @@ def write_coco(pairs, dest: str, s3: S3Options = S3Options()) -> dict:
                     "id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": pair["mask"],
                     "area": pair["area"], "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
                     "shard": pair["shard"], "index": pair["index"], "object": pair["object"],
-                    "phrase": pair["phrase"], "iou": pair["iou"], "kept": pair["kept"],
+                    "phrase": pair["phrase"], "iou": pair["iou"], "kept": pair["kept"], "style": pair["style"],
                 }, ensure_ascii=False).encode())
                 tokens = _tokens(pair["expression"])
                 refs.write(sep + json.dumps({
                     "ref_id": ann_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1,
                     "file_name": pair["image_path"], "sent_ids": [ann_id],
                     "sentences": [{"sent_id": ann_id, "raw": pair["expression"], "sent": " ".join(tokens), "tokens": tokens}],
-                    "shard": pair["shard"], "index": pair["index"], "object": pair["object"],
+                    "style": pair["style"], "shard": pair["shard"], "index": pair["index"], "object": pair["object"],
                 }, ensure_ascii=False).encode())
         for name, part in ((b"annotations", anns), (b"refs", refs)):
             f.write(b'\n],\n"' + name + b'": [')
@@ -258,7 +266,7 @@ def labelstudio_results(pair: dict, encode) -> list[dict]:
     region = f"{pair['shard']}:{pair['index']}:{pair['object']}"
     common = {"to_name": "image", "original_width": width, "original_height": height, "image_rotation": 0,
               "meta": {"shard": pair["shard"], "index": pair["index"], "object": pair["object"],
-                       "phrase": pair["phrase"], "iou": pair["iou"], "kept": pair["kept"]}}
+                       "phrase": pair["phrase"], "iou": pair["iou"], "kept": pair["kept"], "style": pair["style"]}}
     results = [
         {**common, "id": region, "from_name": "mask", "type": "brushlabels",
          "value": {"format": "rle", "rle": encode(rle.decode(pair["mask"])), "brushlabels": [LABEL]}},

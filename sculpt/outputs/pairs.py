@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from sculpt import errors, schema
-from sculpt.annotation import images
+from sculpt.annotation import images, reasoning
 from sculpt.annotation.categories import NEGATIVE
 from sculpt.io import storage
 from sculpt.io.storage import S3Options
@@ -74,6 +74,12 @@ def pairs_of(row: dict, keep_all: bool = False, negatives: bool = False):
             yield position, obj
 
 
+def style_of(obj: dict) -> str:
+    """How the pair's expression names its object: ``plain`` or ``reasoning`` (``sculpt.annotation.reasoning``). An
+    object without a style (outputs before schema version 5, where every expression was a plain one) is plain."""
+    return obj.get("style") or reasoning.PLAIN
+
+
 def pair_record(row: dict, position: int, obj: dict, image_root: str = "") -> dict:
     """One pair as a PAIR_SCHEMA row."""
     return {
@@ -85,7 +91,8 @@ def pair_record(row: dict, position: int, obj: dict, image_root: str = "") -> di
         "mask": {"size": [int(v) for v in obj["mask"]["size"]], "counts": obj["mask"]["counts"]},
         "area": obj.get("area"), "iou": obj.get("iou"), "rival_iou": obj.get("rival_iou"),
         "instances": obj.get("instances"), "listener_iou": obj.get("listener_iou"), "kept": obj.get("kept"),
-        "reject_reason": obj.get("reject_reason"), "category": obj.get("category"), "members": obj.get("members"),
+        "reject_reason": obj.get("reject_reason"), "category": obj.get("category"), "style": style_of(obj),
+        "members": obj.get("members"),
     }
 
 

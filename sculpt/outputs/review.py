@@ -13,8 +13,10 @@ rejected; negatives have no region to judge and are left out) as Label Studio ta
   a smaller one drew. Tasks are numbered (``pair``) in priority order, so reviewers see the strata mixed.
 
 Each task's data carries sculpt's ids (``shard``, ``index``, ``object``), the stratum, its size in the output
-(``stratum_size``) and its sample size, so that a Label Studio export leads back. Its prediction is the pair's mask
-as one brush region (label ``pair``); the reviewer chooses accept or reject and may write a better expression.
+(``stratum_size``) and its sample size, so that a Label Studio export leads back, and the pair's ``category`` and
+``style`` (plain, or reasoning: the expression names the object by what it is for; ``pairs.style_of``), which the
+reviewer reads among its facts and the verdicts keep. Its prediction is the pair's mask as one brush region (label
+``pair``); the reviewer chooses accept or reject and may write a better expression.
 
 ``import_verdicts(OUT, EXPORT.json)``: Label Studio's JSON (or JSON-min) export into ``OUT/.sculpt/review/
 verdicts.parquet`` (committed units are never touched); a pair imported again has its verdict replaced. The
@@ -78,9 +80,9 @@ LABELING_CONFIG = f"""<View>
 
 VERDICT_SCHEMA = pa.schema([
     ("shard", pa.string()), ("index", pa.int32()), ("object", pa.int32()), ("image_key", pa.string()),
-    ("pair", pa.int32()), ("seed", pa.int64()), ("category", pa.string()), ("check", pa.string()),
-    ("band", pa.string()), ("kept", pa.bool_()), ("iou", pa.float32()), ("rival_iou", pa.float32()),
-    ("reject_reason", pa.string()), ("stratum", pa.string()), ("stratum_size", pa.int64()),
+    ("pair", pa.int32()), ("seed", pa.int64()), ("category", pa.string()), ("style", pa.string()),
+    ("check", pa.string()), ("band", pa.string()), ("kept", pa.bool_()), ("iou", pa.float32()),
+    ("rival_iou", pa.float32()), ("reject_reason", pa.string()), ("stratum", pa.string()), ("stratum_size", pa.int64()),
     ("stratum_sample", pa.int64()), ("expression", pa.string()),
     ("verdict", pa.string()), ("good", pa.bool_()), ("fixed_expression", pa.string()),  # accept | reject
     ("task", pa.int64()), ("annotation", pa.int64()), ("annotator", pa.string()), ("annotated_at", pa.string()),
@@ -185,14 +187,16 @@ def _round(x):
 def task(pair: dict, number: int, total: int, stratum: str, sizes: dict, take: dict, seed: int, encode) -> dict:
     """One pair as a Label Studio task: its data (ids, stratum, what the reviewer reads) and its mask as a prediction."""
     iou = pair["iou"]
-    facts = " · ".join(x for x in (pair["category"], check(pair), None if iou is None else f"IoU {iou:.2f}",
+    facts = " · ".join(x for x in (pair["category"], pair["style"], check(pair),
+                                   None if iou is None else f"IoU {iou:.2f}",
                                    None if pair["rival_iou"] is None else f"rival {pair['rival_iou']:.2f}",
                                    f"{pair['shard']} #{pair['index']} object {pair['object']}") if x)
     data = {
         "image": pair["image_path"], "title": f"pair {number} of {total}", "expression": pair["expression"],
         "facts": facts, "caption": pair["caption"] or "", "pair": number, "seed": seed,
         "shard": pair["shard"], "index": pair["index"], "object": pair["object"], "image_key": pair["image_key"],
-        "category": pair["category"], "check": check(pair), "band": band(iou), "kept": pair["kept"],
+        "category": pair["category"], "style": pair["style"], "check": check(pair), "band": band(iou),
+        "kept": pair["kept"],
         "iou": _round(iou), "rival_iou": _round(pair["rival_iou"]),
         "stratum": stratum, "stratum_size": sizes[stratum], "stratum_sample": take[stratum],
     }

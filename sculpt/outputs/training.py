@@ -56,7 +56,7 @@ from sculpt.annotation.categories import CLASS_IDS, NAMES, NEGATIVE, SINGLE
 from sculpt.io import storage
 from sculpt.io.storage import S3Options
 from sculpt import schema
-from sculpt.outputs.pairs import READ_COLUMNS, ExportError, data_files, image_path
+from sculpt.outputs.pairs import READ_COLUMNS, ExportError, data_files, image_path, style_of
 
 FORMATS = ("gcg", "refcoco", "llava")
 SPLIT = (0.8, 0.1, 0.1)  # train, val, test: fractions of the images
@@ -326,7 +326,7 @@ def write_refcoco(items, dest: str, s3: S3Options = S3Options(), seed: int = 0, 
                     "area": obj.get("area") if obj.get("area") is not None else rle.area(mask),
                     "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0, "phrase": obj.get("phrase"),
                     "iou": obj.get("iou"), "kept": obj.get("kept"), "members": obj.get("members"),
-                    "style": obj.get("style"), "target": obj.get("target"), **trace,
+                    "style": style_of(obj), "target": obj.get("target"), **trace,
                 }, ensure_ascii=False).encode())
                 words = tokens(obj["expression"])
                 batch.append(_pickled({
