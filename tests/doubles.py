@@ -289,3 +289,120 @@ class FakeClock:
         while not done():
             assert self.now < end, f"not done within {within} s"
             self.advance(step)
+
+
+# --- stand-ins for the VLM engine (engine_class=) and for stages, in tests/test_vlm_stages.py: here, not there, so
+# that the Ray workers that unpickle them import this light module, not a test module that imports vLLM ---
+
+class TrustsItsMasks(Stage):
+    """Stands in for the verify stage: the keep rule judges each pair with its own mask as the verifier's (IoU 1) and
+    no margin (the random tiny SAM2's masks overlap each other ~0.95), so that the text checks and a reasoning pair's
+    target decide (the random tiny EVF-SAM2 keeps nothing)."""
+
+    name = "verify"
+
+    def process(self, rows):
+        from actors.verify import Verifier
+        from sculpt.annotation import verify
+
+        params = {**Verifier.defaults, "margin": 0.0}
+        for row in rows:
+            objects = row["objects"] or []
+            for i in verify.split(objects)[0]:
+                verify.judge(objects, i, objects[i]["mask"], params)
+
+
+class PlacementProbe:
+    """Stands in for VLMEngine: reports where Ray put it and what it would have handed to vllm.LLM."""
+
+    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
+        import ray
+
+        group = ray.util.get_current_placement_group()
+        self.seen = {"engine_kwargs": engine_kwargs, "gpu_ids": ray.get_gpu_ids(),
+                     "bundles": group.bundle_specs if group else None}
+
+    def ready(self):
+        return True
+
+    def where(self):
+        return self.seen
+
+
+class DiesOnPoison:
+    """Stands in for VLMEngine: answers every request, except that a request saying "poison", or about an image
+    listed in ``model``/poison, ends its process the way a dead engine core ends VLMEngine's. Each process it starts
+    in leaves a ``pid-*`` file in ``model`` (when that is a directory)."""
+
+    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
+        import os
+
+        self.poison = set()
+        if os.path.isdir(model):
+            open(os.path.join(model, f"pid-{os.getpid()}"), "w").close()
+            if os.path.exists(os.path.join(model, "poison")):
+                self.poison = set(open(os.path.join(model, "poison")).read().split())
+
+    def ready(self):
+        return True
+
+    def chat(self, encoded_images, requests, max_tokens):
+        import os
+
+        if any(text == "poison" or key in self.poison for key, text in requests):
+            os._exit(1)
+        return [{"text": f"answer to {text}", "finish_reason": "stop"} for _, text in requests]
+
+
+class StartsAsPlanned(DiesOnPoison):
+    """Stands in for VLMEngine as replica R of the pool. Each start leaves a file ``start-R-<n>`` in ``model``, and
+    fails with a transient fault (as a GPU still held by a dying engine would make it) where word n of
+    ``model``/plan-R is "fail" (its last word holds for later starts). While ``model``/die-R exists, a chat removes
+    it and ends the process, the way a dead engine core ends VLMEngine's."""
+
+    def __init__(self, model, *args):
+        import os
+
+        import ray
+
+        from sculpt import errors
+
+        super().__init__(model, *args)
+        self.model, self.replica = model, ray.get_runtime_context().get_actor_name().rsplit("-", 1)[1]
+        starts = sum(name.startswith(f"start-{self.replica}-") for name in os.listdir(model))
+        open(os.path.join(model, f"start-{self.replica}-{starts}"), "w").close()
+        plan = os.path.join(model, f"plan-{self.replica}")
+        words = open(plan).read().split() if os.path.exists(plan) else ["ok"]
+        if words[min(starts, len(words) - 1)] == "fail":
+            raise errors.TransientError(f"injected: engine {self.replica} cannot start (start {starts})")
+
+    def chat(self, encoded_images, requests, max_tokens):
+        import os
+
+        die = os.path.join(self.model, f"die-{self.replica}")
+        if os.path.exists(die):
+            os.remove(die)
+            os._exit(1)
+        return super().chat(encoded_images, requests, max_tokens)
+
+
+class LoadsOnSecondTry(Stage):
+    """A stage whose setup fails with CUDA out of memory the first time in each process (a model load beside a
+    process still letting go of the GPU); each try leaves a file ``setup-<pid>-<n>`` in ``log_dir``."""
+
+    name = "loads"
+
+    def setup(self):
+        import os
+
+        import torch
+
+        pid = os.getpid()
+        tries = sum(name.startswith(f"setup-{pid}-") for name in os.listdir(self.params["log_dir"]))
+        open(os.path.join(self.params["log_dir"], f"setup-{pid}-{tries}"), "w").close()
+        if not tries:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected at load)")
+
+    def process(self, rows):
+        for row in rows:
+            row["caption"] = "loaded"

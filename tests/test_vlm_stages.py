@@ -7,7 +7,7 @@ import pytest
 
 from sculpt import config
 from sculpt.engine.job import annotate as run_job
-from sculpt.stage import Stage
+from tests import doubles
 
 pytest.importorskip("vllm")
 
@@ -105,24 +105,6 @@ def check_every_instance_a_rival(rows, tiny_models, tmp_path):
     assert instances.box_iou(rival["box"], where) > 0.8
 
 
-class TrustsItsMasks(Stage):
-    """Stands in for the verify stage: the keep rule judges each pair with its own mask as the verifier's (IoU 1) and
-    no margin (the random tiny SAM2's masks overlap each other ~0.95), so that the text checks and a reasoning pair's
-    target decide (the random tiny EVF-SAM2 keeps nothing)."""
-
-    name = "verify"
-
-    def process(self, rows):
-        from actors.verify import Verifier
-        from sculpt.annotation import verify
-
-        params = {**Verifier.defaults, "margin": 0.0}
-        for row in rows:
-            objects = row["objects"] or []
-            for i in verify.split(objects)[0]:
-                verify.judge(objects, i, objects[i]["mask"], params)
-
-
 def check_reasoning_and_chat(rows, job_stats, tiny_models, tmp_path):
     """Reasoning references and grounded chat (issue 30). In the five-stage run: the refer stage asked the tiny
     InternVL for a reasoning reference to the one object whose plain pair passed the text checks (the group of the
@@ -157,7 +139,7 @@ def check_reasoning_and_chat(rows, job_stats, tiny_models, tmp_path):
     shard = str(tmp_path / "chat-in" / "sa_000007.tar")
     samples.write_tar(shard, [("sa_7.jpg", samples.jpeg_bytes(image)), ("sa_7.json", samples.sa1b_json(7, image))])
     stages = [{"name": "caption"}, {"name": "ground"}, {"name": "mask"}, {"name": "refer"},
-              {"name": "verify", "class": "tests.test_vlm_stages:TrustsItsMasks", "cpus": 0.5},
+              {"name": "verify", "class": "tests.doubles:TrustsItsMasks", "cpus": 0.5},
               {"name": "chat", "actors": 1, "cpus": 0.5, "params": {"max_tokens": 48}}]
     out = tmp_path / "chat"
     cfg = config.load(None, [f"input.shards=[{shard}]", f"output.path={out}", *VLM_SETTINGS,
@@ -354,23 +336,6 @@ class TestOnOneEnginePool:
         assert [r["status"] for r in rows] == ["empty"] * 12 and all(r["caption"] for r in rows)
 
 
-class PlacementProbe:
-    """Stands in for VLMEngine: reports where Ray put it and what it would have handed to vllm.LLM."""
-
-    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
-        import ray
-
-        group = ray.util.get_current_placement_group()
-        self.seen = {"engine_kwargs": engine_kwargs, "gpu_ids": ray.get_gpu_ids(),
-                     "bundles": group.bundle_specs if group else None}
-
-    def ready(self):
-        return True
-
-    def where(self):
-        return self.seen
-
-
 @pytest.mark.parametrize("settings, expect", [
     (["vlm.replicas=2", "vlm.gpus=0.5"], {"bundles": None, "gpus": 1, "memory": 0.45}),
     (["vlm.tensor_parallel=2"], {"bundles": [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}], "gpus": 0, "memory": None}),
@@ -380,7 +345,7 @@ def test_engine_pool_placement(local_ray, settings, expect):
 
     cfg = config.load(None, ["models.vlm=stand-in/vlm", *settings])  # the stand-in engines load nothing
     stages = config.build_stages(cfg)
-    with vlm_engines(cfg, stages, engine_class=PlacementProbe) as engines:
+    with vlm_engines(cfg, stages, engine_class=doubles.PlacementProbe) as engines:
         seen = local_ray.get([engine.where.remote() for engine in engines])
         assert len(engines) == cfg.vlm.replicas
     for where in seen:
@@ -396,36 +361,11 @@ def test_engine_pool_placement(local_ray, settings, expect):
         g["state"] == "REMOVED" for g in local_ray.util.placement_group_table().values())
 
 
-class DiesOnPoison:
-    """Stands in for VLMEngine: answers every request, except that a request saying "poison", or about an image
-    listed in ``model``/poison, ends its process the way a dead engine core ends VLMEngine's. Each process it starts
-    in leaves a ``pid-*`` file in ``model`` (when that is a directory)."""
-
-    def __init__(self, model, engine_kwargs, max_tiles, min_tiles, max_in_flight):
-        import os
-
-        self.poison = set()
-        if os.path.isdir(model):
-            open(os.path.join(model, f"pid-{os.getpid()}"), "w").close()
-            if os.path.exists(os.path.join(model, "poison")):
-                self.poison = set(open(os.path.join(model, "poison")).read().split())
-
-    def ready(self):
-        return True
-
-    def chat(self, encoded_images, requests, max_tokens):
-        import os
-
-        if any(text == "poison" or key in self.poison for key, text in requests):
-            os._exit(1)
-        return [{"text": f"answer to {text}", "finish_reason": "stop"} for _, text in requests]
-
-
 def test_a_request_that_kills_the_engine_every_time_fails_instead_of_restarting_it_forever(local_ray):
     from actors.vlm import vlm_engines
 
     cfg = config.load(None, ["models.vlm=stand-in/vlm"])  # the stand-in engine loads nothing
-    with vlm_engines(cfg, config.build_stages(cfg), engine_class=DiesOnPoison) as engines:
+    with vlm_engines(cfg, config.build_stages(cfg), engine_class=doubles.DiesOnPoison) as engines:
         with pytest.raises(local_ray.exceptions.RayActorError):
             local_ray.get(engines[0].chat.remote({}, [("sa_1", "poison")], 8), timeout=60)
         # the engine restarted each time the call was sent again, and serves the next call
@@ -446,7 +386,7 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
     cfg = config.load(None, [f"models.vlm={tmp_path}"])
     picture = samples.jpeg_bytes(samples.photo("rocket")[:32, :32])
     rows = [schema.new_row("u", i, f"sa_{i}", image_bytes=picture) for i in range(3)]
-    with vlm_engines(cfg, config.build_stages(cfg), engine_class=DiesOnPoison):
+    with vlm_engines(cfg, config.build_stages(cfg), engine_class=doubles.DiesOnPoison):
         out = StageActor(Captioner(), attempts=3, backoff_seconds=0.0)(schema.to_table(rows)).to_pylist()
     assert [bool(r["transient_error"]) for r in out] == [False, True, False]  # pending, for the next run
     assert "the VLM engine died on this call" in out[1]["transient_error"]
@@ -454,38 +394,6 @@ def test_an_image_the_engine_dies_on_costs_only_its_own_calls_and_waits_for_the_
     # the batch's call and then the image's own, each sent to the engine 1 + faults.engine_call_retries times: no more
     starts = [name for name in os.listdir(tmp_path) if name.startswith("pid-")]
     assert len(starts) == 1 + 2 * (1 + cfg.faults.engine_call_retries)
-
-
-class StartsAsPlanned(DiesOnPoison):
-    """Stands in for VLMEngine as replica R of the pool. Each start leaves a file ``start-R-<n>`` in ``model``, and
-    fails with a transient fault (as a GPU still held by a dying engine would make it) where word n of
-    ``model``/plan-R is "fail" (its last word holds for later starts). While ``model``/die-R exists, a chat removes
-    it and ends the process, the way a dead engine core ends VLMEngine's."""
-
-    def __init__(self, model, *args):
-        import os
-
-        import ray
-
-        from sculpt import errors
-
-        super().__init__(model, *args)
-        self.model, self.replica = model, ray.get_runtime_context().get_actor_name().rsplit("-", 1)[1]
-        starts = sum(name.startswith(f"start-{self.replica}-") for name in os.listdir(model))
-        open(os.path.join(model, f"start-{self.replica}-{starts}"), "w").close()
-        plan = os.path.join(model, f"plan-{self.replica}")
-        words = open(plan).read().split() if os.path.exists(plan) else ["ok"]
-        if words[min(starts, len(words) - 1)] == "fail":
-            raise errors.TransientError(f"injected: engine {self.replica} cannot start (start {starts})")
-
-    def chat(self, encoded_images, requests, max_tokens):
-        import os
-
-        die = os.path.join(self.model, f"die-{self.replica}")
-        if os.path.exists(die):
-            os.remove(die)
-            os._exit(1)
-        return super().chat(encoded_images, requests, max_tokens)
 
 
 @pytest.fixture
@@ -512,7 +420,7 @@ def run_on_planned_pool(cfg, stages):
     """The job, as ``sculpt run`` runs it, on a pool of StartsAsPlanned engines."""
     from actors.vlm import vlm_engines
 
-    with vlm_engines(cfg, stages, engine_class=StartsAsPlanned):
+    with vlm_engines(cfg, stages, engine_class=doubles.StartsAsPlanned):
         return run_job(cfg, stages)
 
 
@@ -573,33 +481,11 @@ def test_the_images_of_a_dead_replica_are_spread_over_the_live_ones():
     assert vlm.engine_names(["sculpt-vlm-10", "other", "sculpt-vlm-2", "sculpt-vlm-x"]) == ["sculpt-vlm-2", "sculpt-vlm-10"]
 
 
-class LoadsOnSecondTry(Stage):
-    """A stage whose setup fails with CUDA out of memory the first time in each process (a model load beside a
-    process still letting go of the GPU); each try leaves a file ``setup-<pid>-<n>`` in ``log_dir``."""
-
-    name = "loads"
-
-    def setup(self):
-        import os
-
-        import torch
-
-        pid = os.getpid()
-        tries = sum(name.startswith(f"setup-{pid}-") for name in os.listdir(self.params["log_dir"]))
-        open(os.path.join(self.params["log_dir"], f"setup-{pid}-{tries}"), "w").close()
-        if not tries:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected at load)")
-
-    def process(self, rows):
-        for row in rows:
-            row["caption"] = "loaded"
-
-
 def test_a_stage_whose_setup_fails_transiently_comes_up_and_the_job_commits_everything(local_ray, sample_shards,
                                                                                         tmp_path):
     log = tmp_path / "setups"
     log.mkdir()
-    stage = {"name": "loads", "class": "tests.test_vlm_stages:LoadsOnSecondTry", "cpus": 0.5, "actors": 2,
+    stage = {"name": "loads", "class": "tests.doubles:LoadsOnSecondTry", "cpus": 0.5, "actors": 2,
              "params": {"log_dir": str(log)}}
     cfg = config.load(None, [f"input.shards={json.dumps(sample_shards)}", f"output.path={tmp_path / 'out'}",
                              f"stages={json.dumps([stage])}", "input.batch_images=2", "faults.backoff_seconds=0.01"])
