@@ -110,8 +110,9 @@ RULES: tuple[Rule, ...] = (
     Rule(PERMANENT, "a shard missing or forbidden: opening it again gets no further. Read from its start it is the "
          "shard's error row; a shard that was readable before (a resume, a redo, a split chunk, images in) leaves "
          "its chunk pending instead", classes=MISSING_OR_FORBIDDEN, where="reading"),
-    Rule(PERMANENT, "the tar itself ends early or is corrupt: its images up to there are kept, the rest are error "
-         "rows", classes=("TarError", "EOFError"), where="reading"),
+    Rule(PERMANENT, "the input file itself ends early or is corrupt (a tar, or a Parquet page or footer read whole "
+         "but undecodable): the images read are kept, the rest are error rows",
+         classes=("TarError", "EOFError", "Undecodable"), where="reading"),
     Rule(JOB, "the output's local disk is full: every unit would fail the same way", errnos=(errno.ENOSPC,),
          where="local", job_line=DISK_FULL),
     Rule(TRANSIENT, "a worker's disk full while it stages an S3 upload: another worker may have room",
@@ -170,6 +171,11 @@ class StoreFailure(JobError, OSError):
     """A store's fault where no unit can be left pending (a full output disk, an S3 that is unreachable or refuses
     the request, an output path that cannot be written): ``job_failure`` makes it from the fault, with its row's
     line. An OSError still, with the fault's errno."""
+
+
+class Undecodable(ValueError):
+    """An input file's bytes, all read from its store, that its format cannot decode (a corrupt Parquet page or
+    footer; pyarrow raises OSError for these as for the store's own faults): about the data, never the store."""
 
 
 class TransientError(RuntimeError):

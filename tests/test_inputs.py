@@ -16,7 +16,7 @@ import pytest
 from sculpt import cli, config, errors
 from sculpt.annotation import images, rle
 from sculpt.engine.job import annotate as run_job
-from sculpt.io import inputs, shards
+from sculpt.io import inputs, shards, storage
 from sculpt.io.shards import ReadOptions, Segment
 from sculpt.outputs.store import OutputStore
 from sculpt.testing import samples
@@ -227,3 +227,145 @@ def test_killed_driver_then_resume_reads_nothing_committed_and_exports_every_ima
 
 def rows_by(rows, line):
     return next(r for r in rows if (r["shard"], r["index"]) == (line["shard"], line["index"]))
+
+
+def _flip(path, start, end):
+    """Every byte of ``path`` in [start, end) inverted in place (the file's size unchanged)."""
+    with open(path, "r+b") as f:
+        f.seek(start)
+        data = f.read(end - start)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def corrupt_row_group(path, group, column="image.bytes"):
+    """The data page of ``column`` in row group ``group`` overwritten, found from the (intact) footer."""
+    meta = pq.ParquetFile(path).metadata.row_group(group)
+    chunk = next(meta.column(c) for c in range(meta.num_columns) if meta.column(c).path_in_schema == column)
+    _flip(path, chunk.data_page_offset, (chunk.dictionary_page_offset or chunk.data_page_offset)
+          + chunk.total_compressed_size)
+
+
+def corrupt_footer(path):
+    """The footer's metadata overwritten, its length and the PAR1 magic intact: pyarrow finds a footer it cannot
+    decode (an OSError, as a store's fault is)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(size - 8)
+        length = int.from_bytes(f.read(4), "little")
+    _flip(path, size - 8 - length + 8, size - 8 - length + 40)
+
+
+def test_a_corrupt_row_group_or_footer_is_read_as_error_rows_without_retries(tmp_path):
+    source = samples.make_sample_inputs(str(tmp_path / "hf"), "parquet", images=6, per_file=6)
+    path = os.path.join(source, "train-00000.parquet")
+    corrupt_row_group(path, 1)
+    with pytest.raises(OSError):  # what pyarrow raises for it, as for a store's fault
+        pq.ParquetFile(path).read_row_group(1)
+    started = time.monotonic()
+    rows = read_all(path, "parquet", chunk_images=4, id_column="id")
+    assert rows and time.monotonic() - started < 5  # no retries, whose backoffs add up to 15 s
+    assert [(r["unit"], r["index"], r["status"]) for r in rows] == [
+        ("train-00000-00000", i, "error" if i in (2, 3) else "ok") for i in range(4)] + [
+        ("train-00000-00001", i, "ok") for i in (4, 5)]
+    for row in rows[2:4]:
+        assert row["error"].startswith("read: Undecodable: row group 1 of ") and not row["transient_error"]
+    assert [r["image_key"] for r in rows if r["status"] == "ok"] == ["photo_0000", "photo_0001", "photo_0004",
+                                                                       "photo_0005"]
+    ends = list({r["unit"]: r["unit_end"] for r in rows if r["unit_end"]}.values())
+    assert [(e["offset"], e["next_offset"], e["size"], e["last"]) for e in ends] == [(0, 2, 4, False), (2, 3, 2, True)]
+
+    corrupt_footer(path)
+    with pytest.raises(OSError):
+        pq.ParquetFile(path)
+    # the input's first file is checked before the job starts: one line that names it
+    with pytest.raises(errors.BadInput, match="train-00000.parquet is not a readable Parquet file .*footer cannot be "
+                                              "decoded"):
+        read_all(path, "parquet")
+    # a later file of the input: its error row, a unit of its own that is done
+    opts = ReadOptions(source=inputs.Source("parquet"), batch_images=2)
+    started = time.monotonic()
+    pieces = inputs.split(Segment(path, 4), opts)
+    rows = [row for piece in pieces for batch in inputs.read_segment(piece, opts) for row in batch]
+    assert rows and time.monotonic() - started < 5
+    assert [(r["unit"], r["index"], r["status"], r["transient_error"]) for r in rows] == [
+        ("train-00000-00000", 0, "error", None)]
+    assert "is unreadable (Undecodable: " in rows[0]["error"] and rows[0]["unit_end"]["last"]
+
+
+def test_a_cut_off_s3_read_of_a_parquet_file_is_retried_and_one_that_persists_leaves_its_chunk_pending(
+        s3_server, tmp_path, monkeypatch):
+    """A cut-off read raises OSError in pyarrow, as a corrupt page does: this one is the store's fault, transient."""
+    from sculpt.io import tables
+    from tests.helpers import FaultProxy
+
+    source = samples.make_sample_inputs(str(tmp_path / "hf"), "parquet", images=6, per_file=6)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="tables")
+    client.upload_file(os.path.join(source, "train-00000.parquet"), "tables", "hf/train-00000.parquet")
+    opened = tables.ParquetRows.open
+    # (reads cut, of the row groups only or from the footer on, attempts)
+    for cuts, footer_too, attempts in [(1, False, 3), (99, False, 2), (99, True, 2)]:
+        proxy = FaultProxy(s3_server, match="/tables/hf/train-00000.parquet", cuts=cuts if footer_too else 0)
+
+        def open_then_cut(self, proxy=proxy, cuts=cuts):  # the footer read whole, then the row groups' reads cut
+            total = opened(self)
+            proxy.cuts = cuts
+            return total
+
+        monkeypatch.setattr(tables.ParquetRows, "open", opened if footer_too else open_then_cut)
+        opts = ReadOptions(source=inputs.Source("parquet", id_column="id"), batch_images=2, read_attempts=attempts,
+                           retry_backoff=0.01, s3=storage.S3Options(endpoint=proxy.endpoint, retry_attempts=1))
+        rows, taken = [], []  # taken: (unit, rows before): a chunk's place is taken before any of its rows
+        try:
+            for batch in inputs.read_segment(Segment("s3://tables/hf/train-00000.parquet", 4), opts,
+                                             lambda unit: taken.append((unit, len(rows)))):
+                rows += batch
+        finally:
+            proxy.close()
+        assert rows and proxy.cut == min(cuts, attempts)
+        if cuts < attempts:  # retried: every image read, none an error
+            assert [(r["index"], r["image_key"], r["status"], r["transient_error"]) for r in rows] == [
+                (i, f"photo_{i:04d}", "ok", None) for i in range(6)]
+            assert taken == [("train-00000-00000", 0), ("train-00000-00001", 4)]
+        else:  # outlasted its attempts: the chunk's one row says so, and leaves it pending (uncommitted)
+            assert [(r["unit"], r["index"], r["status"]) for r in rows] == [("train-00000-00000", -1, "error")]
+            assert rows[0]["transient_error"].startswith("read: s3://tables/hf/train-00000.parquet still failed after "
+                                                         "2 attempts (OSError: ")
+            assert taken == [("train-00000-00000", 0)]
+
+
+def test_a_job_makes_a_corrupt_row_group_and_a_corrupt_file_error_rows_commits_everything_and_a_rerun_does_nothing(
+        local_ray, tmp_path, capsys):
+    source = samples.make_sample_inputs(str(tmp_path / "hf"), "parquet", images=12, per_file=6)
+    first, second = (os.path.join(source, f"train-0000{n}.parquet") for n in (0, 1))
+    corrupt_row_group(first, 1)  # its images 2 and 3, in the first file's first chunk
+    corrupt_footer(second)  # not the first file of the input, which is checked before the job starts
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    stages = [hold("a", logs, 1, batch_size=2),
+              {"name": "refer", "class": "tests.doubles:ThresholdReferrer", "cpus": 0.5, "batch_size": 2}]
+    sets = [f"stages={json.dumps(stages)}", "input.chunk_images=4", "input.id_column=id", "input.batch_images=2"]
+    cfg = config.load(None, [f"input.shards={json.dumps([source])}", f"output.path={out}", *sets])
+    summary = run_job(cfg, [config.build_stage(s) for s in cfg.stages])
+
+    rows = sorted(output_rows(out), key=lambda r: (r["shard"], r["index"]))
+    assert rows
+    assert [(r["shard"], r["index"], r["status"]) for r in rows] == [
+        ("train-00000", i, "error" if i in (2, 3) else "ok") for i in range(6)] + [("train-00001", 0, "error")]
+    for row in rows[2:4]:
+        assert row["error"].startswith("read: Undecodable: row group 1 of ") and "train-00000.parquet" in row["error"]
+    assert rows[6]["error"].startswith("read: ") and "train-00001.parquet is unreadable (Undecodable: " in (
+        rows[6]["error"])
+    assert all(r["caption"] == "a;" for r in rows if r["status"] == "ok")
+    store = OutputStore(str(out))
+    markers = {m["unit"]: m for m in store.markers()}
+    assert sorted(markers) == ["train-00000-00000", "train-00000-00001", "train-00001-00000"]
+    assert markers["train-00000-00000"]["errors_by_stage"] == {"read": 2}
+    assert summary["pending"] == {} and summary["committed_now"] == 3 and summary["errors"] == 3
+
+    # the rerun finds every unit done: it commits nothing, and ends well (exit code 0)
+    args = ["run", "--input", source, "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+    assert cli.main(args) == 0, capsys.readouterr()
+    assert {m["unit"]: m for m in store.markers()} == markers
+    assert sorted(output_rows(out), key=lambda r: (r["shard"], r["index"])) == rows

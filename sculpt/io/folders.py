@@ -5,8 +5,8 @@ least ``chunk_images`` images (a position may hold several: a row group), cut wh
 positions (``offset``/``next_offset``; ``members`` the same), so that planning resumes it from its markers as it
 resumes a tar, and a resume reads no position of a committed chunk. A store's transient fault is retried
 (``input``'s ``read_attempts``), then leaves the chunk pending; an image that cannot be read or decoded is its
-error row. The folder kind lives here too: ``Segment.files`` carries its part of the recorded listing
-(``sculpt.io.inputs``).
+error row, and so is each image of a position that cannot be (a corrupt Parquet row group). The folder kind lives
+here too: ``Segment.files`` carries its part of the recorded listing (``sculpt.io.inputs``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def read_positions(segment: Segment, options: ReadOptions, before_chunk, source:
     uri, shard, start = segment.uri, shard_name(segment.uri), segment.start or Position()
     resumed = bool(start.chunk or segment.only or segment.stop_offset is not None)
     chunk, pos, index = start.chunk, start.offset, start.index
+    if before_chunk:  # the first chunk's place is taken before its file is opened: any row yielded is that chunk's
+        before_chunk(unit_name(shard, chunk))
     try:
         total = retried(source.open, uri, options)
     except GiveUp as exc:
@@ -78,8 +80,6 @@ def read_positions(segment: Segment, options: ReadOptions, before_chunk, source:
         if resumed:  # readable before: a fault, not data
             yield [_given_up(shard, chunk, f"read: {uri} became unreadable ({errors.describe(exc)})")]
             return
-        if before_chunk:
-            before_chunk(unit_name(shard, chunk))
         row = schema.mark_error(schema.new_row(shard, index, "", unit=unit_name(shard, chunk)), "read",
                                 f"{uri} is unreadable ({errors.describe(exc)})")
         row["unit_end"] = _end(index, index + 1, 1, pos, pos, 0, True)
@@ -88,7 +88,7 @@ def read_positions(segment: Segment, options: ReadOptions, before_chunk, source:
     end = total if segment.stop_offset is None else min(total, segment.stop_offset)
     while True:
         unit = unit_name(shard, chunk)
-        if before_chunk:
+        if before_chunk and chunk != start.chunk:
             before_chunk(unit)
         first, first_pos, read0, rows, excluded = index, pos, source.bytes_read, [], 0
         wanted = set(segment.only[chunk]) if segment.only and chunk in segment.only else None

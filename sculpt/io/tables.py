@@ -6,6 +6,10 @@ file's folder, absolute, or s3://), or Hugging Face's ``Image`` struct ``{bytes,
 ``image_id``), and without one an image is named by its row's position in its file. A position is a row group: a
 chunk is as many whole row groups as make ``chunk_images`` rows, and a resume opens the file's footer and reads
 only the row groups of uncommitted chunks.
+
+pyarrow raises OSError both for a store's fault and for bytes it cannot decode; ``decoded`` tells them apart by
+whether a read of the file failed. A row group that cannot be decoded is its images' error rows (the file's other row
+groups are read), a footer that cannot be decoded the file's error row; a store's fault is retried, then pending.
 """
 
 from __future__ import annotations
@@ -23,9 +27,18 @@ from sculpt.io.storage import S3Options
 
 
 class _Counted(storage.CountingReader):
-    """A file for pyarrow.parquet that counts what it reads (a file object as Python's io has them)."""
+    """A file for pyarrow.parquet that counts what it reads (a file object as Python's io has them), and keeps the
+    fault of a read that failed (``decoded``)."""
 
     closed = property(lambda self: self.stream.closed)
+    failed: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return super().read(size)
+        except Exception as exc:
+            self.failed = exc
+            raise
 
     def readable(self) -> bool:
         return True
@@ -44,15 +57,29 @@ def open_parquet(uri: str, s3: S3Options) -> tuple[pq.ParquetFile, storage.Count
     """The file (its footer read) and the counter of the bytes read from it."""
     fs, path = storage.filesystem(uri, s3)
     stream = _Counted(fs.open_input_file(path))
-    return pq.ParquetFile(stream), stream
+    return decoded(stream, lambda: pq.ParquetFile(stream), f"{uri}'s footer"), stream
+
+
+def decoded(stream: _Counted, call, what: str):
+    """``call()``, pyarrow decoding what it reads from ``stream``. pyarrow raises OSError both for a fault of the
+    store and for bytes it cannot decode: one raised while every read of the stream succeeded is about the bytes
+    (a corrupt page or footer), ``errors.Undecodable``; a read's own fault is raised as it is."""
+    stream.failed = None
+    try:
+        return call()
+    except OSError as exc:
+        if stream.failed is not None:
+            raise
+        raise errors.Undecodable(f"{what} cannot be decoded ({errors.describe(exc)})") from exc
 
 
 def check_columns(uri: str, source, s3: S3Options) -> None:
     """Refuse, before the job starts, an input whose (first) file lacks the image or id column."""
-    fs, path = storage.filesystem(uri, s3)
     with errors.at_job_level(uri):
         try:
-            names = pq.read_schema(path, filesystem=fs).names
+            file, stream = open_parquet(uri, s3)
+            names = file.schema_arrow.names
+            stream.close()
         except (ValueError, OSError) as exc:
             if errors.classify(exc, uri, reading=True) is errors.TRANSIENT and not isinstance(exc, ValueError):
                 raise
@@ -91,7 +118,8 @@ class ParquetRows(Positions):
 
     def entries(self, position: int) -> list[Entry]:
         columns = [c for c in (self.source.image_column, self.source.id_column) if c is not None]
-        table = self.file.read_row_group(position, columns=list(dict.fromkeys(columns)))
+        table = decoded(self.stream, lambda: self.file.read_row_group(position, columns=list(dict.fromkeys(columns))),
+                        f"row group {position} of {self.uri}")
         values = table.column(self.source.image_column).to_pylist()
         first = self.starts[position]
         ids = (table.column(self.source.id_column).to_pylist() if self.source.id_column
