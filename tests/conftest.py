@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -8,6 +12,7 @@ import pytest
 # the checkout through PYTHONPATH. S3 tests talk to moto on loopback only.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH")] if p)
+KIT = pytest.StashKey[tuple]()  # (directory, log, the process writing the tiny model kit there)
 # Distinctive fake credentials, so that a test can show they appear in no output file or log.
 os.environ.update(AWS_ACCESS_KEY_ID="AKIASCULPTTESTONLY01", AWS_SECRET_ACCESS_KEY="sculpt-fake-secret-never-written",
                   AWS_DEFAULT_REGION="us-east-1")
@@ -28,12 +33,44 @@ def sample_shards(tmp_path_factory):
     return make_sample_shards(str(directory), shards=3, images_per_shard=4)
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """The offline checkpoint kit, written once: {models key: directory}."""
-    from sculpt.testing.kit import write_tiny_models
+def pytest_collection_modifyitems(session, config, items):
+    """Start writing the tiny model kit (~30 s of training on one core) beside the tests that come before the first
+    one that needs it, when any does: ``sculpt models tiny`` in a process of its own."""
+    if any("tiny_models" in getattr(item, "fixturenames", ()) for item in items):
+        directory = tempfile.mkdtemp(prefix="sculpt-kit-")
+        log = open(os.path.join(directory, "write.log"), "wb")
+        config.stash[KIT] = (directory, log, subprocess.Popen(
+            [sys.executable, "-m", "sculpt.cli", "models", "tiny", os.path.join(directory, "kit")],
+            stdout=log, stderr=subprocess.STDOUT))
 
-    return write_tiny_models(str(tmp_path_factory.mktemp("tiny-models")))
+
+def pytest_unconfigure(config):
+    directory, log, writer = config.stash.get(KIT, (None, None, None))
+    if writer:
+        writer.kill()
+        writer.wait()
+        log.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(pytestconfig):
+    """The offline checkpoint kit, written once: {models key: directory}."""
+    import yaml
+
+    directory, log, writer = pytestconfig.stash[KIT]
+    if writer.wait() != 0:
+        with open(os.path.join(directory, "write.log")) as f:
+            pytest.fail(f"writing the tiny model kit failed:\n{f.read()[-5000:]}")
+    with open(os.path.join(directory, "kit", "models.yaml")) as f:
+        return yaml.safe_load(f)["models"]
+
+
+@pytest.fixture(scope="session")
+def kit_writer_output(pytestconfig, tiny_models) -> str:
+    """All that writing the kit printed (stdout and stderr)."""
+    with open(os.path.join(pytestconfig.stash[KIT][0], "write.log")) as f:
+        return f.read()
 
 
 @pytest.fixture(scope="session")

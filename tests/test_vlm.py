@@ -7,6 +7,8 @@ from PIL import Image
 from sculpt.annotation import prompts
 from sculpt.testing import samples
 from sculpt.engine import vlm
+from sculpt.testing.kit import CAPTION, EXPRESSION, GROUNDING
+from tests.test_tiny_models import scene_prompts
 
 pytest.importorskip("vllm")
 
@@ -21,7 +23,7 @@ def engine(tiny_vlm):
     from actors.vlm import VLMEngine
 
     engine = VLMEngine(tiny_vlm, {"max_model_len": 4096, "enforce_eager": True, "seed": 0,
-                                  "enable_prefix_caching": True, "disable_log_stats": False}, max_tiles=4, min_tiles=1)
+                                  "enable_prefix_caching": True, "disable_log_stats": False}, max_tiles=2, min_tiles=1)
     yield engine
     engine.shutdown()
 
@@ -184,3 +186,45 @@ def test_thin_images_are_captioned_whatever_their_aspect(engine):
             [(1, 60), (3, 60), (60, 1), (60, 3), (1, 1), (3, 3)]}
     answers = engine.chat(thin, [(key, prompts.CAPTION_PROMPT) for key in thin], max_tokens=32)
     assert [a["text"] for a in answers] == [kit.CAPTION] * len(thin)
+
+
+def test_tiny_internvl_captions_refers_and_negates_under_vllm(engine, tiny_models):
+    """The trained tiny InternVL acts out the kit's scene through real vLLM with dynamic tiling (tests/test_tiny_models.py:
+    the same through transformers' generate)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    directory = tiny_models["vlm"]
+    # Stored in the dtype vLLM's "auto" picks from the config, so the engine loads the weights without a cast.
+    with open(os.path.join(directory, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+    photos = {name: samples.jpeg_bytes(samples.photo(name)) for name in samples.PHOTOS}
+    sizes = {name: samples.photo(name).shape[1::-1] for name in samples.PHOTOS}
+    requests = [(name, prompts.CAPTION_PROMPT) for name in photos]
+    for (name, (width, height)), phrase in zip(sizes.items(), list(GROUNDING) * 2):
+        requests.append((name, prompts.refer_prompt(CAPTION, phrase, (width * 0.1, height * 0.2, width * 0.6,
+                                                                         height * 0.9), width, height)))
+    requests.append(("chelsea", prompts.refer_prompt("A cat.", "the cat", (0, 0, 200, 150), 451, 300)))
+    # the group and negative prompts as the refer stage asks them, in the 24 tokens it gives one negative
+    scene = [(name, text, expected, clean)
+             for name, size in sizes.items() for text, expected, clean in scene_prompts(*size)[2:]]
+    more = engine.chat(photos, [(name, text) for name, text, _, _ in scene], max_tokens=24)
+    answers = engine.chat(photos, requests, max_tokens=48)
+
+    for (name, text, expected, clean), answer in zip(scene, more):
+        assert answer["finish_reason"] == "stop", (name, text[:40], answer)
+        assert answer["text"] == clean(answer["text"]) == expected, (name, text[:40], answer)
+    captions, expressions = answers[:len(photos)], answers[len(photos):]
+    for answer in captions:
+        assert answer["finish_reason"] == "stop" and prompts.clean_caption(answer["text"]) == CAPTION, answer
+    # coffee (3:2) and chelsea (3:2) take two tiles and a thumbnail; the square photos one tile
+    assert captions[1]["prompt_tokens"] - captions[0]["prompt_tokens"] == 2 * 256
+    for answer in expressions:
+        assert answer["finish_reason"] == "stop", answer
+        expression = prompts.clean_expression(answer["text"])
+        assert expression == EXPRESSION and len(expression.split()) >= prompts.MIN_EXPRESSION_WORDS
