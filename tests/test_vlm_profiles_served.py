@@ -59,12 +59,13 @@ def test_the_five_stage_chain_speaks_each_family_convention(local_ray, family_po
     family, model = family_pool
     profile = profiles.PROFILES[family]
     models = {**tiny_models, "vlm": model}
-    stages = [{"name": name} for name in ("caption", "ground", "mask", "instances", "refer", "listen", "verify")]
+    # the VLM's stages and the ones they need (the instances stage asks no VLM: tests/test_vlm_stages.py runs it)
+    stages = [{"name": name} for name in ("caption", "ground", "mask", "refer", "listen", "verify")]
     cfg = config.load(None, [f"input.shards=[{two_images}]", f"output.path={tmp_path / 'out'}", *VLM_SETTINGS,
                              f"stages={json.dumps(stages)}",  # 8 CPUs in all: the engine, one reader, 6 stages
                              "stages.caption.params.max_tokens=32", "stages.ground.params.max_new_tokens=64",
                              "stages.ground.params.num_beams=1", "stages.refer.params.max_tokens=16",
-                             "stages.listen.params.max_tokens=24", "input.readers=1", "stages.instances.cpus=0",
+                             "stages.listen.params.max_tokens=24", "input.readers=1",
                              *(f"models.{k}={v}" for k, v in models.items())])
     stages = config.build_stages(cfg)
     verify_params = stages[-1].params
