@@ -347,6 +347,17 @@ def use_endpoint(config, stages) -> None:
                                   config.faults.engine_call_retries, each)
     models = {stage.model_id for stage in stages}
     stages[0].endpoint.check(models, config.faults.attempts, config.faults.backoff_seconds)
+    for stage in stages:
+        stage.processor = settings.processor
+        profile = vlm.profile_of(settings.profile, stage.model_id)  # as planning resolves it
+        if not profile.relative:  # its boxes are in pixels of its resized input: the served checkpoint's rule
+            try:
+                resized_input(stage.processor or stage.model_id)
+            except (OSError, ValueError) as exc:
+                raise errors.BadInput(
+                    f"vlm.endpoint with the {profile.label} profile: its boxes are in pixels of the model's resized "
+                    f"input, and no image processor loads from {stage.processor or stage.model_id!r} "
+                    f"({errors.describe(exc)}); set vlm.processor to the served model's Hub id or folder") from None
     print(f"[sculpt] no VLM engines: asking the server at {stages[0].endpoint.shown} for {', '.join(sorted(models))}, "
           f"at most {each} request(s) in flight from each of the {', '.join(s.name for s in stages)} actors", flush=True)
 
@@ -426,6 +437,7 @@ class VLMStage(Stage):
     model_key = "vlm"
     endpoint: Endpoint | None = None  # vlm.endpoint's server (vlm_engines hands it over); None: the engine pool
     profile: str = "auto"  # vlm.profile, resolved for the job by planning (sculpt.engine.planning.vlm_profiles)
+    processor: str | None = None  # vlm.processor (use_endpoint): whose image processor resizes; None: the model's
     _conventions = None  # (the profile, its resized-input rule or None), found at the first use
 
     def boxes(self, width: int, height: int) -> dict:
@@ -433,7 +445,7 @@ class VLMStage(Stage):
         ``input_size``) of ``sculpt.annotation.prompts``' box functions, in the model family's convention."""
         if self._conventions is None:
             profile = vlm.profile_of(self.profile, self.model_id)
-            self._conventions = (profile, None if profile.relative else resized_input(self.model_id))
+            self._conventions = (profile, None if profile.relative else resized_input(self.processor or self.model_id))
         profile, rule = self._conventions
         return {"profile": profile, "input_size": rule(width, height) if rule else None}
 

@@ -251,7 +251,8 @@ def test_values_of_the_right_type_are_kept_as_written():
     # the job fingerprint hashes asdict(config.vlm): the same dict as before the config was typed (an endpoint's
     # settings are kept out of it: planning.job_record leaves out VLMConfig.RESOURCE_FIELDS)
     vlm = dataclasses.asdict(config.load("workflows/annotate.yaml").vlm)
-    assert [vlm.pop(key) for key in ("endpoint", "api_key_env", "timeout_seconds")] == [None, "SCULPT_VLM_API_KEY", 300.0]
+    assert [vlm.pop(key) for key in ("endpoint", "api_key_env", "timeout_seconds", "processor")] == [
+        None, "SCULPT_VLM_API_KEY", 300.0, None]
     assert vlm.pop("profile") == "auto"  # job_record fingerprints the resolved profile instead, InternVL's not at all
     assert vlm == {
         "replicas": 12, "gpus": 1, "cpus": 1.0, "tensor_parallel": 1, "max_tiles": 6, "min_tiles": 1,

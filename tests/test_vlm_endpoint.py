@@ -250,6 +250,35 @@ def test_a_server_that_cannot_be_used_is_one_line_at_the_start(fake):
     assert vlm.shown_url("https://user:pw@host:8443/v1?key=k") == "https://host:8443/v1"
 
 
+
+def test_a_family_that_answers_in_its_resized_pixels_reads_the_served_checkpoints_processor(fake, tmp_path):
+    """Qwen2.5-VL's boxes are in pixels of its resized input: with a server, the resize rule comes from the image
+    processor of vlm.processor (the served checkpoint) when models.vlm, the server's name for it, is none; without
+    one the job does not start."""
+    from actors.vlm import use_endpoint
+    from sculpt.testing import tiny_qwen_vl
+
+    os.environ["SCULPT_TEST_VLM_KEY"] = KEY
+    fake.models = ["/models/on/the/server"]
+    served = ["models.vlm=/models/on/the/server", "vlm.profile=qwen2_5_vl"]
+    cfg = job_config(fake.url, *served)
+    with pytest.raises(errors.JobError, match=r"qwen2_5_vl.*no image processor loads from '/models/on/the/server' .*"
+                                              r"set vlm.processor to the served model's Hub id or folder"):
+        use_endpoint(cfg, config.build_stages(cfg))
+    checkpoint = tiny_qwen_vl.write(str(tmp_path / "qwen"), "qwen2_5_vl", train=False)
+    cfg = job_config(fake.url, *served, f"vlm.processor={checkpoint}")
+    stages = config.build_stages(cfg)
+    assert planning.vlm_profiles(cfg, stages) == ["qwen2_5_vl-1"]  # resolved for the stages, as a job's planning does
+    use_endpoint(cfg, stages)
+    assert [stage.processor for stage in stages] == [checkpoint] * 2
+    boxes = stages[0].boxes(600, 400)
+    assert boxes["profile"].name == "qwen2_5_vl"
+    assert boxes["input_size"] == tiny_qwen_vl.input_size("qwen2_5_vl", 600, 400) != (600, 400)
+    # where the files are is not what is made: the fingerprint is the one without vlm.processor
+    plain = job_config(fake.url, *served)
+    assert planning.job_record(cfg, stages)["fingerprint"] == \
+        planning.job_record(plain, config.build_stages(plain))["fingerprint"]
+
 # --- a real `vllm serve` of the tiny InternVL, killed and started again mid-run --------------------------------------
 
 SERVED = "tiny-internvl"
