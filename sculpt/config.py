@@ -119,9 +119,7 @@ class VLMConfig(_Checked):
     endpoint: str | None = None
     api_key_env: str = "SCULPT_VLM_API_KEY"  # the variable holding its API key, if any (on every node; never written)
     timeout_seconds: Amount = 300.0  # one request to it; a request past it is retried as a transient fault
-    # with an endpoint: the served model's checkpoint (Hub id or folder) when models.vlm, its served name, is not one;
-    # its image processor gives the resize rule of a family whose boxes are in its resized input's pixels (Qwen2.5-VL)
-    processor: str | None = None
+    processor: str | None = None  # endpoint: the served checkpoint (for Qwen2.5-VL's resize rule) if models.vlm is none
     max_model_len: Count = 8192  # tokens of one request, image tokens included
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"  # vLLM's; auto: the checkpoint's
     trust_remote_code: bool = False  # run the checkpoint's own Python code (remote-code InternVL2/2.5 ids need it)
@@ -130,7 +128,6 @@ class VLMConfig(_Checked):
 
     RESOURCE_FIELDS = ("replicas", "gpus", "cpus", "tensor_parallel", "max_in_flight", "endpoint", "api_key_env",
                        "timeout_seconds", "processor")  # not in the fingerprint: where and how fast, not what is made
-    # (processor: where the served model's files are; models.vlm names the model)
 
     def __post_init__(self):
         super().__post_init__()
