@@ -29,6 +29,9 @@ $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  cp .ci/torchvision_cpu_shim.py $$site/_sculpt_torchvision_shim.py && \
 	  echo "import _sculpt_torchvision_shim" > $$site/_sculpt_torchvision_shim.pth
+	# triton (xgrammar's, for GPU kernels) has no CPU backend here: vLLM disables it and says so in each of its
+	# processes, before its logging is configured (three bare lines per engine); last, so that no later install brings it back
+	$(PY) -m pip uninstall -q -y triton
 	touch $@
 
 install: $(VENV)/.installed browser

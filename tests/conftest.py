@@ -33,6 +33,7 @@ def sample_shards(tmp_path_factory):
     return make_sample_shards(str(directory), shards=3, images_per_shard=4)
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs
 def pytest_collection_modifyitems(session, config, items):
     """Start writing the tiny model kit (~30 s of training on one core) beside the tests that come before the first
     one that needs it, when any does: ``sculpt models tiny`` in a process of its own."""

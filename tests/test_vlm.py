@@ -228,3 +228,17 @@ def test_tiny_internvl_captions_refers_and_negates_under_vllm(engine, tiny_model
         assert answer["finish_reason"] == "stop", answer
         expression = prompts.clean_expression(answer["text"])
         assert expression == EXPRESSION and len(expression.split()) >= prompts.MIN_EXPRESSION_WORDS
+
+
+def test_vllm_says_nothing_as_it_imports_on_the_cpu_set_up():
+    """The demo's terminal: what vLLM logs while it imports comes before its logging is configured, so
+    VLLM_LOGGING_LEVEL cannot hold it back. The CPU set-up (Makefile) leaves out triton, which has no CPU backend
+    here: vLLM would disable it and say so, in each of an engine's three processes."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import vllm.triton_utils"], capture_output=True,
+                          text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Triton" not in done.stdout + done.stderr, done.stderr[-3000:]
