@@ -163,16 +163,20 @@ def test_killed_driver_mid_shard_then_rerun_reads_no_byte_of_committed_chunks(lo
     chunked = ["input.chunk_images=2", "input.readers=1"]
     args = ["--input", str(shard_dir), "--output", str(out), "--set", f"stages={json.dumps([stage])}",
             "--set", "ray.num_cpus=4", "--set", "ray.num_gpus=1", *[a for c in chunked for a in ("--set", c)]]
-    driver = _annotate(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "driver.log", "wb") as log:
+        driver = _annotate(args, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     store = OutputStore(str(out))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(store.committed()) < 2 and driver.poll() is None:
         time.sleep(0.1)
+    ended = driver.poll()
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     pause.unlink()
+    said = (tmp_path / "driver.log").read_text(errors="replace")[-3000:]
+    assert ended is None, f"the driver ended (rc {ended}) before it was killed:\n{said}"
     before = {m["unit"]: m for m in store.markers()}
-    assert 2 <= len(before) < 9, "the kill should land mid-run"
+    assert 2 <= len(before) < 9, f"the kill should land mid-run:\n{said}"
     assert any(not m["end"]["last"] for m in before.values())  # a shard cut off between its chunks
     # Committed chunks must never be read again: their bytes become garbage in place; reading one would show.
     committed_bytes = 0
