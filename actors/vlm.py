@@ -109,6 +109,19 @@ class VLMEngine:
         return {"in_flight": self.loop.in_flight, "peak_in_flight": self.loop.peak_in_flight, "served": self.loop.served,
                 "retryable_errors": self.loop.retryable_errors}
 
+    def core_pids(self) -> list[int]:
+        """This engine's core processes (the children of this actor's process titled ``VLLM::EngineCore``): the
+        ones an operator attaches a profiler to, or kills to try the restart."""
+        import psutil
+
+        pids = []
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # one that ended since the listing
+                # name() is the kernel's copy of the title, cut to 15 characters
+                if "EngineCor" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+        return pids
+
     def shutdown(self) -> None:
         """Stop the engine's core process now rather than at interpreter exit."""
         self.loop.stop()

@@ -97,6 +97,15 @@ def test_captions_real_photographs(engine):
     assert answers[1]["prompt_tokens"] - answers[0]["prompt_tokens"] == 2 * 256
 
 
+def test_the_engine_names_its_one_core_process(engine):
+    import os
+
+    import psutil
+
+    (core,) = engine.core_pids()
+    assert psutil.Process(core).ppid() == os.getpid()  # this process's child, no other engine's
+
+
 def test_requests_about_one_image_share_the_image_prefix(engine):
     chelsea = {"chelsea": samples.jpeg_bytes(samples.photo("chelsea"))}
     texts = [prompts.refer_prompt("A cat.", phrase, box, 451, 300)

@@ -1,7 +1,6 @@
 """Caption and refer as pipeline stages on a local Ray, served by one VLM engine pool (tiny InternVL)."""
 
 import json
-import time
 
 import pyarrow.dataset as pads
 import pytest
@@ -298,23 +297,6 @@ class TestOnOneEnginePool:
         check_every_instance_a_rival(rows, tiny_models, tmp_path)
         check_reasoning_and_chat(rows, job_stats, tiny_models, tmp_path)
 
-    @staticmethod
-    def engine_cores(engine_pool, ray):
-        """The vLLM engine core processes of this test session's Ray (its processes descend from this one): none
-        of another session's on the same machine."""
-        import contextlib
-
-        import psutil
-
-        cores = set()
-        for process in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):  # one that ended since the listing
-                # its title is VLLM::EngineCore; the kernel's copy (psutil's name() when it cannot read the
-                # command line) is cut to 15 characters
-                if "EngineCor" in process.name() or "EngineCore" in " ".join(process.cmdline()):
-                    cores.add(process.pid)
-        return cores
-
     def test_a_killed_engine_core_is_restarted_and_no_image_fails(self, local_ray, engine_pool, tiny_models, sample_shards,
                                                                   tmp_path):
         import dataclasses
@@ -327,15 +309,13 @@ class TestOnOneEnginePool:
                                  'stages=[{"name": "caption", "actors": 1, "batch_size": 2, "params": {"max_tokens": 8}}]'])
         stages = config.build_stages(cfg)
         first = run_job(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, shards=sample_shards[:1])), stages)
-        killed = self.engine_cores(engine_pool, local_ray)
+        (engine,) = engine_pool
+        killed = set(local_ray.get(engine.core_pids.remote(), timeout=60))
+        assert first["committed_now"] == 1 and len(killed) == 1
         for pid in killed:  # the engine's core process dies while its actor lives on
             os.kill(pid, signal.SIGKILL)
         summary = run_job(cfg, stages)  # its next requests find it dead
-        after, deadline = self.engine_cores(engine_pool, local_ray), time.monotonic() + 30
-        while not after - killed and time.monotonic() < deadline:  # a loaded run's listing once came back empty
-            time.sleep(0.5)
-            after = self.engine_cores(engine_pool, local_ray)
-        assert first["committed_now"] == 1 and len(killed) == 1
+        after = set(local_ray.get(engine.core_pids.remote(), timeout=60))  # the restarted actor's
         assert after and not after & killed  # a new engine core served the rest
         rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
         assert summary["pending"] == {} and summary["committed_now"] == 2 and len(rows) == 12
