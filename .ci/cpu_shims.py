@@ -1,13 +1,16 @@
-"""Dev/CI only: lets PyPI's CUDA-built torchvision import beside the CPU torch wheel.
+"""Dev/CI only: what the CPU set-up needs of every process in its virtualenv (never part of the package or the GPU
+image). The Makefile installs this module with a .pth file, so it runs at each interpreter's start.
 
-Its compiled ops fail to load against CPU torch, and `import torchvision` then dies on
-"operator torchvision::nms does not exist". Defining the nms/qnms op schemas (with a plain-torch CPU kernel)
-before torchvision registers its fake kernels makes the import work. The Makefile installs this module with a
-.pth file into the dev virtualenv; it acts only on the first `import torchvision`, so processes that never
-import torchvision never import torch for it. Never part of the package or the GPU image.
+1. PyPI's CUDA-built torchvision imports beside the CPU torch wheel. Its compiled ops fail to load against CPU torch,
+   and `import torchvision` then dies on "operator torchvision::nms does not exist". Defining the nms/qnms op schemas
+   (with a plain-torch CPU kernel) before torchvision registers its fake kernels makes the import work. It acts only
+   on the first `import torchvision`, so processes that never import torchvision never import torch for it.
+2. The set-up leaves out triton (no CPU backend here: the Makefile). torch then warns, in each process that registers
+   vLLM's custom ops (an engine's three), that it found no triton kernels: true, and only noise on the demo's terminal.
 """
 
 import importlib.abc
+import logging
 import importlib.util
 import sys
 from pathlib import Path
@@ -60,3 +63,4 @@ class _OnTorchvisionImport(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _OnTorchvisionImport())
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
