@@ -6,7 +6,9 @@ Cheap checks that fail when an upgrade changes what sculpt relies on, before a j
   statistics; its effect on a real Dataset is tests/test_workflow.py's
   ``test_ray_datas_per_block_statistics_are_kept_to_the_last_blocks_of_each_operator``);
 - sam2: the mask stage and EVF-SAM2 compute SAM2's image embedding and input normalisation themselves
-  (``sculpt.models.sam2_features``, ``actors.mask.normalise``), as ``SAM2ImagePredictor`` does with private code.
+  (``sculpt.models.sam2_features``, ``actors.mask.normalise``), as ``SAM2ImagePredictor`` does with private code;
+- vLLM: ``actors.vlm.VLMEngine.core_pids`` reads the engine core processes' handles from the engine's client
+  (checked on a real engine by tests/test_vlm.py's ``test_the_engine_names_its_one_core_process``).
 """
 
 import inspect
