@@ -10,8 +10,8 @@ image). The Makefile installs this module with a .pth file, so it runs at each i
 """
 
 import importlib.abc
-import logging
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
