@@ -62,7 +62,10 @@ browser:
 demo: install
 	$(PY) workflows/annotate.py --demo $(ARGS)
 
+# two pytest-xdist workers, a file each at a time (tests/conftest.py orders the files, longest first): the suite's
+# engine starts and Ray jobs leave one of the two cores idle much of the time
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests $(ARGS)
 
 .PHONY: install browser demo test

@@ -4,10 +4,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 
@@ -31,7 +33,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head():
     """A head node on loopback (its own process group, ended afterwards); yields the dashboard address."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
     dashboard = free_port()
@@ -39,27 +41,35 @@ def ray_head(tmp_path_factory):
     # another Ray on the machine, and then `ray job submit` finds "No available agent" for as long as it waits
     ports = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc",
                                                           "runtime-env-agent", "metrics-export")]
+    # A short temp dir: Ray's socket paths under it must fit AF_UNIX's 107 bytes, which a pytest-xdist worker's
+    # tmp_path (.../popen-gw1/ray0/session_<date>_<pid>/sockets/dash_MetricsHead) does not: the head's dashboard
+    # failed to start there
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports, "--num-cpus=8", "--num-gpus=2",
-         f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+         f"--temp-dir={temp_dir}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 300  # a loaded machine: its processes start slowly
-    while subprocess.run([f"{BIN}/ray", "job", "list", "--address", address], capture_output=True, env=env).returncode:
-        assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
-        time.sleep(1)
-    yield address, env
-    # Killed, with every process it started: a graceful `ray start --block` shutdown takes ~30 s, and a process left
-    # behind would hold its ports
-    tree = [head, *psutil.Process(head.pid).children(recursive=True)]
-    for process in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    with contextlib.suppress(ProcessLookupError):  # and any that left the tree but not the process group
-        os.killpg(head.pid, signal.SIGKILL)
-    psutil.wait_procs([p for p in tree if isinstance(p, psutil.Process)], timeout=30)
-    head.wait(timeout=30)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 300  # a loaded machine: its processes start slowly
+        while subprocess.run([f"{BIN}/ray", "job", "list", "--address", address], capture_output=True,
+                             env=env).returncode:
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(1)
+        yield address, env
+    finally:  # a head that never came up is ended too
+        # Killed, with every process it started: a graceful `ray start --block` shutdown takes ~30 s, and a process
+        # left behind would hold its ports
+        tree = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else [head]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):  # and any that left the tree but not the process group
+            os.killpg(head.pid, signal.SIGKILL)
+        psutil.wait_procs([p for p in tree if isinstance(p, psutil.Process)], timeout=30)
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
