@@ -49,10 +49,11 @@ def pytest_collection_modifyitems(session, config, items):
     """Start writing the tiny model kit (~30 s of training on one core) beside the tests that come before the first
     one that needs it, when any does: ``sculpt models tiny`` in a process of its own, started by the first of the
     run's processes (pytest-xdist workers) to claim it; it leaves its exit status in ``exit``."""
-    # the longest files first (docs/BENCHMARKS.md, "The test suite's time"), so that `make test`'s two pytest-xdist
-    # workers end together: Ray jobs while the kit is written, then the vLLM engines; the short files fill the end
-    items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if item.path.name == name),
-                                     len(LONGEST_FIRST)))
+    if hasattr(config, "workerinput"):
+        # pytest-xdist (`make test TEST_WORKERS=2`): the longest files first (docs/BENCHMARKS.md, "The test suite's
+        # time"), so that the workers end together: Ray jobs while the kit is written, then the vLLM engines
+        items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if item.path.name == name),
+                                         len(LONGEST_FIRST)))
     directory = os.environ["SCULPT_TEST_KIT"]
     if any("tiny_models" in getattr(item, "fixturenames", ()) for item in items):
         try:
