@@ -170,6 +170,11 @@ class TakesTurns(Stage):
         with self.device_turn:
             self._count(in_turn=1)
             time.sleep(float(self.params.get("device_seconds", 0.0)) * len(rows))
+            # until the actor has held two batches at once (or ``wait_for_two_seconds`` pass): on a loaded machine
+            # the next batch can arrive after the sleeps end, which is no proof that the actor could not hold it
+            deadline = time.monotonic() + float(self.params.get("wait_for_two_seconds", 0.0))
+            while self.most[0] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
             self._count(in_turn=-1)
         self._count(held=-1)
         for row in rows:

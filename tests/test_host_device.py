@@ -151,7 +151,7 @@ def test_ray_options_run_batches_in_threads_of_one_actor():
 
 def test_an_actor_holds_two_batches_while_their_device_parts_take_turns(local_ray, sample_shards, tmp_path):
     stage = {"name": "turns", "class": "tests.doubles:TakesTurns", "cpus": 0.5, "gpus": 0.5, "batch_size": 1,
-             "batches_in_flight": 2, "params": {"host_seconds": 0.3, "device_seconds": 0.3}}
+             "batches_in_flight": 2, "params": {"host_seconds": 0.3, "device_seconds": 0.3, "wait_for_two_seconds": 60}}
     cfg, built = job(sample_shards[:2], tmp_path / "out", [stage])
     summary = run_job(cfg, built)
     rows = output_rows(tmp_path / "out")
